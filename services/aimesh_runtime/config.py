@@ -1,0 +1,189 @@
+"""Typed configuration read once from the environment.
+
+Every setting is a dataclass field whose metadata names its variable and says
+what it is for. A bad value raises ConfigError naming the variable; the entry
+points turn that into a message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+SERVICE_PORTS = {"user": 50051, "search": 50052, "recommend": 50053, "chat": 50054, "notify": 50055}
+HTTP_PORT_OFFSET = 1000  # side port for /metrics and /.well-known: 51051 and so on
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+def setting(env: str, doc: str, default: Any = dataclasses.MISSING) -> Any:
+    """A field read from the environment variable `env`."""
+    if default is dataclasses.MISSING:
+        return field(metadata={"env": env, "doc": doc})
+    return field(default=default, metadata={"env": env, "doc": doc})
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _parse_port(raw: str) -> int:
+    port = int(raw)
+    if not 0 <= port <= 65535:
+        raise ValueError("expected a port between 0 and 65535")
+    return port
+
+
+_PARSERS: dict[Any, Callable[[str], Any]] = {
+    str: str,
+    int: int,
+    float: float,
+    bool: _parse_bool,
+}
+
+T = TypeVar("T")
+
+
+def load(cls: type[T], environ: Mapping[str, str] | None = None, **overrides: Any) -> T:
+    """Build `cls` from the environment; `overrides` win over variables."""
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for item in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if item.name in overrides:
+            values[item.name] = overrides[item.name]
+            continue
+        env = item.metadata.get("env")
+        if env is None or env not in environ:
+            if item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{env} is required: {item.metadata.get('doc', '')}")
+            continue
+        kind = hints[item.name]
+        optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
+        if optional:
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        raw = environ[env]
+        if optional and raw == "":
+            values[item.name] = None
+            continue
+        parser = _PORT_FIELDS.get(item.name) or _PARSERS[kind]
+        try:
+            values[item.name] = parser(raw)
+        except ValueError as error:
+            raise ConfigError(f"{env}={raw!r} is invalid: {error}") from None
+    instance = cls(**values)
+    check = getattr(instance, "check", None)
+    if check is not None:
+        check()
+    return instance
+
+
+_PORT_FIELDS: dict[str, Callable[[str], Any]] = {"grpc_port": _parse_port, "http_port": _parse_port}
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Settings every aimesh server shares. Service-specific ones extend it."""
+
+    service: str = setting("AIMESH_SERVICE", "Which service this process serves.", "")
+    grpc_port: int = setting("AIMESH_GRPC_PORT", "gRPC listen port; 0 picks a free one.", -1)
+    http_port: int = setting(
+        "AIMESH_HTTP_PORT", "HTTP side port for /metrics and /.well-known; 0 picks one.", -1
+    )
+    host: str = setting("AIMESH_HOST", "Address to listen on.", "127.0.0.1")
+    environment: str = setting(
+        "AIMESH_ENV", "dev or prod; prod turns reflection off unless asked for.", "dev"
+    )
+    reflection: bool | None = setting(
+        "AIMESH_REFLECTION", "Serve gRPC reflection; default on in dev, off in prod.", None
+    )
+    max_message_bytes: int = setting(
+        "AIMESH_MAX_MESSAGE_BYTES", "Largest request or response message.", 4 * 1024 * 1024
+    )
+    drain_seconds: float = setting(
+        "AIMESH_DRAIN_SECONDS", "Grace for in-flight RPCs on SIGTERM.", 10.0
+    )
+    jwt_issuer: str = setting("AIMESH_JWT_ISSUER", "The iss of access tokens.", "aimesh-user")
+    jwt_audience: str = setting("AIMESH_JWT_AUDIENCE", "The aud of access tokens.", "aimesh")
+    jwt_max_lifetime_s: int = setting(
+        "AIMESH_JWT_MAX_LIFETIME_S", "Reject tokens whose exp - iat exceeds this.", 3600
+    )
+    jwks_url: str = setting(
+        "AIMESH_JWKS_URL",
+        "Where to fetch the user service's JWKS; empty in the user service itself.",
+        "",
+    )
+    user_address: str = setting(
+        "AIMESH_USER_ADDRESS", "host:port of the user service, to exchange API keys.", ""
+    )
+    rate_limit_rps: float = setting(
+        "AIMESH_RATE_LIMIT_RPS", "Sustained requests per second per principal.", 200.0
+    )
+    rate_limit_burst: int = setting(
+        "AIMESH_RATE_LIMIT_BURST", "Requests a principal may send at once.", 400
+    )
+    otlp_endpoint: str = setting(
+        "AIMESH_OTLP_ENDPOINT", "OTLP gRPC endpoint for traces; empty exports none.", ""
+    )
+    trace_sample_ratio: float = setting(
+        "AIMESH_TRACE_SAMPLE_RATIO", "Share of root traces sampled, 0 to 1.", 1.0
+    )
+    log_level: str = setting("AIMESH_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", "INFO")
+    slow_call_s: float = setting(
+        "AIMESH_SLOW_CALL_S", "Successful calls slower than this are logged.", 1.0
+    )
+    health_probe_s: float = setting(
+        "AIMESH_HEALTH_PROBE_S", "How often the database is probed for health.", 0.5
+    )
+
+    def check(self) -> None:
+        if self.environment not in ("dev", "prod"):
+            raise ConfigError(f"AIMESH_ENV={self.environment!r} is invalid: expected dev or prod")
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise ConfigError("AIMESH_TRACE_SAMPLE_RATIO must be between 0 and 1")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"AIMESH_LOG_LEVEL={self.log_level!r} is invalid")
+        if self.rate_limit_rps <= 0 or self.rate_limit_burst < 1:
+            raise ConfigError("AIMESH_RATE_LIMIT_RPS and AIMESH_RATE_LIMIT_BURST must be positive")
+        if self.max_message_bytes < 1024:
+            raise ConfigError("AIMESH_MAX_MESSAGE_BYTES must be at least 1024")
+
+    @property
+    def reflection_enabled(self) -> bool:
+        return self.environment == "dev" if self.reflection is None else self.reflection
+
+    def ports_for(self, service: str) -> tuple[int, int]:
+        """The gRPC and HTTP ports, with the service's defaults where unset."""
+        default = SERVICE_PORTS.get(service, 50050)
+        grpc_port = default if self.grpc_port < 0 else self.grpc_port
+        http_port = default + HTTP_PORT_OFFSET if self.http_port < 0 else self.http_port
+        return grpc_port, http_port
+
+
+def database_env(service: str) -> str:
+    """The variable holding a service's own database URL."""
+    return f"AIMESH_{service.upper()}_DATABASE_URL"
+
+
+def database_url(service: str, environ: Mapping[str, str] | None = None) -> str:
+    """A service's own database URL; required, since each owns its database."""
+    environ = os.environ if environ is None else environ
+    name = database_env(service)
+    url = environ.get(name, "")
+    if not url:
+        raise ConfigError(f"{name} is required: the PostgreSQL URL of the {service} database")
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{name} is invalid: expected a postgresql:// URL")
+    return url

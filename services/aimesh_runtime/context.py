@@ -1,0 +1,44 @@
+"""Request-scoped values, set by the server pipeline for the handler's task."""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from aimesh_runtime.auth import ANONYMOUS, Principal
+
+
+@dataclass
+class CallScope:
+    """What the pipeline knows about the RPC being served."""
+
+    method: str
+    request_id: str
+    principal: Principal = ANONYMOUS
+    # time.monotonic() at which the caller's deadline passes; None if unbounded.
+    deadline: float | None = None
+    # Metadata forwarded to downstream calls so every hop sees the same caller.
+    forward: list[tuple[str, str]] = field(default_factory=list)
+
+    def remaining_s(self) -> float | None:
+        if self.deadline is None:
+            return None
+        return self.deadline - time.monotonic()
+
+
+current_call: ContextVar[CallScope | None] = ContextVar("aimesh_current_call", default=None)
+
+
+def call_scope() -> CallScope | None:
+    return current_call.get()
+
+
+def principal() -> Principal:
+    scope = current_call.get()
+    return ANONYMOUS if scope is None else scope.principal
+
+
+def request_id() -> str:
+    scope = current_call.get()
+    return "" if scope is None else scope.request_id

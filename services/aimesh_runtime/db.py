@@ -1,0 +1,122 @@
+"""asyncpg pool per service and versioned SQL migrations applied at start.
+
+Migrations are files `NNNN_description.sql` in the service's migrations
+folder. Each runs once, in its own transaction, under an advisory lock so two
+replicas starting together do not race. A file changed after it was applied
+stops the start: migrations are append-only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+MIGRATION_LOCK_ID = 7_361_224_001  # advisory lock key shared by every aimesh service
+
+
+class MigrationError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def read_migrations(folder: Path) -> list[Migration]:
+    found = []
+    for path in sorted(folder.glob("*.sql")):
+        match = MIGRATION_NAME.match(path.name)
+        if match is None:
+            raise MigrationError(f"{path.name}: expected NNNN_description.sql")
+        found.append(Migration(int(match.group(1)), match.group(2), path.read_text()))
+    versions = [m.version for m in found]
+    if versions != list(range(1, len(found) + 1)):
+        raise MigrationError(f"{folder}: migration versions must run 1, 2, 3... without gaps")
+    return found
+
+
+async def migrate(pool: asyncpg.Pool, folder: Path) -> list[int]:
+    """Apply pending migrations; return the versions applied now."""
+    migrations = read_migrations(folder)
+    applied_now = []
+    async with pool.acquire() as connection:
+        await connection.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+        try:
+            await connection.execute(
+                """CREATE TABLE IF NOT EXISTS schema_migrations (
+                       version integer PRIMARY KEY,
+                       name text NOT NULL,
+                       checksum text NOT NULL,
+                       applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
+            rows = await connection.fetch("SELECT version, checksum FROM schema_migrations")
+            applied = {row["version"]: row["checksum"] for row in rows}
+            for migration in migrations:
+                if migration.version in applied:
+                    if applied[migration.version] != migration.checksum:
+                        raise MigrationError(
+                            f"migration {migration.version}_{migration.name} changed after "
+                            "it was applied; add a new migration instead"
+                        )
+                    continue
+                async with connection.transaction():
+                    await connection.execute(migration.sql)
+                    await connection.execute(
+                        "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                        migration.version,
+                        migration.name,
+                        migration.checksum,
+                    )
+                applied_now.append(migration.version)
+                log.info("applied migration %04d_%s", migration.version, migration.name)
+        finally:
+            await connection.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+    return applied_now
+
+
+async def create_pool(
+    url: str, *, min_size: int = 1, max_size: int = 10, wait_s: float = 30.0
+) -> asyncpg.Pool:
+    """Connect, waiting up to `wait_s` for the database to accept connections."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.1
+    while True:
+        try:
+            pool: asyncpg.Pool = await asyncpg.create_pool(
+                url, min_size=min_size, max_size=max_size, command_timeout=30
+            )
+            return pool
+        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as error:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("database not ready (%s); retrying", error)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+async def ping(pool: asyncpg.Pool, timeout_s: float) -> bool:
+    """True if the database answers a trivial query within the timeout."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with pool.acquire() as connection:
+                await connection.fetchval("SELECT 1")
+        return True
+    except Exception:  # any failure means not serving; the cause is logged by the caller
+        return False

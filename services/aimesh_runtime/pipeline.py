@@ -1,0 +1,353 @@
+"""The server pipeline: one interceptor that runs every cross-cutting step.
+
+For each RPC, in order: request id and call scope, trace span (context from
+the caller's metadata), metrics, authentication and per-method scopes,
+per-principal rate limit, protovalidate rules, deadline capture, then the
+handler; domain errors become a status with details, and anything unexpected
+becomes INTERNAL. The steps share one wrapper per method, built once and
+cached, because each extra grpc.aio interceptor layer costs a coroutine and a
+handler object on every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import protovalidate
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from aimesh_runtime.auth import (
+    ANONYMOUS,
+    INFRASTRUCTURE_PREFIXES,
+    ApiKeyAuthenticator,
+    MethodPolicy,
+    Principal,
+    TokenVerifier,
+    authorize,
+)
+from aimesh_runtime.context import CallScope, current_call
+from aimesh_runtime.errors import (
+    FieldViolation,
+    InvalidArgument,
+    ResourceExhausted,
+    ServiceError,
+    Unauthenticated,
+    internal_status,
+)
+from aimesh_runtime.metrics import MethodMetrics, RpcMetrics
+from aimesh_runtime.ratelimit import RateLimiter
+
+log = logging.getLogger("aimesh.rpc")
+propagator = TraceContextTextMapPropagator()
+
+# Server span is an error for these codes (OpenTelemetry RPC conventions).
+SERVER_FAULT_CODES = frozenset(
+    {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
+)
+FORWARDED_KEYS = ("x-request-id",)
+
+
+def render_field_path(violation: protovalidate.Violation) -> str:
+    """'user.roles[1]' from a protovalidate violation's field path."""
+    parts: list[str] = []
+    for element in violation.proto.field.elements:
+        name = element.field_name
+        subscript = element.subscript
+        if subscript is not None:
+            value = subscript.value
+            name += f'["{value}"]' if isinstance(value, str) else f"[{value}]"
+        parts.append(name)
+    return ".".join(parts)
+
+
+@dataclass
+class MethodInfo:
+    name: str
+    policy: MethodPolicy | None
+    metrics: MethodMetrics
+    span_attributes: dict[str, str]
+
+
+class ServerPipeline(grpc.aio.ServerInterceptor):
+    def __init__(
+        self,
+        *,
+        policies: Mapping[str, MethodPolicy],
+        metrics: RpcMetrics,
+        tracer: Tracer,
+        verifier: TokenVerifier | None,
+        api_keys: ApiKeyAuthenticator | None,
+        limiter: RateLimiter,
+        slow_call_s: float = 1.0,
+    ) -> None:
+        self._policies = policies
+        self._metrics = metrics
+        self._tracer = tracer
+        self._verifier = verifier
+        self._api_keys = api_keys
+        self._limiter = limiter
+        self._slow_call_s = slow_call_s
+        self._validator = protovalidate.Validator()
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
+            return handler
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        service, _, name = method.lstrip("/").partition("/")
+        policy = self._policies.get(method)
+        if policy is None and method.startswith(INFRASTRUCTURE_PREFIXES):
+            policy = MethodPolicy(public=True, scopes=())
+        info = MethodInfo(
+            name=method,
+            policy=policy,
+            metrics=self._metrics.for_method(method),
+            span_attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        )
+        codecs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(info, handler.unary_unary), **codecs
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._server_stream(info, handler.unary_stream, validate_each=False), **codecs
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(info, handler.stream_unary, validate_each=True), **codecs
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._server_stream(info, handler.stream_stream, validate_each=True), **codecs
+        )
+
+    def _unary(
+        self, info: MethodInfo, behavior: Callable[..., Any], validate_each: bool = False
+    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = await self._enter(info, request, context, validate_each)
+            try:
+                if validate_each:
+                    request = self._validated_stream(request)
+                response = await behavior(request, context)
+            except BaseException as error:
+                await self._fail(call, error, context)
+                raise
+            call.finish("OK", context)
+            return response
+
+        return handle
+
+    def _server_stream(
+        self, info: MethodInfo, behavior: Callable[..., Any], validate_each: bool
+    ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call = await self._enter(info, request, context, validate_each)
+            try:
+                if validate_each:
+                    request = self._validated_stream(request)
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for response in result:
+                        yield response
+                else:  # a handler that writes with context.write()
+                    await result
+            except BaseException as error:
+                await self._fail(call, error, context)
+                raise
+            call.finish("OK", context)
+
+        return handle
+
+    async def _validated_stream(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for request in requests:
+            self._validate(request)
+            yield request
+
+    def _validate(self, request: Any) -> None:
+        violations = self._validator.collect_violations(request)
+        if violations:
+            fields = [
+                FieldViolation(render_field_path(v), v.proto.message) for v in violations
+            ]
+            summary = "; ".join(f"{f.field}: {f.description}" for f in fields)
+            raise InvalidArgument(f"invalid request: {summary}", fields)
+
+    async def _enter(
+        self,
+        info: MethodInfo,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        streaming_request: bool,
+    ) -> _Call:
+        started = time.perf_counter()
+        metadata: dict[str, str] = {}
+        for key, value in context.invocation_metadata() or ():
+            if isinstance(value, str):
+                metadata[key] = value
+        request_id = metadata.get("x-request-id") or uuid.uuid4().hex
+        remaining = context.time_remaining()
+        scope = CallScope(
+            method=info.name,
+            request_id=request_id,
+            deadline=None if remaining is None else time.monotonic() + remaining,
+            forward=[("x-request-id", request_id)],
+        )
+        parent = propagator.extract(metadata)
+        span = self._tracer.start_span(
+            info.name.lstrip("/"), context=parent, kind=SpanKind.SERVER, attributes=info.span_attributes
+        )
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        current_call.set(scope)
+        info.metrics.in_flight.inc()
+        call = _Call(self, info, scope, span, token, started)
+        try:
+            # Public methods ignore credentials: a stale token must not block Login.
+            if info.policy is None or not info.policy.public:
+                scope.principal = await self._authenticate(metadata)
+            authorize(info.name, info.policy, scope.principal)
+            if scope.principal.token:
+                scope.forward.append(("authorization", f"Bearer {scope.principal.token}"))
+            wait = self._limiter.acquire(scope.principal.subject or _peer_host(context))
+            if wait > 0:
+                raise ResourceExhausted(
+                    "rate limit exceeded; retry later",
+                    retry_after_s=wait,
+                    metadata={"retry_after_ms": str(int(wait * 1000) + 1)},
+                )
+            if not streaming_request:
+                self._validate(request)
+        except BaseException as error:
+            await self._fail(call, error, context)
+            raise
+        return call
+
+    async def _authenticate(self, metadata: Mapping[str, str]) -> Principal:
+        authorization = metadata.get("authorization")
+        if authorization is not None:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated("authorization must be 'Bearer <token>'", reason="TOKEN_MALFORMED")
+            if self._verifier is None:
+                raise Unauthenticated("tokens are not accepted here", reason="NO_VERIFIER")
+            return await self._verifier.verify(token.strip())
+        api_key = metadata.get("x-api-key")
+        if api_key is not None:
+            if self._api_keys is None:
+                raise Unauthenticated("API keys are not accepted here", reason="NO_API_KEYS")
+            return await self._api_keys.authenticate(api_key)
+        return ANONYMOUS
+
+    async def _fail(
+        self, call: _Call, error: BaseException, context: grpc.aio.ServicerContext
+    ) -> None:
+        if isinstance(error, ServiceError):
+            call.finish(error.code.name, context, error)
+            await context.abort_with_status(error.to_status())
+        elif isinstance(error, asyncio.CancelledError):
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            call.finish("DEADLINE_EXCEEDED" if expired else "CANCELLED", context)
+        elif isinstance(error, grpc.aio.AbortError):  # the handler aborted itself
+            code = context.code()
+            call.finish(code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN", context)
+        elif isinstance(error, Exception):
+            log.exception("unhandled error in %s", call.info.name)
+            call.finish("INTERNAL", context, error)
+            await context.abort_with_status(internal_status(call.scope.request_id))
+        else:
+            call.finish("CANCELLED", context)
+
+
+class _Call:
+    """Bookkeeping of one RPC, closed exactly once."""
+
+    __slots__ = ("pipeline", "info", "scope", "span", "token", "started", "done")
+
+    def __init__(
+        self,
+        pipeline: ServerPipeline,
+        info: MethodInfo,
+        scope: CallScope,
+        span: trace.Span,
+        token: object,
+        started: float,
+    ) -> None:
+        self.pipeline = pipeline
+        self.info = info
+        self.scope = scope
+        self.span = span
+        self.token = token
+        self.started = started
+        self.done = False
+
+    def finish(
+        self, code: str, context: grpc.aio.ServicerContext, error: BaseException | None = None
+    ) -> None:
+        if self.done:
+            return
+        self.done = True
+        elapsed = time.perf_counter() - self.started
+        info = self.info
+        info.metrics.in_flight.dec()
+        info.metrics.record(code, elapsed)
+        span = self.span
+        span.set_attribute("rpc.grpc.status_code", code)
+        if code in SERVER_FAULT_CODES:
+            span.set_status(Status(StatusCode.ERROR, str(error) if error else code))
+        span.end()
+        try:
+            otel_context.detach(self.token)  # type: ignore[arg-type]
+        except ValueError:  # a streaming handler resumed in another context
+            pass
+        if code != "OK" or elapsed > self.pipeline._slow_call_s or log.isEnabledFor(logging.DEBUG):
+            level = logging.ERROR if code in SERVER_FAULT_CODES else logging.INFO
+            if code == "OK" and elapsed <= self.pipeline._slow_call_s:
+                level = logging.DEBUG
+            log.log(
+                level,
+                "rpc %s %s in %.1f ms",
+                info.name,
+                code,
+                elapsed * 1000,
+                extra={
+                    "grpc_method": info.name,
+                    "grpc_code": code,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "principal": self.scope.principal.subject,
+                    "error": str(error) if error else None,
+                },
+            )
+
+
+def _peer_host(context: grpc.aio.ServicerContext) -> str:
+    peer = context.peer() or "unknown"
+    host, _, _ = peer.rpartition(":")
+    return host or peer

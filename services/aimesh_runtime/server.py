@@ -1,0 +1,293 @@
+"""Server assembly: one grpc.aio server hosting one service, or all five.
+
+A service package describes itself with a ServiceSpec (its contract, its
+migrations, and a mount function that builds its servicers over its own pool).
+AimeshServer opens each service's own database, migrates it, mounts the
+servicers behind the pipeline, serves health and reflection, and drains on
+SIGTERM: health goes NOT_SERVING first, then in-flight RPCs get a grace period,
+then pools close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from aimesh_runtime import db
+from aimesh_runtime.apikeys import ExchangedApiKeys
+from aimesh_runtime.auth import (
+    ApiKeyAuthenticator,
+    JwksFetcher,
+    TokenVerifier,
+    http_jwks_fetcher,
+    policies_for,
+)
+from aimesh_runtime.client import connect
+from aimesh_runtime.config import ConfigError, RuntimeConfig, database_url, load
+from aimesh_runtime.httpside import Route, SideServer
+from aimesh_runtime.metrics import RpcMetrics
+from aimesh_runtime.pipeline import ServerPipeline
+from aimesh_runtime.ratelimit import RateLimiter
+from aimesh_runtime.telemetry import configure_logging, tracer_provider
+
+from aimesh.user.v1 import user_service_pb2
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class ServiceContext:
+    """What a service gets to build its servicers."""
+
+    name: str
+    config: RuntimeConfig
+    settings: Any  # the service's own settings object, from ServiceSpec.settings
+    pool: asyncpg.Pool
+    environ: Mapping[str, str]
+    tracer_provider: TracerProvider
+    metrics_registry: CollectorRegistry
+
+
+@dataclass
+class Mount:
+    """What a service contributes to the server it runs in."""
+
+    # (add_XServicer_to_server, servicer) pairs
+    servicers: list[tuple[Callable[[Any, grpc.aio.Server], None], Any]]
+    # The user service verifies tokens with its own keys and checks API keys itself.
+    jwks: JwksFetcher | None = None
+    api_keys: ApiKeyAuthenticator | None = None
+    routes: dict[str, Route] = field(default_factory=dict)
+    background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    ready: Callable[[], bool] | None = None
+    close: Callable[[], Awaitable[None]] | None = None
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    services: tuple[ServiceDescriptor, ...]
+    migrations: Path
+    mount: Callable[[ServiceContext], Awaitable[Mount]]
+    # A dataclass of the service's own settings, loaded and checked at start.
+    settings: type | None = None
+
+    def load_settings(self, environ: Mapping[str, str]) -> Any:
+        return None if self.settings is None else load(self.settings, environ)
+
+
+@dataclass
+class _Running:
+    spec: ServiceSpec
+    pool: asyncpg.Pool
+    mount: Mount
+
+
+class AimeshServer:
+    def __init__(
+        self,
+        specs: Sequence[ServiceSpec],
+        config: RuntimeConfig,
+        environ: Mapping[str, str],
+        *,
+        label: str | None = None,
+    ) -> None:
+        self.specs = list(specs)
+        self.config = config
+        self.environ = environ
+        self.label = label or (specs[0].name if len(specs) == 1 else "monolith")
+        self.metrics_registry = CollectorRegistry()
+        self.tracer_provider = tracer_provider(
+            self.label, config.otlp_endpoint, config.trace_sample_ratio
+        )
+        self.health = health.aio.HealthServicer()
+        self.grpc_port = 0
+        self.http_port = 0
+        self._running: list[_Running] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._channels: list[grpc.aio.Channel] = []
+        self._server: grpc.aio.Server | None = None
+        self._side: SideServer | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        for spec in self.specs:
+            url = database_url(spec.name, self.environ)
+            pool = await db.create_pool(url)
+            await db.migrate(pool, spec.migrations)
+            context = ServiceContext(
+                spec.name,
+                config,
+                spec.load_settings(self.environ),
+                pool,
+                self.environ,
+                self.tracer_provider,
+                self.metrics_registry,
+            )
+            self._running.append(_Running(spec, pool, await spec.mount(context)))
+        verifier, api_keys = self._auth()
+        descriptors = [d for spec in self.specs for d in spec.services]
+        pipeline = ServerPipeline(
+            policies=policies_for(descriptors),
+            metrics=RpcMetrics(self.metrics_registry),
+            tracer=self.tracer_provider.get_tracer("aimesh.server"),
+            verifier=verifier,
+            api_keys=api_keys,
+            limiter=RateLimiter(config.rate_limit_rps, config.rate_limit_burst),
+            slow_call_s=config.slow_call_s,
+        )
+        server = grpc.aio.server(
+            interceptors=[pipeline],
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        for running in self._running:
+            for add, servicer in running.mount.servicers:
+                add(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [d.full_name for d in descriptors]
+        for name in ["", *names]:
+            await self.health.set(name, NOT_SERVING)
+        if config.reflection_enabled:
+            reflection.enable_server_reflection(
+                [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+            )
+        grpc_port, http_port = config.ports_for(self.label)
+        self.grpc_port = server.add_insecure_port(f"{config.host}:{grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot listen on {config.host}:{grpc_port}")
+        routes: dict[str, Route] = {"/metrics": self._metrics_route}
+        for running in self._running:
+            routes.update(running.mount.routes)
+        self._side = SideServer(config.host, http_port, routes)
+        self.http_port = self._side.port
+        await server.start()
+        self._server = server
+        self._side.start()
+        await self._probe_once()
+        self._tasks.append(asyncio.create_task(self._probe_forever(), name="health-probe"))
+        for running in self._running:
+            for job in running.mount.background:
+                self._tasks.append(asyncio.create_task(job(), name=f"{running.spec.name}-bg"))
+        log.info(
+            "serving %s",
+            ", ".join(names),
+            extra={"grpc_port": self.grpc_port, "http_port": self.http_port},
+        )
+
+    def _auth(self) -> tuple[TokenVerifier | None, ApiKeyAuthenticator | None]:
+        config = self.config
+        local_jwks = next((r.mount.jwks for r in self._running if r.mount.jwks), None)
+        fetch = local_jwks or (http_jwks_fetcher(config.jwks_url) if config.jwks_url else None)
+        if fetch is None:
+            raise ConfigError("AIMESH_JWKS_URL is required: where to fetch the user service's JWKS")
+        verifier = TokenVerifier(
+            fetch,
+            issuer=config.jwt_issuer,
+            audience=config.jwt_audience,
+            max_lifetime_s=config.jwt_max_lifetime_s,
+            # Local keys come from our own database: a rotation is seen within a second.
+            min_refetch_s=1.0 if local_jwks else 10.0,
+        )
+        api_keys = next((r.mount.api_keys for r in self._running if r.mount.api_keys), None)
+        if api_keys is None and config.user_address:
+            channel = connect(
+                config.user_address,
+                user_service_pb2.DESCRIPTOR.services_by_name["UserService"],
+                tracer_provider=self.tracer_provider,
+            )
+            self._channels.append(channel)
+            api_keys = ExchangedApiKeys(channel, verifier)
+        return verifier, api_keys
+
+    def _metrics_route(self) -> tuple[str, bytes]:
+        return CONTENT_TYPE_LATEST, generate_latest(self.metrics_registry)
+
+    async def _probe_once(self) -> None:
+        overall = True
+        for running in self._running:
+            ok = await db.ping(running.pool, timeout_s=max(self.config.health_probe_s, 0.2))
+            if ok and running.mount.ready is not None:
+                ok = running.mount.ready()
+            overall = overall and ok
+            for service in running.spec.services:
+                await self.health.set(service.full_name, SERVING if ok else NOT_SERVING)
+        await self.health.set("", SERVING if overall else NOT_SERVING)
+
+    async def _probe_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_probe_s)
+            try:
+                await self._probe_once()
+            except Exception:
+                log.exception("health probe failed")
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        grace = self.config.drain_seconds if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for running in self._running:
+            if running.mount.close is not None:
+                await running.mount.close()
+            await running.pool.close()
+        for channel in self._channels:
+            await channel.close()
+        if self._side is not None:
+            self._side.stop()
+        self.tracer_provider.shutdown()
+
+
+async def serve_until_signalled(server: AimeshServer) -> None:
+    """Start, then drain gracefully on SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    await stop.wait()
+    log.info("draining for up to %.1f s", server.config.drain_seconds)
+    await server.stop()
+
+
+def main(specs: Sequence[ServiceSpec], environ: Mapping[str, str] | None = None) -> None:
+    """Entry point of a server process; a bad setting exits 2 with its variable."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    try:
+        config = load(RuntimeConfig, environ)
+        for spec in specs:  # fail before any connection is made
+            database_url(spec.name, environ)
+            spec.load_settings(environ)
+        configure_logging(specs[0].name if len(specs) == 1 else "monolith", config.log_level)
+        asyncio.run(serve_until_signalled(AimeshServer(specs, config, environ)))
+    except ConfigError as error:
+        print(f"aimesh: configuration error: {error}", file=sys.stderr)
+        sys.exit(2)

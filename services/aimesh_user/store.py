@@ -1,0 +1,312 @@
+"""SQL of the user service, over its own database only."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+
+@dataclass(frozen=True)
+class UserRow:
+    id: str
+    email: str
+    display_name: str
+    password_hash: str
+    roles: tuple[str, ...]
+    create_time: dt.datetime
+    update_time: dt.datetime
+
+
+@dataclass(frozen=True)
+class ApiKeyRow:
+    id: str
+    user_id: str
+    display_name: str
+    prefix: str
+    secret_hash: bytes
+    scopes: tuple[str, ...]
+    expire_time: dt.datetime | None
+    create_time: dt.datetime
+    revoke_time: dt.datetime | None
+    last_use_time: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class RefreshRow:
+    id: str
+    user_id: str
+    secret_hash: bytes
+    expire_time: dt.datetime
+    used_time: dt.datetime | None
+    revoke_time: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class SigningKeyRow:
+    kid: str
+    private_key_sealed: bytes
+    public_key: bytes
+    create_time: dt.datetime
+    retire_time: dt.datetime | None
+
+
+def _user(row: asyncpg.Record) -> UserRow:
+    return UserRow(
+        row["id"], row["email"], row["display_name"], row["password_hash"],
+        tuple(row["roles"]), row["create_time"], row["update_time"],
+    )
+
+
+def _api_key(row: asyncpg.Record) -> ApiKeyRow:
+    return ApiKeyRow(
+        row["id"], row["user_id"], row["display_name"], row["prefix"], bytes(row["secret_hash"]),
+        tuple(row["scopes"]), row["expire_time"], row["create_time"], row["revoke_time"],
+        row["last_use_time"],
+    )
+
+
+class EmailTaken(Exception):
+    pass
+
+
+class UserStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    # users
+
+    async def insert_user(
+        self, user_id: str, email: str, display_name: str, password_hash: str, roles: Sequence[str]
+    ) -> UserRow:
+        try:
+            async with self._pool.acquire() as connection, connection.transaction():
+                row = await connection.fetchrow(
+                    """INSERT INTO users (id, email, email_normalized, display_name, password_hash, roles)
+                       VALUES ($1, $2, lower($2), $3, $4, $5) RETURNING *""",
+                    user_id, email, display_name, password_hash, list(roles),
+                )
+                await _audit(connection, user_id, "user.registered", f"users/{user_id}", {})
+        except asyncpg.UniqueViolationError:
+            raise EmailTaken(email) from None
+        return _user(row)
+
+    async def user_by_id(self, user_id: str) -> UserRow | None:
+        row = await self._pool.fetchrow("SELECT * FROM users WHERE id = $1", user_id)
+        return None if row is None else _user(row)
+
+    async def user_by_email(self, email: str) -> UserRow | None:
+        row = await self._pool.fetchrow(
+            "SELECT * FROM users WHERE email_normalized = lower($1)", email
+        )
+        return None if row is None else _user(row)
+
+    async def list_users(
+        self, after: tuple[dt.datetime, str] | None, limit: int
+    ) -> list[UserRow]:
+        if after is None:
+            rows = await self._pool.fetch(
+                "SELECT * FROM users ORDER BY create_time, id LIMIT $1", limit
+            )
+        else:
+            rows = await self._pool.fetch(
+                """SELECT * FROM users WHERE (create_time, id) > ($1, $2)
+                   ORDER BY create_time, id LIMIT $3""",
+                after[0], after[1], limit,
+            )
+        return [_user(row) for row in rows]
+
+    async def update_user(
+        self, actor: str, user_id: str, changes: dict[str, Any]
+    ) -> UserRow | None:
+        assignments, values = [], []
+        for column, value in changes.items():
+            values.append(value)
+            assignments.append(f"{column} = ${len(values)}")
+            if column == "email":
+                assignments.append(f"email_normalized = lower(${len(values)})")
+        values.append(user_id)
+        sql = (
+            f"UPDATE users SET {', '.join(assignments)}, update_time = now() "
+            f"WHERE id = ${len(values)} RETURNING *"
+        )
+        try:
+            async with self._pool.acquire() as connection, connection.transaction():
+                row = await connection.fetchrow(sql, *values)
+                if row is not None:
+                    details = {k: v for k, v in changes.items() if k != "password_hash"}
+                    await _audit(connection, actor, "user.updated", f"users/{user_id}", details)
+        except asyncpg.UniqueViolationError:
+            raise EmailTaken(str(changes.get("email"))) from None
+        return None if row is None else _user(row)
+
+    async def delete_user(self, actor: str, user_id: str) -> bool:
+        async with self._pool.acquire() as connection, connection.transaction():
+            deleted = await connection.fetchval(
+                "DELETE FROM users WHERE id = $1 RETURNING id", user_id
+            )
+            if deleted is not None:
+                await _audit(connection, actor, "user.deleted", f"users/{user_id}", {})
+        return deleted is not None
+
+    # API keys
+
+    async def insert_api_key(self, actor: str, key: ApiKeyRow) -> ApiKeyRow:
+        async with self._pool.acquire() as connection, connection.transaction():
+            row = await connection.fetchrow(
+                """INSERT INTO api_keys (id, user_id, display_name, prefix, secret_hash, scopes, expire_time)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *""",
+                key.id, key.user_id, key.display_name, key.prefix, key.secret_hash,
+                list(key.scopes), key.expire_time,
+            )
+            await _audit(
+                connection, actor, "api_key.created", f"users/{key.user_id}/apiKeys/{key.id}",
+                {"scopes": list(key.scopes)},
+            )
+        return _api_key(row)
+
+    async def api_keys_of(
+        self, user_id: str, after: tuple[dt.datetime, str] | None, limit: int
+    ) -> list[ApiKeyRow]:
+        if after is None:
+            rows = await self._pool.fetch(
+                """SELECT * FROM api_keys WHERE user_id = $1
+                   ORDER BY create_time DESC, id DESC LIMIT $2""",
+                user_id, limit,
+            )
+        else:
+            rows = await self._pool.fetch(
+                """SELECT * FROM api_keys WHERE user_id = $1 AND (create_time, id) < ($2, $3)
+                   ORDER BY create_time DESC, id DESC LIMIT $4""",
+                user_id, after[0], after[1], limit,
+            )
+        return [_api_key(row) for row in rows]
+
+    async def revoke_api_key(self, actor: str, user_id: str, key_id: str) -> ApiKeyRow | None:
+        async with self._pool.acquire() as connection, connection.transaction():
+            row = await connection.fetchrow(
+                """UPDATE api_keys SET revoke_time = coalesce(revoke_time, now())
+                   WHERE id = $1 AND user_id = $2 RETURNING *""",
+                key_id, user_id,
+            )
+            if row is not None:
+                await _audit(
+                    connection, actor, "api_key.revoked", f"users/{user_id}/apiKeys/{key_id}", {}
+                )
+        return None if row is None else _api_key(row)
+
+    async def use_api_key(self, prefix: str) -> ApiKeyRow | None:
+        """The live key with this prefix, marking it used."""
+        row = await self._pool.fetchrow(
+            """UPDATE api_keys SET last_use_time = now()
+               WHERE prefix = $1 AND revoke_time IS NULL
+                 AND (expire_time IS NULL OR expire_time > now())
+               RETURNING *""",
+            prefix,
+        )
+        return None if row is None else _api_key(row)
+
+    # refresh tokens
+
+    async def insert_refresh(
+        self, token_id: str, user_id: str, secret_hash: bytes, expire_time: dt.datetime
+    ) -> None:
+        await self._pool.execute(
+            """INSERT INTO refresh_tokens (id, user_id, secret_hash, expire_time)
+               VALUES ($1, $2, $3, $4)""",
+            token_id, user_id, secret_hash, expire_time,
+        )
+
+    async def consume_refresh(self, token_id: str) -> tuple[RefreshRow | None, bool]:
+        """Mark a refresh token used. Returns (row, reused); a reuse revokes the family."""
+        async with self._pool.acquire() as connection, connection.transaction():
+            row = await connection.fetchrow(
+                "SELECT * FROM refresh_tokens WHERE id = $1 FOR UPDATE", token_id
+            )
+            if row is None:
+                return None, False
+            refresh = RefreshRow(
+                row["id"], row["user_id"], bytes(row["secret_hash"]), row["expire_time"],
+                row["used_time"], row["revoke_time"],
+            )
+            if refresh.used_time is not None and refresh.revoke_time is None:
+                await connection.execute(
+                    """UPDATE refresh_tokens SET revoke_time = now()
+                       WHERE user_id = $1 AND revoke_time IS NULL""",
+                    refresh.user_id,
+                )
+                await _audit(
+                    connection, refresh.user_id, "refresh_token.reused",
+                    f"users/{refresh.user_id}", {"token": token_id},
+                )
+                return refresh, True
+            await connection.execute(
+                "UPDATE refresh_tokens SET used_time = now() WHERE id = $1", token_id
+            )
+            return refresh, False
+
+    # signing keys
+
+    async def live_signing_keys(self) -> list[SigningKeyRow]:
+        """The signing key first, then retired keys that still verify."""
+        rows = await self._pool.fetch(
+            """SELECT * FROM signing_keys WHERE retire_time IS NULL OR retire_time > now()
+               ORDER BY retire_time IS NOT NULL, create_time DESC"""
+        )
+        return [
+            SigningKeyRow(
+                r["kid"], bytes(r["private_key_sealed"]), bytes(r["public_key"]),
+                r["create_time"], r["retire_time"],
+            )
+            for r in rows
+        ]
+
+    async def rotate_signing_key(
+        self, actor: str, new: SigningKeyRow, retire_previous_at: dt.datetime
+    ) -> str | None:
+        """Make `new` the signing key; return the kid it replaced."""
+        async with self._pool.acquire() as connection, connection.transaction():
+            previous = await connection.fetchval(
+                """UPDATE signing_keys SET retire_time = $1
+                   WHERE retire_time IS NULL RETURNING kid""",
+                retire_previous_at,
+            )
+            await connection.execute(
+                """INSERT INTO signing_keys (kid, private_key_sealed, public_key)
+                   VALUES ($1, $2, $3)""",
+                new.kid, new.private_key_sealed, new.public_key,
+            )
+            await connection.execute(
+                "DELETE FROM signing_keys WHERE retire_time < now() - interval '1 day'"
+            )
+            await _audit(connection, actor, "signing_key.rotated", new.kid, {"previous": previous})
+        return previous
+
+    async def insert_first_signing_key(self, key: SigningKeyRow) -> bool:
+        """Insert a signing key if there is none; False if another replica won."""
+        try:
+            await self._pool.execute(
+                """INSERT INTO signing_keys (kid, private_key_sealed, public_key)
+                   VALUES ($1, $2, $3)""",
+                key.kid, key.private_key_sealed, key.public_key,
+            )
+        except asyncpg.UniqueViolationError:
+            return False
+        return True
+
+    async def audit(self, actor: str, action: str, target: str, details: dict[str, Any]) -> None:
+        async with self._pool.acquire() as connection:
+            await _audit(connection, actor, action, target, details)
+
+
+async def _audit(
+    connection: asyncpg.Connection, actor: str, action: str, target: str, details: dict[str, Any]
+) -> None:
+    await connection.execute(
+        "INSERT INTO audit_events (actor, action, target, details) VALUES ($1, $2, $3, $4::jsonb)",
+        actor, action, target, json.dumps(details, default=str),
+    )
