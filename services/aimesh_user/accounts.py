@@ -36,7 +36,9 @@ MEMBER_SCOPES = (
     "chat.use",
     "notify.read", "notify.write",
 )
-ADMIN_SCOPES = (*MEMBER_SCOPES, "user.admin", "search.admin", "recommend.admin", "notify.admin")
+ADMIN_SCOPES = (
+    *MEMBER_SCOPES, "user.admin", "search.admin", "recommend.admin", "chat.admin", "notify.admin",
+)
 SERVICE_SCOPES = (
     "search.read", "search.write", "recommend.read", "recommend.write",
     "chat.use", "notify.read", "notify.write",

@@ -1,0 +1,5 @@
+import sys
+
+from aimesh_cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,208 @@
+"""Run the platform on one machine: a database server, five processes, or one.
+
+The database is the embedded PostgreSQL from the pgserver package, unless
+AIMESH_DATABASE_URL names a server. Each service gets its own database and its
+own login role, and other roles may not connect to it. Secrets for the dev
+setup (the signing-key encryption key, the dev admin's password, role
+passwords) are generated once into the state folder, which git ignores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aimesh.user.v1 import user_service_pb2, user_service_pb2_grpc
+from aimesh_runtime.config import HTTP_PORT_OFFSET, SERVICE_PORTS, database_env
+
+SERVICES = tuple(SERVICE_PORTS)  # user first: the others fetch its JWKS
+MONOLITH_PORT = 50050
+DEV_ADMIN_EMAIL = "admin@aimesh.local"
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("AIMESH_STATE_DIR", ".aimesh")).resolve()
+
+
+def load_secrets(folder: Path) -> dict[str, Any]:
+    """The dev secrets, created on first use and reused after."""
+    path = folder / "secrets.json"
+    if path.exists():
+        stored: dict[str, Any] = json.loads(path.read_text())
+        return stored
+    folder.mkdir(parents=True, exist_ok=True)
+    created = {
+        "key_encryption_key": base64.urlsafe_b64encode(os.urandom(32)).decode(),
+        "admin_email": DEV_ADMIN_EMAIL,
+        "admin_password": secrets.token_urlsafe(18),
+        "role_passwords": {name: secrets.token_hex(16) for name in SERVICES},
+    }
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(created, indent=2))
+    return created
+
+
+@contextlib.contextmanager
+def database_server(folder: Path) -> Iterator[str]:
+    """The admin URL of AIMESH_DATABASE_URL, or of an embedded server in `folder`."""
+    external = os.environ.get("AIMESH_DATABASE_URL")
+    if external:
+        yield external
+        return
+    import pgserver
+
+    data = folder / "pgdata"
+    data.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(data, cleanup_mode="stop")
+    try:
+        yield server.get_uri("postgres")
+    finally:
+        server.cleanup()
+
+
+def service_url(admin_url: str, service: str, password: str) -> str:
+    """The URL for `service`'s own role and database on the admin URL's server."""
+    parts = urlsplit(admin_url)
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"aimesh_{service}:{quote(password)}@{host}"
+    return urlunsplit((parts.scheme, netloc, f"/aimesh_{service}", parts.query, ""))
+
+
+async def provision(admin_url: str, role_passwords: Mapping[str, str]) -> dict[str, str]:
+    """Create each service's role and database if missing; return their URLs."""
+    connection = await asyncpg.connect(admin_url)
+    try:
+        for service in SERVICES:
+            role = database = f"aimesh_{service}"
+            password = role_passwords[service]
+            if not await connection.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+                # DDL takes no parameters; the password is hex we generated.
+                await connection.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+            if not await connection.fetchval(
+                "SELECT 1 FROM pg_database WHERE datname = $1", database
+            ):
+                await connection.execute(f"CREATE DATABASE {database} OWNER {role}")
+            await connection.execute(f"REVOKE ALL ON DATABASE {database} FROM PUBLIC")
+    finally:
+        await connection.close()
+    return {s: service_url(admin_url, s, role_passwords[s]) for s in SERVICES}
+
+
+def service_environment(
+    urls: Mapping[str, str], stored: Mapping[str, Any], base: Mapping[str, str]
+) -> dict[str, str]:
+    """Environment shared by the service processes of a local run."""
+    env = dict(base)
+    for service, url in urls.items():
+        env[database_env(service)] = url
+    user_port = SERVICE_PORTS["user"]
+    env.setdefault("AIMESH_JWKS_URL", f"http://127.0.0.1:{user_port + HTTP_PORT_OFFSET}/.well-known/jwks.json")
+    env.setdefault("AIMESH_USER_ADDRESS", f"127.0.0.1:{user_port}")
+    env.setdefault("AIMESH_USER_KEY_ENCRYPTION_KEY", stored["key_encryption_key"])
+    env.setdefault("AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL", stored["admin_email"])
+    env.setdefault("AIMESH_USER_BOOTSTRAP_ADMIN_PASSWORD", stored["admin_password"])
+    return env
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    port: int
+    http_port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+def spawn(
+    names: Sequence[str], env: Mapping[str, str], logs: Path, monolith: bool = False
+) -> list[ServiceProcess]:
+    logs.mkdir(parents=True, exist_ok=True)
+    if monolith:
+        plan = [("monolith", "aimesh_cli.monolith", MONOLITH_PORT)]
+    else:
+        plan = [(name, f"aimesh_{name}", SERVICE_PORTS[name]) for name in names]
+    started = []
+    for name, module, port in plan:
+        log_path = logs / f"{name}.log"
+        child_env = {
+            **env,
+            "AIMESH_GRPC_PORT": str(port),
+            "AIMESH_HTTP_PORT": str(port + HTTP_PORT_OFFSET),
+        }
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", module],
+                env=child_env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches us; we drain the children
+            )
+        started.append(ServiceProcess(name, port, port + HTTP_PORT_OFFSET, process, log_path))
+    return started
+
+
+async def check_health(address: str, timeout_s: float = 1.0) -> str:
+    """The overall health status name of the server at `address`."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            return error.code().name
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+async def wait_serving(processes: Sequence[ServiceProcess], timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = list(processes)
+    while pending:
+        for item in list(pending):
+            if item.process.poll() is not None:
+                tail = item.log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{item.name} exited with {item.process.returncode}:\n{tail}")
+            if await check_health(f"127.0.0.1:{item.port}", 0.5) == "SERVING":
+                pending.remove(item)
+        if pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not SERVING after {timeout_s:.0f} s: {[p.name for p in pending]}")
+            await asyncio.sleep(0.05)
+
+
+def stop(processes: Sequence[ServiceProcess], grace_s: float = 15.0) -> None:
+    """SIGTERM every process (they drain), then SIGKILL what outlives the grace."""
+    for item in processes:
+        if item.process.poll() is None:
+            item.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for item in processes:
+        try:
+            item.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            item.process.kill()
+            item.process.wait()
+
+
+async def login(address: str, email: str, password: str) -> str:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = user_service_pb2_grpc.UserServiceStub(channel)
+        reply = await stub.Login(
+            user_service_pb2.LoginRequest(email=email, password=password), timeout=10
+        )
+        return str(reply.access_token)

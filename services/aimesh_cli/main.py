@@ -1,0 +1,147 @@
+"""The aimesh command: run the platform locally and talk to it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+
+from aimesh_cli import local
+from aimesh_runtime.config import HTTP_PORT_OFFSET, SERVICE_PORTS
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    folder = local.state_dir()
+    stored = local.load_secrets(folder)
+    with local.database_server(folder) as admin_url:
+        urls = asyncio.run(local.provision(admin_url, stored["role_passwords"]))
+        env = local.service_environment(urls, stored, os.environ)
+        if args.monolith:
+            # One process answers every service on one port; point JWKS at it.
+            env["AIMESH_JWKS_URL"] = ""
+            env["AIMESH_USER_ADDRESS"] = ""
+        started_at = time.monotonic()
+        processes = local.spawn(local.SERVICES, env, folder / "logs", monolith=args.monolith)
+        interrupted = False
+
+        def on_signal(signum: int, frame: object) -> None:
+            nonlocal interrupted
+            interrupted = True
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        try:
+            asyncio.run(local.wait_serving(processes))
+            ready_s = time.monotonic() - started_at
+            user_port = local.MONOLITH_PORT if args.monolith else SERVICE_PORTS["user"]
+            token = asyncio.run(
+                local.login(f"127.0.0.1:{user_port}", stored["admin_email"], stored["admin_password"])
+            )
+            _print_ready(processes, args.monolith, ready_s, token, folder)
+            while not interrupted and all(p.process.poll() is None for p in processes):
+                time.sleep(0.2)
+            crashed = [p.name for p in processes if p.process.poll() is not None]
+            if crashed and not interrupted:
+                print(f"aimesh: {', '.join(crashed)} stopped; see {folder / 'logs'}", file=sys.stderr)
+                return 1
+            return 0
+        except (RuntimeError, TimeoutError) as error:
+            print(f"aimesh: {error}", file=sys.stderr)
+            return 1
+        finally:
+            print("\naimesh: stopping (draining in-flight calls)...", file=sys.stderr)
+            local.stop(processes)
+
+
+def _print_ready(
+    processes: list[local.ServiceProcess], monolith: bool, ready_s: float, token: str, folder: object
+) -> None:
+    rows = [("service", "grpc", "http (metrics, jwks)", "status")]
+    if monolith:
+        port = local.MONOLITH_PORT
+        for name in local.SERVICES:
+            rows.append((name, f"localhost:{port}", f"localhost:{port + HTTP_PORT_OFFSET}", "SERVING"))
+    else:
+        for item in processes:
+            rows.append((item.name, f"localhost:{item.port}", f"localhost:{item.http_port}", "SERVING"))
+    print(_table(rows))
+    print(f"\nall services SERVING in {ready_s:.2f} s; logs in {folder}/logs")
+    user = local.MONOLITH_PORT if monolith else SERVICE_PORTS["user"]
+    print("\nTry it (the dev admin's token lasts 15 minutes; `aimesh token` makes another):")
+    print(f"  export TOKEN={token}")
+    print(f"  grpcurl -plaintext localhost:{user} list")
+    print(
+        f"  grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" -d '{{\"name\": \"users/me\"}}' "
+        f"localhost:{user} aimesh.user.v1.UserService/GetUser"
+    )
+    print("\nCtrl-C stops everything.", flush=True)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    targets = (
+        [("monolith", f"{args.host}:{local.MONOLITH_PORT}")]
+        if args.monolith
+        else [(name, f"{args.host}:{port}") for name, port in SERVICE_PORTS.items()]
+    )
+
+    async def gather() -> list[str]:
+        return list(await asyncio.gather(*(local.check_health(addr) for _, addr in targets)))
+
+    statuses = asyncio.run(gather())
+    rows = [("service", "address", "health")]
+    rows += [(name, addr, status) for (name, addr), status in zip(targets, statuses, strict=True)]
+    print(_table(rows))
+    return 0 if all(status == "SERVING" for status in statuses) else 1
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    stored = local.load_secrets(local.state_dir())
+    email = args.email or stored["admin_email"]
+    password = os.environ.get("AIMESH_PASSWORD") or (None if args.email else stored["admin_password"])
+    if password is None:
+        print("aimesh: set AIMESH_PASSWORD for --email", file=sys.stderr)
+        return 2
+    port = local.MONOLITH_PORT if args.monolith else SERVICE_PORTS["user"]
+    try:
+        print(asyncio.run(local.login(args.target or f"{args.host}:{port}", email, password)))
+    except Exception as error:
+        print(f"aimesh: login failed: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aimesh", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="run all five services locally until Ctrl-C")
+    up.add_argument("--monolith", action="store_true", help="one process, one port (50050)")
+    up.set_defaults(run=cmd_up)
+    status = commands.add_parser("status", help="health of the local services")
+    status.add_argument("--host", default="127.0.0.1")
+    status.add_argument("--monolith", action="store_true")
+    status.set_defaults(run=cmd_status)
+    token = commands.add_parser("token", help="print a dev access token for grpcurl")
+    token.add_argument("--email", help="log in as this user (password from AIMESH_PASSWORD)")
+    token.add_argument("--host", default="127.0.0.1")
+    token.add_argument("--target", help="host:port of the user service")
+    token.add_argument("--monolith", action="store_true")
+    token.set_defaults(run=cmd_token)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
