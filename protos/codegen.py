@@ -62,18 +62,18 @@ def _write_validate_set(path: Path) -> None:
     path.write_bytes(files.SerializeToString())
 
 
-def _sources() -> list[str]:
-    return sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / PACKAGE).rglob("*.proto"))
+def _sources(root: Path = PROTOS) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in (root / PACKAGE).rglob("*.proto"))
 
 
-def _protoc(args: list[str], validate_set: Path) -> None:
+def _protoc(args: list[str], validate_set: Path, root: Path = PROTOS) -> None:
     bin_dir = Path(sys.executable).parent
     command = [
         sys.executable,
         "-m",
         "grpc_tools.protoc",
         f"--descriptor_set_in={validate_set}",
-        f"-I{PROTOS}",
+        f"-I{root}",
         f"-I{_package_dir('google')}/..",
         f"-I{_package_dir('grpc_tools')}/_proto",
         f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
@@ -120,26 +120,35 @@ def _generated_files(root: Path) -> set[str]:
     return found
 
 
+def build_image(image: Path, root: Path = PROTOS) -> None:
+    """Write a buf image (descriptor set with imports and comments) of `root`."""
+    with tempfile.TemporaryDirectory() as tmp_name:
+        validate_set = Path(tmp_name) / "validate.binpb"
+        _write_validate_set(validate_set)
+        _protoc(
+            [
+                "--include_imports",
+                "--include_source_info",
+                f"--descriptor_set_out={image.resolve()}",
+                *_sources(root),
+            ],
+            validate_set,
+            root,
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if generated code is stale")
     parser.add_argument("--image", type=Path, help="write a buf image with source info here")
     args = parser.parse_args()
+    if args.image:
+        build_image(args.image)
+        return 0
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         validate_set = tmp / "validate.binpb"
         _write_validate_set(validate_set)
-        if args.image:
-            _protoc(
-                [
-                    "--include_imports",
-                    "--include_source_info",
-                    f"--descriptor_set_out={args.image.resolve()}",
-                    *_sources(),
-                ],
-                validate_set,
-            )
-            return 0
         out = tmp / "out"
         out.mkdir()
         for proto in _sources():

@@ -270,7 +270,7 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
     ) -> None:
         if isinstance(error, ServiceError):
             call.finish(error.code.name, context, error)
-            await context.abort_with_status(error.to_status())
+            await context.abort_with_status(_with_request_id(error.to_status(), call.scope))
         elif isinstance(error, asyncio.CancelledError):
             remaining = context.time_remaining()
             expired = remaining is not None and remaining <= 0
@@ -281,7 +281,9 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         elif isinstance(error, Exception):
             log.exception("unhandled error in %s", call.info.name)
             call.finish("INTERNAL", context, error)
-            await context.abort_with_status(internal_status(call.scope.request_id))
+            await context.abort_with_status(
+                _with_request_id(internal_status(call.scope.request_id), call.scope)
+            )
         else:
             call.finish("CANCELLED", context)
 
@@ -345,6 +347,22 @@ class _Call:
                     "error": str(error) if error else None,
                 },
             )
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):  # type: ignore[misc]
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def _with_request_id(status: grpc.Status, scope: CallScope) -> grpc.Status:
+    """The status with x-request-id in its trailers, so callers can quote it."""
+    return _Status(
+        status.code,
+        status.details,
+        (*(status.trailing_metadata or ()), ("x-request-id", scope.request_id)),
+    )
 
 
 def _peer_host(context: grpc.aio.ServicerContext) -> str:

@@ -286,6 +286,8 @@ def main(specs: Sequence[ServiceSpec], environ: Mapping[str, str] | None = None)
         for spec in specs:  # fail before any connection is made
             database_url(spec.name, environ)
             spec.load_settings(environ)
+        if not config.jwks_url and all(spec.name != "user" for spec in specs):
+            raise ConfigError("AIMESH_JWKS_URL is required: where to fetch the user service's JWKS")
         configure_logging(specs[0].name if len(specs) == 1 else "monolith", config.log_level)
         asyncio.run(serve_until_signalled(AimeshServer(specs, config, environ)))
     except ConfigError as error:

@@ -1,0 +1,131 @@
+"""Shared fixtures: an embedded PostgreSQL, fresh databases, servers on port 0."""
+
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+
+# pgserver keeps its lock and sockets in the XDG runtime folder.
+_runtime = Path(tempfile.gettempdir()) / f"aimesh-runtime-{os.getuid()}"
+_runtime.mkdir(mode=0o700, exist_ok=True)
+os.environ.setdefault("XDG_RUNTIME_DIR", str(_runtime))
+
+from aimesh.user.v1 import user_service_pb2 as user_pb  # noqa: E402
+from aimesh.user.v1 import user_service_pb2_grpc  # noqa: E402
+from aimesh_runtime.config import RuntimeConfig, database_env, load  # noqa: E402
+from aimesh_runtime.server import AimeshServer, ServiceSpec  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_EMAIL = "admin@example.com"
+ADMIN_PASSWORD = "admin-password-long-enough"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An embedded PostgreSQL for the whole run."""
+    import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="stop")
+    try:
+        yield server.get_uri("postgres")
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def new_database(pg_admin_url: str) -> Any:
+    """Factory: create an empty database and return its URL."""
+
+    async def create(prefix: str = "t") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        connection = await asyncpg.connect(pg_admin_url)
+        try:
+            await connection.execute(f"CREATE DATABASE {name}")
+        finally:
+            await connection.close()
+        return pg_admin_url.replace("/postgres?", f"/{name}?")
+
+    return create
+
+
+def kek() -> str:
+    return base64.urlsafe_b64encode(os.urandom(32)).decode()
+
+
+@dataclass
+class Running:
+    server: AimeshServer
+    address: str
+    http_port: int
+    environ: dict[str, str]
+
+    def channel(self) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(self.address)
+
+
+async def start_server(
+    specs: Sequence[ServiceSpec],
+    new_database: Any,
+    extra_env: dict[str, str] | None = None,
+    **config_overrides: Any,
+) -> Running:
+    environ = {
+        "AIMESH_USER_KEY_ENCRYPTION_KEY": kek(),
+        "AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL": ADMIN_EMAIL,
+        "AIMESH_USER_BOOTSTRAP_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        **(extra_env or {}),
+    }
+    for spec in specs:
+        environ.setdefault(database_env(spec.name), await new_database(spec.name))
+    config = load(RuntimeConfig, environ, grpc_port=0, http_port=0, **config_overrides)
+    server = AimeshServer(specs, config, environ)
+    await server.start()
+    return Running(server, f"127.0.0.1:{server.grpc_port}", server.http_port, environ)
+
+
+@pytest.fixture(scope="session")
+async def user_server(new_database: Any) -> AsyncIterator[Running]:
+    from aimesh_user.server import SPEC
+
+    running = await start_server([SPEC], new_database)
+    yield running
+    await running.server.stop(0.5)
+
+
+@pytest.fixture(scope="session")
+async def user_channel(user_server: Running) -> AsyncIterator[grpc.aio.Channel]:
+    async with user_server.channel() as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def users(user_channel: grpc.aio.Channel) -> user_service_pb2_grpc.UserServiceStub:
+    return user_service_pb2_grpc.UserServiceStub(user_channel)
+
+
+async def register_and_login(
+    users: user_service_pb2_grpc.UserServiceStub, password: str = "a-long-password-1"
+) -> tuple[user_pb.User, str]:
+    email = f"u{uuid.uuid4().hex[:10]}@example.com"
+    registered = await users.Register(user_pb.RegisterRequest(email=email, password=password))
+    login = await users.Login(user_pb.LoginRequest(email=email, password=password))
+    return registered.user, login.access_token
+
+
+async def admin_token(users: user_service_pb2_grpc.UserServiceStub) -> str:
+    login = await users.Login(user_pb.LoginRequest(email=ADMIN_EMAIL, password=ADMIN_PASSWORD))
+    return str(login.access_token)
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
