@@ -37,6 +37,23 @@ MONOLITH_PORT = 50050
 DEV_ADMIN_EMAIL = "admin@aimesh.local"
 
 
+def port_offset() -> int:
+    """AIMESH_PORT_OFFSET shifts every local port, to run a second platform beside one."""
+    raw = os.environ.get("AIMESH_PORT_OFFSET", "0")
+    try:
+        offset = int(raw)
+    except ValueError:
+        raise SystemExit(f"aimesh: AIMESH_PORT_OFFSET={raw!r} is not a whole number") from None
+    if not 0 <= offset <= 10_000:
+        raise SystemExit("aimesh: AIMESH_PORT_OFFSET must be between 0 and 10000")
+    return offset
+
+
+def grpc_port(service: str) -> int:
+    base = MONOLITH_PORT if service == "monolith" else SERVICE_PORTS[service]
+    return base + port_offset()
+
+
 def state_dir() -> Path:
     return Path(os.environ.get("AIMESH_STATE_DIR", ".aimesh")).resolve()
 
@@ -66,6 +83,10 @@ def database_server(folder: Path) -> Iterator[str]:
     if external:
         yield external
         return
+    # pgserver keeps its lock and socket in the XDG runtime folder; give it one.
+    runtime = folder / "run"
+    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))
     import pgserver
 
     data = folder / "pgdata"
@@ -112,7 +133,7 @@ def service_environment(
     env = dict(base)
     for service, url in urls.items():
         env[database_env(service)] = url
-    user_port = SERVICE_PORTS["user"]
+    user_port = grpc_port("user")
     env.setdefault("AIMESH_JWKS_URL", f"http://127.0.0.1:{user_port + HTTP_PORT_OFFSET}/.well-known/jwks.json")
     env.setdefault("AIMESH_USER_ADDRESS", f"127.0.0.1:{user_port}")
     env.setdefault("AIMESH_USER_KEY_ENCRYPTION_KEY", stored["key_encryption_key"])
@@ -135,9 +156,9 @@ def spawn(
 ) -> list[ServiceProcess]:
     logs.mkdir(parents=True, exist_ok=True)
     if monolith:
-        plan = [("monolith", "aimesh_cli.monolith", MONOLITH_PORT)]
+        plan = [("monolith", "aimesh_cli.monolith", grpc_port("monolith"))]
     else:
-        plan = [(name, f"aimesh_{name}", SERVICE_PORTS[name]) for name in names]
+        plan = [(name, f"aimesh_{name}", grpc_port(name)) for name in names]
     started = []
     for name, module, port in plan:
         log_path = logs / f"{name}.log"

@@ -41,7 +41,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         try:
             asyncio.run(local.wait_serving(processes))
             ready_s = time.monotonic() - started_at
-            user_port = local.MONOLITH_PORT if args.monolith else SERVICE_PORTS["user"]
+            user_port = local.grpc_port("monolith" if args.monolith else "user")
             token = asyncio.run(
                 local.login(f"127.0.0.1:{user_port}", stored["admin_email"], stored["admin_password"])
             )
@@ -66,7 +66,7 @@ def _print_ready(
 ) -> None:
     rows = [("service", "grpc", "http (metrics, jwks)", "status")]
     if monolith:
-        port = local.MONOLITH_PORT
+        port = local.grpc_port("monolith")
         for name in local.SERVICES:
             rows.append((name, f"localhost:{port}", f"localhost:{port + HTTP_PORT_OFFSET}", "SERVING"))
     else:
@@ -74,7 +74,7 @@ def _print_ready(
             rows.append((item.name, f"localhost:{item.port}", f"localhost:{item.http_port}", "SERVING"))
     print(_table(rows))
     print(f"\nall services SERVING in {ready_s:.2f} s; logs in {folder}/logs")
-    user = local.MONOLITH_PORT if monolith else SERVICE_PORTS["user"]
+    user = local.grpc_port("monolith" if monolith else "user")
     print("\nTry it (the dev admin's token lasts 15 minutes; `aimesh token` makes another):")
     print(f"  export TOKEN={token}")
     print(f"  grpcurl -plaintext localhost:{user} list")
@@ -86,11 +86,8 @@ def _print_ready(
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    targets = (
-        [("monolith", f"{args.host}:{local.MONOLITH_PORT}")]
-        if args.monolith
-        else [(name, f"{args.host}:{port}") for name, port in SERVICE_PORTS.items()]
-    )
+    names = ["monolith"] if args.monolith else list(SERVICE_PORTS)
+    targets = [(name, f"{args.host}:{local.grpc_port(name)}") for name in names]
 
     async def gather() -> list[str]:
         return list(await asyncio.gather(*(local.check_health(addr) for _, addr in targets)))
@@ -109,7 +106,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     if password is None:
         print("aimesh: set AIMESH_PASSWORD for --email", file=sys.stderr)
         return 2
-    port = local.MONOLITH_PORT if args.monolith else SERVICE_PORTS["user"]
+    port = local.grpc_port("monolith" if args.monolith else "user")
     try:
         print(asyncio.run(local.login(args.target or f"{args.host}:{port}", email, password)))
     except Exception as error:

@@ -1,0 +1,58 @@
+"""Typed settings from the environment."""
+
+from __future__ import annotations
+
+import pytest
+
+from aimesh_runtime.config import ConfigError, RuntimeConfig, database_url, load
+from aimesh_user.settings import UserSettings
+
+KEK = "A" * 43  # 32 bytes, base64url
+
+
+def test_defaults_and_typed_values() -> None:
+    config = load(RuntimeConfig, {"AIMESH_RATE_LIMIT_RPS": "12.5", "AIMESH_REFLECTION": "off"})
+    assert config.rate_limit_rps == 12.5 and config.reflection_enabled is False
+    assert config.ports_for("search") == (50052, 51052)
+    assert load(RuntimeConfig, {"AIMESH_GRPC_PORT": "0"}).ports_for("user") == (0, 51051)
+
+
+def test_prod_turns_reflection_off_unless_asked() -> None:
+    assert load(RuntimeConfig, {"AIMESH_ENV": "prod"}).reflection_enabled is False
+    assert load(RuntimeConfig, {"AIMESH_ENV": "prod", "AIMESH_REFLECTION": "true"}).reflection_enabled
+    assert load(RuntimeConfig, {}).reflection_enabled
+
+
+@pytest.mark.parametrize(
+    "environ,named",
+    [
+        ({"AIMESH_GRPC_PORT": "http"}, "AIMESH_GRPC_PORT"),
+        ({"AIMESH_GRPC_PORT": "70000"}, "AIMESH_GRPC_PORT"),
+        ({"AIMESH_TRACE_SAMPLE_RATIO": "2"}, "AIMESH_TRACE_SAMPLE_RATIO"),
+        ({"AIMESH_LOG_LEVEL": "LOUD"}, "AIMESH_LOG_LEVEL"),
+        ({"AIMESH_RATE_LIMIT_BURST": "0"}, "AIMESH_RATE_LIMIT_BURST"),
+        ({"AIMESH_DRAIN_SECONDS": "soon"}, "AIMESH_DRAIN_SECONDS"),
+    ],
+)
+def test_bad_values_name_their_variable(environ: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load(RuntimeConfig, environ)
+
+
+def test_secrets_have_no_default() -> None:
+    with pytest.raises(ConfigError, match="AIMESH_USER_KEY_ENCRYPTION_KEY is required"):
+        load(UserSettings, {})
+    assert len(load(UserSettings, {"AIMESH_USER_KEY_ENCRYPTION_KEY": KEK}).kek_bytes()) == 32
+
+
+def test_bootstrap_admin_needs_both_halves() -> None:
+    with pytest.raises(ConfigError, match="go together"):
+        load(UserSettings, {"AIMESH_USER_KEY_ENCRYPTION_KEY": KEK, "AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL": "a@b.c"})
+
+
+def test_database_url_is_required_and_postgres() -> None:
+    with pytest.raises(ConfigError, match="AIMESH_CHAT_DATABASE_URL is required"):
+        database_url("chat", {})
+    with pytest.raises(ConfigError, match="postgresql://"):
+        database_url("chat", {"AIMESH_CHAT_DATABASE_URL": "sqlite:///x"})
+    assert database_url("chat", {"AIMESH_CHAT_DATABASE_URL": "postgresql://h/db"}) == "postgresql://h/db"
