@@ -55,8 +55,14 @@ def main() -> int:
         previous = tmp / "previous.binpb"
         build_image(previous, tmp / "old" / "protos")
         _buf(
-            "breaking", str(current), "--against", str(previous),
-            "--path", PACKAGE, "--config", str(PROTOS / "buf.yaml"),
+            "breaking",
+            str(current),
+            "--against",
+            str(previous),
+            "--path",
+            PACKAGE,
+            "--config",
+            str(PROTOS / "buf.yaml"),
         )
         print(f"buf breaking: no breaking change against {ref}")
     return 0

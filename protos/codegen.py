@@ -48,9 +48,9 @@ def _validate_descriptor() -> descriptor_pb2.FileDescriptorProto:
     source = (_package_dir("protovalidate") / "_gen/buf/validate/validate_pb.py").read_text()
     marker = b"\n\x1b" + VALIDATE_PROTO.encode()
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Constant) and isinstance(node.value, bytes):
-            if node.value.startswith(marker):
-                return descriptor_pb2.FileDescriptorProto.FromString(node.value)
+        is_bytes = isinstance(node, ast.Constant) and isinstance(node.value, bytes)
+        if is_bytes and node.value.startswith(marker):
+            return descriptor_pb2.FileDescriptorProto.FromString(node.value)
     raise SystemExit("codegen: no validate.proto descriptor found in protovalidate")
 
 
@@ -102,7 +102,12 @@ def generate(out: Path, validate_set: Path) -> None:
     # Our generated code imports buf.validate.validate_pb2, which the
     # protovalidate wheel does not provide for google-protobuf, so we ship it.
     _protoc([f"--python_out={out}", f"--mypy_out={out}", VALIDATE_PROTO], validate_set)
-    for directory in [out / PACKAGE, *(out / PACKAGE).rglob("*"), out / "buf", out / "buf/validate"]:
+    for directory in [
+        out / PACKAGE,
+        *(out / PACKAGE).rglob("*"),
+        out / "buf",
+        out / "buf/validate",
+    ]:
         if directory.is_dir() and directory.name != "__pycache__":
             (directory / "__init__.py").touch()
     (out / PACKAGE / "py.typed").touch()

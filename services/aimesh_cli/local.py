@@ -87,11 +87,11 @@ def database_server(folder: Path) -> Iterator[str]:
     runtime = folder / "run"
     runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))
-    import pgserver
+    from pgserver.postgres_server import get_server
 
     data = folder / "pgdata"
     data.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(data, cleanup_mode="stop")
+    server = get_server(data, cleanup_mode="stop")
     try:
         yield server.get_uri("postgres")
     finally:
@@ -134,7 +134,9 @@ def service_environment(
     for service, url in urls.items():
         env[database_env(service)] = url
     user_port = grpc_port("user")
-    env.setdefault("AIMESH_JWKS_URL", f"http://127.0.0.1:{user_port + HTTP_PORT_OFFSET}/.well-known/jwks.json")
+    env.setdefault(
+        "AIMESH_JWKS_URL", f"http://127.0.0.1:{user_port + HTTP_PORT_OFFSET}/.well-known/jwks.json"
+    )
     env.setdefault("AIMESH_USER_ADDRESS", f"127.0.0.1:{user_port}")
     env.setdefault("AIMESH_USER_KEY_ENCRYPTION_KEY", stored["key_encryption_key"])
     env.setdefault("AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL", stored["admin_email"])
@@ -186,7 +188,7 @@ async def check_health(address: str, timeout_s: float = 1.0) -> str:
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
         except grpc.aio.AioRpcError as error:
-            return error.code().name
+            return str(error.code().name)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
@@ -202,7 +204,9 @@ async def wait_serving(processes: Sequence[ServiceProcess], timeout_s: float = 9
                 pending.remove(item)
         if pending:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"not SERVING after {timeout_s:.0f} s: {[p.name for p in pending]}")
+                raise TimeoutError(
+                    f"not SERVING after {timeout_s:.0f} s: {[p.name for p in pending]}"
+                )
             await asyncio.sleep(0.05)
 
 

@@ -8,14 +8,17 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 
 from aimesh_cli import local
 from aimesh_runtime.config import HTTP_PORT_OFFSET, SERVICE_PORTS
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def _table(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -43,14 +46,18 @@ def cmd_up(args: argparse.Namespace) -> int:
             ready_s = time.monotonic() - started_at
             user_port = local.grpc_port("monolith" if args.monolith else "user")
             token = asyncio.run(
-                local.login(f"127.0.0.1:{user_port}", stored["admin_email"], stored["admin_password"])
+                local.login(
+                    f"127.0.0.1:{user_port}", stored["admin_email"], stored["admin_password"]
+                )
             )
             _print_ready(processes, args.monolith, ready_s, token, folder)
             while not interrupted and all(p.process.poll() is None for p in processes):
                 time.sleep(0.2)
             crashed = [p.name for p in processes if p.process.poll() is not None]
             if crashed and not interrupted:
-                print(f"aimesh: {', '.join(crashed)} stopped; see {folder / 'logs'}", file=sys.stderr)
+                print(
+                    f"aimesh: {', '.join(crashed)} stopped; see {folder / 'logs'}", file=sys.stderr
+                )
                 return 1
             return 0
         except (RuntimeError, TimeoutError) as error:
@@ -62,16 +69,24 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def _print_ready(
-    processes: list[local.ServiceProcess], monolith: bool, ready_s: float, token: str, folder: object
+    processes: list[local.ServiceProcess],
+    monolith: bool,
+    ready_s: float,
+    token: str,
+    folder: object,
 ) -> None:
     rows = [("service", "grpc", "http (metrics, jwks)", "status")]
     if monolith:
         port = local.grpc_port("monolith")
         for name in local.SERVICES:
-            rows.append((name, f"localhost:{port}", f"localhost:{port + HTTP_PORT_OFFSET}", "SERVING"))
+            rows.append(
+                (name, f"localhost:{port}", f"localhost:{port + HTTP_PORT_OFFSET}", "SERVING")
+            )
     else:
         for item in processes:
-            rows.append((item.name, f"localhost:{item.port}", f"localhost:{item.http_port}", "SERVING"))
+            rows.append(
+                (item.name, f"localhost:{item.port}", f"localhost:{item.http_port}", "SERVING")
+            )
     print(_table(rows))
     print(f"\nall services SERVING in {ready_s:.2f} s; logs in {folder}/logs")
     user = local.grpc_port("monolith" if monolith else "user")
@@ -79,7 +94,7 @@ def _print_ready(
     print(f"  export TOKEN={token}")
     print(f"  grpcurl -plaintext localhost:{user} list")
     print(
-        f"  grpcurl -plaintext -H \"authorization: Bearer $TOKEN\" -d '{{\"name\": \"users/me\"}}' "
+        f'  grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d \'{{"name": "users/me"}}\' '
         f"localhost:{user} aimesh.user.v1.UserService/GetUser"
     )
     print("\nCtrl-C stops everything.", flush=True)
@@ -102,7 +117,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     stored = local.load_secrets(local.state_dir())
     email = args.email or stored["admin_email"]
-    password = os.environ.get("AIMESH_PASSWORD") or (None if args.email else stored["admin_password"])
+    password = os.environ.get("AIMESH_PASSWORD") or (
+        None if args.email else stored["admin_password"]
+    )
     if password is None:
         print("aimesh: set AIMESH_PASSWORD for --email", file=sys.stderr)
         return 2

@@ -16,7 +16,9 @@ async def mount(context: ServiceContext) -> Mount:
     servicer = unimplemented_servicer(
         notify_service_pb2_grpc.NotifyServiceServicer, SERVICE, "see issue #6"
     )
-    return Mount(servicers=[(notify_service_pb2_grpc.add_NotifyServiceServicer_to_server, servicer)])
+    return Mount(
+        servicers=[(notify_service_pb2_grpc.add_NotifyServiceServicer_to_server, servicer)]
+    )
 
 
 SPEC = ServiceSpec(

@@ -16,7 +16,9 @@ async def mount(context: ServiceContext) -> Mount:
     servicer = unimplemented_servicer(
         recommend_service_pb2_grpc.RecommendServiceServicer, SERVICE, "see issue #4"
     )
-    return Mount(servicers=[(recommend_service_pb2_grpc.add_RecommendServiceServicer_to_server, servicer)])
+    return Mount(
+        servicers=[(recommend_service_pb2_grpc.add_RecommendServiceServicer_to_server, servicer)]
+    )
 
 
 SPEC = ServiceSpec(

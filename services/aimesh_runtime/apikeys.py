@@ -47,7 +47,9 @@ class ExchangedApiKeys:
                 lambda: self._stub.ExchangeApiKey(request, timeout=self._timeout_s)
             )
         except BreakerOpen:
-            raise Unavailable("cannot check API keys now; use a token", reason="USER_SERVICE_DOWN")
+            raise Unavailable(
+                "cannot check API keys now; use a token", reason="USER_SERVICE_DOWN"
+            ) from None
         except grpc.aio.AioRpcError as error:
             if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
                 raise Unauthenticated("API key rejected", reason="API_KEY_INVALID") from None

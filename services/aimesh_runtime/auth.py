@@ -159,11 +159,10 @@ class TokenVerifier:
     async def _key_for(self, kid: str) -> jwt.PyJWK:
         now = time.monotonic()
         stale = now - self._fetched_at > self._refresh_interval_s
-        if kid not in self._keys or stale:
-            # A new kid means the issuer rotated; refetch, but not on every
-            # request with an unknown kid, or forged kids could flood the issuer.
-            if stale or now - self._fetched_at > self._min_refetch_s:
-                await self._refresh()
+        # A new kid means the issuer rotated; refetch, but not on every request
+        # with an unknown kid, or forged kids could flood the issuer.
+        if stale or (kid not in self._keys and now - self._fetched_at > self._min_refetch_s):
+            await self._refresh()
         key = self._keys.get(kid)
         if key is None:
             raise Unauthenticated("token signed by an unknown key", reason="UNKNOWN_KID")

@@ -72,7 +72,9 @@ class PropagatingInterceptor(
     def __init__(self, tracer_provider: TracerProvider | None = None) -> None:
         self._tracer = trace.get_tracer("aimesh.client", tracer_provider=tracer_provider)
 
-    def _prepare(self, details: grpc.aio.ClientCallDetails) -> tuple[grpc.aio.ClientCallDetails, trace.Span]:
+    def _prepare(
+        self, details: grpc.aio.ClientCallDetails
+    ) -> tuple[grpc.aio.ClientCallDetails, trace.Span]:
         metadata = list(details.metadata or ())
         timeout = details.timeout
         scope = call_scope()
@@ -85,7 +87,9 @@ class PropagatingInterceptor(
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
         span = self._tracer.start_span(method.lstrip("/"), kind=SpanKind.CLIENT)
         carrier: dict[str, str] = {}
-        propagator.inject(carrier, context=trace.set_span_in_context(span, otel_context.get_current()))
+        propagator.inject(
+            carrier, context=trace.set_span_in_context(span, otel_context.get_current())
+        )
         metadata.extend(carrier.items())
         return (
             grpc.aio.ClientCallDetails(

@@ -79,7 +79,8 @@ async def migrate(pool: asyncpg.Pool, folder: Path) -> list[int]:
                 async with connection.transaction():
                     await connection.execute(migration.sql)
                     await connection.execute(
-                        "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                        """INSERT INTO schema_migrations (version, name, checksum)
+                           VALUES ($1, $2, $3)""",
                         migration.version,
                         migration.name,
                         migration.checksum,
@@ -103,7 +104,7 @@ async def create_pool(
                 url, min_size=min_size, max_size=max_size, command_timeout=30
             )
             return pool
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as error:
+        except (TimeoutError, OSError, asyncpg.PostgresError) as error:
             if time.monotonic() + delay > deadline:
                 raise
             log.warning("database not ready (%s); retrying", error)

@@ -38,7 +38,7 @@ class SideServer:
 
 def _handler_for(routes: dict[str, Route]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        def do_GET(self) -> None:
             route = routes.get(self.path.split("?", 1)[0])
             if route is None:
                 self.send_error(404)

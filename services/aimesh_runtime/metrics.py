@@ -6,7 +6,21 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Buckets from 0.5 ms to 30 s: cheap reads sit at the bottom, model calls at the top.
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 
 
@@ -49,7 +63,7 @@ class RpcMetrics:
 
 
 class MethodMetrics:
-    __slots__ = ("_parent", "service", "method", "duration", "in_flight")
+    __slots__ = ("_parent", "duration", "in_flight", "method", "service")
 
     def __init__(self, parent: RpcMetrics, service: str, method: str) -> None:
         self._parent = parent

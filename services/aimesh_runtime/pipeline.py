@@ -12,6 +12,7 @@ handler object on every call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -61,7 +62,8 @@ FORWARDED_KEYS = ("x-request-id",)
 def render_field_path(violation: protovalidate.Violation) -> str:
     """'user.roles[1]' from a protovalidate violation's field path."""
     parts: list[str] = []
-    for element in violation.proto.field.elements:
+    path = violation.proto.field
+    for element in path.elements if path is not None else ():
         name = element.field_name
         subscript = element.subscript
         if subscript is not None:
@@ -194,9 +196,7 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
     def _validate(self, request: Any) -> None:
         violations = self._validator.collect_violations(request)
         if violations:
-            fields = [
-                FieldViolation(render_field_path(v), v.proto.message) for v in violations
-            ]
+            fields = [FieldViolation(render_field_path(v), v.proto.message) for v in violations]
             summary = "; ".join(f"{f.field}: {f.description}" for f in fields)
             raise InvalidArgument(f"invalid request: {summary}", fields)
 
@@ -222,7 +222,10 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         )
         parent = propagator.extract(metadata)
         span = self._tracer.start_span(
-            info.name.lstrip("/"), context=parent, kind=SpanKind.SERVER, attributes=info.span_attributes
+            info.name.lstrip("/"),
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes=info.span_attributes,
         )
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         current_call.set(scope)
@@ -254,7 +257,9 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         if authorization is not None:
             scheme, _, token = authorization.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
-                raise Unauthenticated("authorization must be 'Bearer <token>'", reason="TOKEN_MALFORMED")
+                raise Unauthenticated(
+                    "authorization must be 'Bearer <token>'", reason="TOKEN_MALFORMED"
+                )
             if self._verifier is None:
                 raise Unauthenticated("tokens are not accepted here", reason="NO_VERIFIER")
             return await self._verifier.verify(token.strip())
@@ -291,7 +296,7 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
 class _Call:
     """Bookkeeping of one RPC, closed exactly once."""
 
-    __slots__ = ("pipeline", "info", "scope", "span", "token", "started", "done")
+    __slots__ = ("done", "info", "pipeline", "scope", "span", "started", "token")
 
     def __init__(
         self,
@@ -325,10 +330,9 @@ class _Call:
         if code in SERVER_FAULT_CODES:
             span.set_status(Status(StatusCode.ERROR, str(error) if error else code))
         span.end()
-        try:
+        # A streaming handler may resume in another context; detaching then fails.
+        with contextlib.suppress(ValueError):
             otel_context.detach(self.token)  # type: ignore[arg-type]
-        except ValueError:  # a streaming handler resumed in another context
-            pass
         if code != "OK" or elapsed > self.pipeline._slow_call_s or log.isEnabledFor(logging.DEBUG):
             level = logging.ERROR if code in SERVER_FAULT_CODES else logging.INFO
             if code == "OK" and elapsed <= self.pipeline._slow_call_s:
@@ -350,7 +354,7 @@ class _Call:
 
 
 @dataclass(frozen=True)
-class _Status(grpc.Status):  # type: ignore[misc]
+class _Status(grpc.Status):
     code: grpc.StatusCode
     details: str
     trailing_metadata: tuple[tuple[str, str | bytes], ...]

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from aimesh.user.v1 import user_service_pb2
 from aimesh_runtime import db
 from aimesh_runtime.apikeys import ExchangedApiKeys
 from aimesh_runtime.auth import (
@@ -44,8 +45,6 @@ from aimesh_runtime.metrics import RpcMetrics
 from aimesh_runtime.pipeline import ServerPipeline
 from aimesh_runtime.ratelimit import RateLimiter
 from aimesh_runtime.telemetry import configure_logging, tracer_provider
-
-from aimesh.user.v1 import user_service_pb2
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ class Mount:
     jwks: JwksFetcher | None = None
     api_keys: ApiKeyAuthenticator | None = None
     routes: dict[str, Route] = field(default_factory=dict)
-    background: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     ready: Callable[[], bool] | None = None
     close: Callable[[], Awaitable[None]] | None = None
 

@@ -21,7 +21,9 @@ def _method(descriptor: MethodDescriptor, note: str) -> Any:
 
     if descriptor.server_streaming:
 
-        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream(
+            self: Any, request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
             raise Unimplemented(message, metadata={"method": descriptor.full_name})
             yield  # pragma: no cover - makes this an async generator
 

@@ -1,4 +1,4 @@
-from aimesh_search.server import SPEC
 from aimesh_runtime.server import main
+from aimesh_search.server import SPEC
 
 main([SPEC])

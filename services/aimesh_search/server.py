@@ -16,7 +16,9 @@ async def mount(context: ServiceContext) -> Mount:
     servicer = unimplemented_servicer(
         search_service_pb2_grpc.SearchServiceServicer, SERVICE, "see issue #3"
     )
-    return Mount(servicers=[(search_service_pb2_grpc.add_SearchServiceServicer_to_server, servicer)])
+    return Mount(
+        servicers=[(search_service_pb2_grpc.add_SearchServiceServicer_to_server, servicer)]
+    )
 
 
 SPEC = ServiceSpec(

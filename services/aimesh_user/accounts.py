@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -30,18 +31,32 @@ from aimesh_user.signing import KeyRing
 from aimesh_user.store import ApiKeyRow, EmailTaken, UserRow, UserStore
 
 MEMBER_SCOPES = (
-    "user.read", "user.write",
-    "search.read", "search.write",
-    "recommend.read", "recommend.write",
+    "user.read",
+    "user.write",
+    "search.read",
+    "search.write",
+    "recommend.read",
+    "recommend.write",
     "chat.use",
-    "notify.read", "notify.write",
+    "notify.read",
+    "notify.write",
 )
 ADMIN_SCOPES = (
-    *MEMBER_SCOPES, "user.admin", "search.admin", "recommend.admin", "chat.admin", "notify.admin",
+    *MEMBER_SCOPES,
+    "user.admin",
+    "search.admin",
+    "recommend.admin",
+    "chat.admin",
+    "notify.admin",
 )
 SERVICE_SCOPES = (
-    "search.read", "search.write", "recommend.read", "recommend.write",
-    "chat.use", "notify.read", "notify.write",
+    "search.read",
+    "search.write",
+    "recommend.read",
+    "recommend.write",
+    "chat.use",
+    "notify.read",
+    "notify.write",
 )
 ROLE_SCOPES = {"member": MEMBER_SCOPES, "admin": ADMIN_SCOPES, "service": SERVICE_SCOPES}
 DEFAULT_PAGE_SIZE = 50
@@ -94,9 +109,7 @@ class Tokens:
 
 
 class Accounts:
-    def __init__(
-        self, store: UserStore, keys: KeyRing, *, refresh_ttl_s: int
-    ) -> None:
+    def __init__(self, store: UserStore, keys: KeyRing, *, refresh_ttl_s: int) -> None:
         self._store = store
         self._keys = keys
         self._refresh_ttl_s = refresh_ttl_s
@@ -137,10 +150,9 @@ class Accounts:
 
     async def ensure_admin(self, email: str, password: str) -> None:
         if await self._store.user_by_email(email) is None:
-            try:
+            # Another replica may create it first.
+            with contextlib.suppress(AlreadyExists):
                 await self.register(email, password, "admin", roles=("admin",))
-            except AlreadyExists:  # another replica created it first
-                pass
 
     async def login(self, email: str, password: str) -> tuple[UserRow, Tokens]:
         user = await self._store.user_by_email(email)
@@ -192,7 +204,7 @@ class Accounts:
     async def get(self, caller: Principal, name: str) -> UserRow:
         return await self._existing(self.resolve(caller, name))
 
-    async def list(self, size: int, token: str) -> tuple[list[UserRow], str]:
+    async def list_users(self, size: int, token: str) -> tuple[list[UserRow], str]:
         limit = page_size(size)
         rows = await self._store.list_users(decode_page_token(token), limit + 1)
         following = ""
@@ -261,7 +273,10 @@ class Accounts:
         if beyond:
             raise InvalidArgument(
                 f"scopes not held: {', '.join(beyond)}",
-                [FieldViolation("api_key.scopes", f"not held by the owner or caller: {s}") for s in beyond],
+                [
+                    FieldViolation("api_key.scopes", f"not held by the owner or caller: {s}")
+                    for s in beyond
+                ],
                 reason="SCOPE_NOT_HELD",
             )
         if expire_time is not None and expire_time <= dt.datetime.now(dt.UTC):

@@ -32,7 +32,9 @@ async def mount(context: ServiceContext) -> Mount:
     await keys.load()
     accounts = Accounts(store, keys, refresh_ttl_s=settings.refresh_token_ttl_s)
     if settings.bootstrap_admin_email:
-        await accounts.ensure_admin(settings.bootstrap_admin_email, settings.bootstrap_admin_password)
+        await accounts.ensure_admin(
+            settings.bootstrap_admin_email, settings.bootstrap_admin_password
+        )
 
     async def maintain_keys() -> None:
         while True:
@@ -43,7 +45,9 @@ async def mount(context: ServiceContext) -> Mount:
                 log.exception("signing key maintenance failed")
 
     return Mount(
-        servicers=[(user_service_pb2_grpc.add_UserServiceServicer_to_server, UserServicer(accounts, keys))],
+        servicers=[
+            (user_service_pb2_grpc.add_UserServiceServicer_to_server, UserServicer(accounts, keys))
+        ],
         jwks=keys.fetch_jwks,
         api_keys=LocalApiKeys(accounts, keys),
         routes={"/.well-known/jwks.json": lambda: ("application/json", keys.jwks_json())},

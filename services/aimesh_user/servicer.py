@@ -119,7 +119,7 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
     async def ListUsers(
         self, request: pb.ListUsersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListUsersResponse:
-        rows, next_token = await self._accounts.list(request.page_size, request.page_token)
+        rows, next_token = await self._accounts.list_users(request.page_size, request.page_token)
         return pb.ListUsersResponse(
             users=[user_proto(row) for row in rows], next_page_token=next_token
         )

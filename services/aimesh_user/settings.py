@@ -22,7 +22,9 @@ class UserSettings:
         "AIMESH_USER_REFRESH_TOKEN_TTL_S", "Lifetime of refresh tokens.", 30 * 24 * 3600
     )
     signing_key_rotation_s: int = setting(
-        "AIMESH_USER_SIGNING_KEY_ROTATION_S", "Rotate the signing key after this long.", 30 * 24 * 3600
+        "AIMESH_USER_SIGNING_KEY_ROTATION_S",
+        "Rotate the signing key after this long.",
+        30 * 24 * 3600,
     )
     bootstrap_admin_email: str = setting(
         "AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL", "Create this admin at start if missing.", ""
@@ -39,14 +41,19 @@ class UserSettings:
         if self.refresh_token_ttl_s < self.access_token_ttl_s:
             raise ConfigError("AIMESH_USER_REFRESH_TOKEN_TTL_S must exceed the access token TTL")
         if self.signing_key_rotation_s < 2 * self.access_token_ttl_s:
-            raise ConfigError("AIMESH_USER_SIGNING_KEY_ROTATION_S must be at least twice the access token TTL")
+            raise ConfigError(
+                "AIMESH_USER_SIGNING_KEY_ROTATION_S must be at least twice the access token TTL"
+            )
         if bool(self.bootstrap_admin_email) != bool(self.bootstrap_admin_password):
             raise ConfigError(
-                "AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL and AIMESH_USER_BOOTSTRAP_ADMIN_PASSWORD go together"
+                "AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL and AIMESH_USER_BOOTSTRAP_ADMIN_PASSWORD "
+                "go together"
             )
 
     def kek_bytes(self) -> bytes:
         try:
-            return base64.urlsafe_b64decode(self.key_encryption_key + "=" * (-len(self.key_encryption_key) % 4))
+            return base64.urlsafe_b64decode(
+                self.key_encryption_key + "=" * (-len(self.key_encryption_key) % 4)
+            )
         except (binascii.Error, ValueError):
             raise ConfigError("AIMESH_USER_KEY_ENCRYPTION_KEY is not base64url") from None

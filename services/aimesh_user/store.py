@@ -57,15 +57,27 @@ class SigningKeyRow:
 
 def _user(row: asyncpg.Record) -> UserRow:
     return UserRow(
-        row["id"], row["email"], row["display_name"], row["password_hash"],
-        tuple(row["roles"]), row["create_time"], row["update_time"],
+        row["id"],
+        row["email"],
+        row["display_name"],
+        row["password_hash"],
+        tuple(row["roles"]),
+        row["create_time"],
+        row["update_time"],
     )
 
 
 def _api_key(row: asyncpg.Record) -> ApiKeyRow:
     return ApiKeyRow(
-        row["id"], row["user_id"], row["display_name"], row["prefix"], bytes(row["secret_hash"]),
-        tuple(row["scopes"]), row["expire_time"], row["create_time"], row["revoke_time"],
+        row["id"],
+        row["user_id"],
+        row["display_name"],
+        row["prefix"],
+        bytes(row["secret_hash"]),
+        tuple(row["scopes"]),
+        row["expire_time"],
+        row["create_time"],
+        row["revoke_time"],
         row["last_use_time"],
     )
 
@@ -86,9 +98,14 @@ class UserStore:
         try:
             async with self._pool.acquire() as connection, connection.transaction():
                 row = await connection.fetchrow(
-                    """INSERT INTO users (id, email, email_normalized, display_name, password_hash, roles)
+                    """INSERT INTO users
+                           (id, email, email_normalized, display_name, password_hash, roles)
                        VALUES ($1, $2, lower($2), $3, $4, $5) RETURNING *""",
-                    user_id, email, display_name, password_hash, list(roles),
+                    user_id,
+                    email,
+                    display_name,
+                    password_hash,
+                    list(roles),
                 )
                 await _audit(connection, user_id, "user.registered", f"users/{user_id}", {})
         except asyncpg.UniqueViolationError:
@@ -105,9 +122,7 @@ class UserStore:
         )
         return None if row is None else _user(row)
 
-    async def list_users(
-        self, after: tuple[dt.datetime, str] | None, limit: int
-    ) -> list[UserRow]:
+    async def list_users(self, after: tuple[dt.datetime, str] | None, limit: int) -> list[UserRow]:
         if after is None:
             rows = await self._pool.fetch(
                 "SELECT * FROM users ORDER BY create_time, id LIMIT $1", limit
@@ -116,7 +131,9 @@ class UserStore:
             rows = await self._pool.fetch(
                 """SELECT * FROM users WHERE (create_time, id) > ($1, $2)
                    ORDER BY create_time, id LIMIT $3""",
-                after[0], after[1], limit,
+                after[0],
+                after[1],
+                limit,
             )
         return [_user(row) for row in rows]
 
@@ -158,13 +175,22 @@ class UserStore:
     async def insert_api_key(self, actor: str, key: ApiKeyRow) -> ApiKeyRow:
         async with self._pool.acquire() as connection, connection.transaction():
             row = await connection.fetchrow(
-                """INSERT INTO api_keys (id, user_id, display_name, prefix, secret_hash, scopes, expire_time)
+                """INSERT INTO api_keys
+                       (id, user_id, display_name, prefix, secret_hash, scopes, expire_time)
                    VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *""",
-                key.id, key.user_id, key.display_name, key.prefix, key.secret_hash,
-                list(key.scopes), key.expire_time,
+                key.id,
+                key.user_id,
+                key.display_name,
+                key.prefix,
+                key.secret_hash,
+                list(key.scopes),
+                key.expire_time,
             )
             await _audit(
-                connection, actor, "api_key.created", f"users/{key.user_id}/apiKeys/{key.id}",
+                connection,
+                actor,
+                "api_key.created",
+                f"users/{key.user_id}/apiKeys/{key.id}",
                 {"scopes": list(key.scopes)},
             )
         return _api_key(row)
@@ -176,13 +202,17 @@ class UserStore:
             rows = await self._pool.fetch(
                 """SELECT * FROM api_keys WHERE user_id = $1
                    ORDER BY create_time DESC, id DESC LIMIT $2""",
-                user_id, limit,
+                user_id,
+                limit,
             )
         else:
             rows = await self._pool.fetch(
                 """SELECT * FROM api_keys WHERE user_id = $1 AND (create_time, id) < ($2, $3)
                    ORDER BY create_time DESC, id DESC LIMIT $4""",
-                user_id, after[0], after[1], limit,
+                user_id,
+                after[0],
+                after[1],
+                limit,
             )
         return [_api_key(row) for row in rows]
 
@@ -191,7 +221,8 @@ class UserStore:
             row = await connection.fetchrow(
                 """UPDATE api_keys SET revoke_time = coalesce(revoke_time, now())
                    WHERE id = $1 AND user_id = $2 RETURNING *""",
-                key_id, user_id,
+                key_id,
+                user_id,
             )
             if row is not None:
                 await _audit(
@@ -218,7 +249,10 @@ class UserStore:
         await self._pool.execute(
             """INSERT INTO refresh_tokens (id, user_id, secret_hash, expire_time)
                VALUES ($1, $2, $3, $4)""",
-            token_id, user_id, secret_hash, expire_time,
+            token_id,
+            user_id,
+            secret_hash,
+            expire_time,
         )
 
     async def consume_refresh(self, token_id: str) -> tuple[RefreshRow | None, bool]:
@@ -230,8 +264,12 @@ class UserStore:
             if row is None:
                 return None, False
             refresh = RefreshRow(
-                row["id"], row["user_id"], bytes(row["secret_hash"]), row["expire_time"],
-                row["used_time"], row["revoke_time"],
+                row["id"],
+                row["user_id"],
+                bytes(row["secret_hash"]),
+                row["expire_time"],
+                row["used_time"],
+                row["revoke_time"],
             )
             if refresh.used_time is not None and refresh.revoke_time is None:
                 await connection.execute(
@@ -240,8 +278,11 @@ class UserStore:
                     refresh.user_id,
                 )
                 await _audit(
-                    connection, refresh.user_id, "refresh_token.reused",
-                    f"users/{refresh.user_id}", {"token": token_id},
+                    connection,
+                    refresh.user_id,
+                    "refresh_token.reused",
+                    f"users/{refresh.user_id}",
+                    {"token": token_id},
                 )
                 return refresh, True
             await connection.execute(
@@ -259,8 +300,11 @@ class UserStore:
         )
         return [
             SigningKeyRow(
-                r["kid"], bytes(r["private_key_sealed"]), bytes(r["public_key"]),
-                r["create_time"], r["retire_time"],
+                r["kid"],
+                bytes(r["private_key_sealed"]),
+                bytes(r["public_key"]),
+                r["create_time"],
+                r["retire_time"],
             )
             for r in rows
         ]
@@ -278,13 +322,15 @@ class UserStore:
             await connection.execute(
                 """INSERT INTO signing_keys (kid, private_key_sealed, public_key)
                    VALUES ($1, $2, $3)""",
-                new.kid, new.private_key_sealed, new.public_key,
+                new.kid,
+                new.private_key_sealed,
+                new.public_key,
             )
             await connection.execute(
                 "DELETE FROM signing_keys WHERE retire_time < now() - interval '1 day'"
             )
             await _audit(connection, actor, "signing_key.rotated", new.kid, {"previous": previous})
-        return previous
+        return None if previous is None else str(previous)
 
     async def insert_first_signing_key(self, key: SigningKeyRow) -> bool:
         """Insert a signing key if there is none; False if another replica won."""
@@ -292,7 +338,9 @@ class UserStore:
             await self._pool.execute(
                 """INSERT INTO signing_keys (kid, private_key_sealed, public_key)
                    VALUES ($1, $2, $3)""",
-                key.kid, key.private_key_sealed, key.public_key,
+                key.kid,
+                key.private_key_sealed,
+                key.public_key,
             )
         except asyncpg.UniqueViolationError:
             return False
@@ -308,5 +356,8 @@ async def _audit(
 ) -> None:
     await connection.execute(
         "INSERT INTO audit_events (actor, action, target, details) VALUES ($1, $2, $3, $4::jsonb)",
-        actor, action, target, json.dumps(details, default=str),
+        actor,
+        action,
+        target,
+        json.dumps(details, default=str),
     )

@@ -46,8 +46,19 @@ CLIENT_SCRIPT = textwrap.dedent(
 async def test_wheel_in_fresh_venv_calls_live_service(user_server: Running, tmp_path: Path) -> None:
     dist = tmp_path / "dist"
     subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT / "protos")],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(dist),
+            str(ROOT / "protos"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     wheel = next(dist.glob("aimesh_api-*.whl"))
     fresh = tmp_path / "venv"
@@ -55,7 +66,9 @@ async def test_wheel_in_fresh_venv_calls_live_service(user_server: Running, tmp_
     python = fresh / "bin" / "python"
     install = subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", str(wheel)],
-        capture_output=True, text=True, timeout=500,
+        capture_output=True,
+        text=True,
+        timeout=500,
     )
     assert install.returncode == 0, install.stderr
     (tmp_path / "client.py").write_text(CLIENT_SCRIPT)
@@ -63,13 +76,24 @@ async def test_wheel_in_fresh_venv_calls_live_service(user_server: Running, tmp_
     result = await asyncio.to_thread(
         subprocess.run,
         [str(python), str(tmp_path / "client.py"), user_server.address],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report == {"kids": report["kids"], "bad_register": "INVALID_ARGUMENT", "heavy": [], "search_stub": True}
+    assert report == {
+        "kids": report["kids"],
+        "bad_register": "INVALID_ARGUMENT",
+        "heavy": [],
+        "search_stub": True,
+    }
     assert report["kids"] >= 1
     installed = subprocess.run(
-        [str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, check=True
+        [str(python), "-m", "pip", "list", "--format=freeze"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.lower()
     assert "torch" not in installed and "faiss" not in installed and "asyncpg" not in installed

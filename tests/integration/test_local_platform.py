@@ -51,7 +51,9 @@ def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def aimesh(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "aimesh"), *args], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [str(BIN / "aimesh"), *args], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +66,12 @@ def platform_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def start_up(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        [str(BIN / "aimesh"), "up", *args], env=env, cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [str(BIN / "aimesh"), "up", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     assert process.stdout is not None
     seen = []
@@ -103,7 +109,9 @@ def port(env: dict[str, str], name: str) -> int:
     return BASE_PORTS[name] + int(env["AIMESH_PORT_OFFSET"])
 
 
-def test_up_prints_endpoints_and_a_grpcurl_example(five_processes: str, platform_env: dict[str, str]) -> None:
+def test_up_prints_endpoints_and_a_grpcurl_example(
+    five_processes: str, platform_env: dict[str, str]
+) -> None:
     for name in SERVICES:
         assert f"localhost:{port(platform_env, name)}" in five_processes
     assert "all services SERVING in" in five_processes
@@ -117,9 +125,13 @@ def test_grpcurl_lists_each_contract_with_health_and_reflection(
     listed = grpcurl("-plaintext", f"127.0.0.1:{port(platform_env, name)}", "list")
     assert listed.returncode == 0, listed.stderr
     assert set(listed.stdout.split()) == {
-        SERVICES[name], "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"
+        SERVICES[name],
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
     }
-    described = grpcurl("-plaintext", f"127.0.0.1:{port(platform_env, name)}", "describe", SERVICES[name])
+    described = grpcurl(
+        "-plaintext", f"127.0.0.1:{port(platform_env, name)}", "describe", SERVICES[name]
+    )
     assert described.returncode == 0, described.stderr
     assert f"service {SERVICES[name].rsplit('.', 1)[1]} {{" in described.stdout
     assert "rpc " in described.stdout
@@ -134,18 +146,24 @@ def test_status_and_token_then_an_authenticated_grpcurl_call(
     token = aimesh(platform_env, "token")
     assert token.returncode == 0, token.stderr
     reply = grpcurl(
-        "-plaintext", "-H", f"authorization: Bearer {token.stdout.strip()}",
-        "-d", '{"name": "users/me"}',
-        f"127.0.0.1:{port(platform_env, 'user')}", "aimesh.user.v1.UserService/GetUser",
+        "-plaintext",
+        "-H",
+        f"authorization: Bearer {token.stdout.strip()}",
+        "-d",
+        '{"name": "users/me"}',
+        f"127.0.0.1:{port(platform_env, 'user')}",
+        "aimesh.user.v1.UserService/GetUser",
     )
     assert reply.returncode == 0, reply.stderr
     assert "ROLE_ADMIN" in json.loads(reply.stdout)["user"]["roles"]
 
 
-def test_monolith_serves_all_five_on_one_port(five_processes: str, platform_env: dict[str, str]) -> None:
+def test_monolith_serves_all_five_on_one_port(
+    five_processes: str, platform_env: dict[str, str]
+) -> None:
     # Runs after the multi-process tests in this module share its databases.
     monolith_port = 50050 + int(platform_env["AIMESH_PORT_OFFSET"])
-    process, banner = start_up(platform_env, "--monolith")
+    process, _ = start_up(platform_env, "--monolith")
     try:
         listed = grpcurl("-plaintext", f"127.0.0.1:{monolith_port}", "list")
         assert set(SERVICES.values()) <= set(listed.stdout.split())
@@ -155,8 +173,13 @@ def test_monolith_serves_all_five_on_one_port(five_processes: str, platform_env:
             ("aimesh.search.v1.SearchService/ListCollections", "{}"),
         ):
             reply = grpcurl(
-                "-plaintext", "-H", f"authorization: Bearer {token}", "-d", body,
-                f"127.0.0.1:{monolith_port}", method,
+                "-plaintext",
+                "-H",
+                f"authorization: Bearer {token}",
+                "-d",
+                body,
+                f"127.0.0.1:{monolith_port}",
+                method,
             )
             if "Search" in method:
                 assert "Unimplemented" in reply.stderr and "not implemented yet" in reply.stderr

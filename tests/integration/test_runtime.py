@@ -31,7 +31,9 @@ SERVICE = pb.DESCRIPTOR.services_by_name["UserService"]
 class SlowUsers(user_service_pb2_grpc.UserServiceServicer):
     """GetUser sleeps when asked for users/slow and crashes for users/crash."""
 
-    async def GetUser(self, request: pb.GetUserRequest, context: grpc.aio.ServicerContext) -> pb.GetUserResponse:
+    async def GetUser(
+        self, request: pb.GetUserRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetUserResponse:
         if request.name == "users/slow":
             await asyncio.sleep(0.5)
         if request.name == "users/crash":
@@ -40,7 +42,10 @@ class SlowUsers(user_service_pb2_grpc.UserServiceServicer):
 
 
 async def mount(context: ServiceContext) -> Mount:
-    return Mount(servicers=[(user_service_pb2_grpc.add_UserServiceServicer_to_server, SlowUsers())], jwks=jwks)
+    return Mount(
+        servicers=[(user_service_pb2_grpc.add_UserServiceServicer_to_server, SlowUsers())],
+        jwks=jwks,
+    )
 
 
 def spec(tmp: Path) -> ServiceSpec:
@@ -92,7 +97,9 @@ class PgProxy:
 
 @pytest.fixture
 async def slow_server(new_database: Any, tmp_path: Path) -> AsyncIterator[Running]:
-    running = await start_server([spec(tmp_path)], new_database, rate_limit_rps=5.0, rate_limit_burst=3)
+    running = await start_server(
+        [spec(tmp_path)], new_database, rate_limit_rps=5.0, rate_limit_burst=3
+    )
     yield running
     await running.server.stop(0.5)
 
@@ -138,7 +145,9 @@ async def test_graceful_drain_finishes_in_flight_calls(new_database: Any, tmp_pa
         stub = user_service_pb2_grpc.UserServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
         in_flight = [
-            asyncio.ensure_future(stub.GetUser(pb.GetUserRequest(name="users/slow"), metadata=TOKEN_METADATA))
+            asyncio.ensure_future(
+                stub.GetUser(pb.GetUserRequest(name="users/slow"), metadata=TOKEN_METADATA)
+            )
             for _ in range(10)
         ]
         await asyncio.sleep(0.1)
@@ -152,14 +161,19 @@ async def test_graceful_drain_finishes_in_flight_calls(new_database: Any, tmp_pa
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def test_health_follows_the_database(pg_admin_url: str, new_database: Any, tmp_path: Path) -> None:
+async def test_health_follows_the_database(
+    pg_admin_url: str, new_database: Any, tmp_path: Path
+) -> None:
     query = parse_qs(urlsplit(pg_admin_url).query)
     proxy = PgProxy(os.path.join(query["host"][0], ".s.PGSQL.5432"))
     await proxy.start()
     database = urlsplit(await new_database("health")).path
     url = f"postgresql://postgres@127.0.0.1:{proxy.port}{database}"
     running = await start_server(
-        [spec(tmp_path)], new_database, extra_env={"AIMESH_USER_DATABASE_URL": url}, health_probe_s=0.2
+        [spec(tmp_path)],
+        new_database,
+        extra_env={"AIMESH_USER_DATABASE_URL": url},
+        health_probe_s=0.2,
     )
     try:
         async with running.channel() as channel:
@@ -209,12 +223,42 @@ def run_service(module: str, env: Mapping[str, str]) -> subprocess.CompletedProc
 @pytest.mark.parametrize(
     "env,variable",
     [
-        ({"AIMESH_USER_DATABASE_URL": "postgresql://x/y", "AIMESH_USER_KEY_ENCRYPTION_KEY": "short"}, "AIMESH_USER_KEY_ENCRYPTION_KEY"),
+        (
+            {
+                "AIMESH_USER_DATABASE_URL": "postgresql://x/y",
+                "AIMESH_USER_KEY_ENCRYPTION_KEY": "short",
+            },
+            "AIMESH_USER_KEY_ENCRYPTION_KEY",
+        ),
         ({"AIMESH_USER_KEY_ENCRYPTION_KEY": "A" * 43}, "AIMESH_USER_DATABASE_URL"),
-        ({"AIMESH_USER_DATABASE_URL": "mysql://x/y", "AIMESH_USER_KEY_ENCRYPTION_KEY": "A" * 43}, "AIMESH_USER_DATABASE_URL"),
-        ({"AIMESH_USER_DATABASE_URL": "postgresql://x/y", "AIMESH_USER_KEY_ENCRYPTION_KEY": "A" * 43, "AIMESH_GRPC_PORT": "99999"}, "AIMESH_GRPC_PORT"),
-        ({"AIMESH_USER_DATABASE_URL": "postgresql://x/y", "AIMESH_USER_KEY_ENCRYPTION_KEY": "A" * 43, "AIMESH_REFLECTION": "maybe"}, "AIMESH_REFLECTION"),
-        ({"AIMESH_USER_DATABASE_URL": "postgresql://x/y", "AIMESH_USER_KEY_ENCRYPTION_KEY": "A" * 43, "AIMESH_ENV": "staging"}, "AIMESH_ENV"),
+        (
+            {"AIMESH_USER_DATABASE_URL": "mysql://x/y", "AIMESH_USER_KEY_ENCRYPTION_KEY": "A" * 43},
+            "AIMESH_USER_DATABASE_URL",
+        ),
+        (
+            {
+                "AIMESH_USER_DATABASE_URL": "postgresql://x/y",
+                "AIMESH_USER_KEY_ENCRYPTION_KEY": "A" * 43,
+                "AIMESH_GRPC_PORT": "99999",
+            },
+            "AIMESH_GRPC_PORT",
+        ),
+        (
+            {
+                "AIMESH_USER_DATABASE_URL": "postgresql://x/y",
+                "AIMESH_USER_KEY_ENCRYPTION_KEY": "A" * 43,
+                "AIMESH_REFLECTION": "maybe",
+            },
+            "AIMESH_REFLECTION",
+        ),
+        (
+            {
+                "AIMESH_USER_DATABASE_URL": "postgresql://x/y",
+                "AIMESH_USER_KEY_ENCRYPTION_KEY": "A" * 43,
+                "AIMESH_ENV": "staging",
+            },
+            "AIMESH_ENV",
+        ),
     ],
 )
 def test_malformed_config_exits_with_the_variable_named(env: dict[str, str], variable: str) -> None:
@@ -225,7 +269,9 @@ def test_malformed_config_exits_with_the_variable_named(env: dict[str, str], var
 
 
 def test_search_without_jwks_url_is_a_config_error() -> None:
-    result = run_service("aimesh_search", {"AIMESH_SEARCH_DATABASE_URL": "postgresql://127.0.0.1:1/x"})
+    result = run_service(
+        "aimesh_search", {"AIMESH_SEARCH_DATABASE_URL": "postgresql://127.0.0.1:1/x"}
+    )
     # The database is unreachable too, but the config error is found first.
     assert result.returncode == 2, result.stderr
     assert "AIMESH_JWKS_URL" in result.stderr

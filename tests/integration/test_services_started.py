@@ -24,19 +24,37 @@ from tests.conftest import Running, bearer, register_and_login, start_server
 
 # One cheap call per service, with the scope a member holds.
 PROBES: dict[str, Any] = {
-    "search": (SEARCH, lambda ch, md: search_service_pb2_grpc.SearchServiceStub(ch).GetCollection(
-        search_service_pb2.GetCollectionRequest(name="collections/docs"), metadata=md)),
-    "recommend": (RECOMMEND, lambda ch, md: recommend_service_pb2_grpc.RecommendServiceStub(ch).GetItem(
-        recommend_service_pb2.GetItemRequest(name="items/i1"), metadata=md)),
-    "chat": (CHAT, lambda ch, md: chat_service_pb2_grpc.ChatServiceStub(ch).ListConversations(
-        chat_service_pb2.ListConversationsRequest(), metadata=md)),
-    "notify": (NOTIFY, lambda ch, md: notify_service_pb2_grpc.NotifyServiceStub(ch).ListSubscriptions(
-        notify_service_pb2.ListSubscriptionsRequest(), metadata=md)),
+    "search": (
+        SEARCH,
+        lambda ch, md: search_service_pb2_grpc.SearchServiceStub(ch).GetCollection(
+            search_service_pb2.GetCollectionRequest(name="collections/docs"), metadata=md
+        ),
+    ),
+    "recommend": (
+        RECOMMEND,
+        lambda ch, md: recommend_service_pb2_grpc.RecommendServiceStub(ch).GetItem(
+            recommend_service_pb2.GetItemRequest(name="items/i1"), metadata=md
+        ),
+    ),
+    "chat": (
+        CHAT,
+        lambda ch, md: chat_service_pb2_grpc.ChatServiceStub(ch).ListConversations(
+            chat_service_pb2.ListConversationsRequest(), metadata=md
+        ),
+    ),
+    "notify": (
+        NOTIFY,
+        lambda ch, md: notify_service_pb2_grpc.NotifyServiceStub(ch).ListSubscriptions(
+            notify_service_pb2.ListSubscriptionsRequest(), metadata=md
+        ),
+    ),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(PROBES))
-async def service(request: pytest.FixtureRequest, user_server: Running, new_database: Any) -> AsyncIterator[tuple[str, Running]]:
+async def service(
+    request: pytest.FixtureRequest, user_server: Running, new_database: Any
+) -> AsyncIterator[tuple[str, Running]]:
     spec, _ = PROBES[request.param]
     running = await start_server(
         [spec],
@@ -59,7 +77,9 @@ async def test_serving_with_reflection(service: tuple[str, Running]) -> None:
             reply = await health.Check(health_pb2.HealthCheckRequest(service=target))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        responses = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
         listed = [s.name async for r in responses for s in r.list_services_response.service]
     assert spec.services[0].full_name in listed and "grpc.health.v1.Health" in listed
 
@@ -92,7 +112,9 @@ async def test_auth_comes_before_unimplemented(service: tuple[str, Running]) -> 
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_api_key_is_exchanged_with_the_user_service(service: tuple[str, Running], users: Any) -> None:
+async def test_api_key_is_exchanged_with_the_user_service(
+    service: tuple[str, Running], users: Any
+) -> None:
     name, running = service
     _, token = await register_and_login(users)
     created = await users.CreateApiKey(

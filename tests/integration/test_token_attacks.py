@@ -40,7 +40,9 @@ class Spy(user_service_pb2_grpc.UserServiceServicer):
     def __init__(self) -> None:
         self.calls = 0
 
-    async def GetUser(self, request: pb.GetUserRequest, context: grpc.aio.ServicerContext) -> pb.GetUserResponse:
+    async def GetUser(
+        self, request: pb.GetUserRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetUserResponse:
         self.calls += 1
         return pb.GetUserResponse(user=pb.User(name="users/spy"))
 
@@ -49,17 +51,34 @@ SPY = Spy()
 
 
 async def jwks() -> Mapping[str, Any]:
-    key = {"kty": "OKP", "crv": "Ed25519", "x": b64(PUBLIC_RAW), "kid": KID, "alg": "EdDSA", "use": "sig"}
+    key = {
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "x": b64(PUBLIC_RAW),
+        "kid": KID,
+        "alg": "EdDSA",
+        "use": "sig",
+    }
     return {"keys": [key]}
 
 
 async def mount(context: ServiceContext) -> Mount:
-    return Mount(servicers=[(user_service_pb2_grpc.add_UserServiceServicer_to_server, SPY)], jwks=jwks)
+    return Mount(
+        servicers=[(user_service_pb2_grpc.add_UserServiceServicer_to_server, SPY)], jwks=jwks
+    )
 
 
 def claims(**changes: Any) -> dict[str, Any]:
     now = int(time.time())
-    base = {"iss": ISSUER, "aud": AUDIENCE, "sub": "u1", "iat": now, "nbf": now, "exp": now + 300, "scope": "user.read"}
+    base = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "u1",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 300,
+        "scope": "user.read",
+    }
     base.update(changes)
     return base
 
@@ -100,8 +119,12 @@ BAD_TOKENS = {
     "alg none": lambda: unsigned(claims()),
     "HS256 with the public key": lambda: hmac_with_public_key(claims()),
     "RS256 from another key": lambda: rsa_signed(claims()),
-    "expired": lambda: signed(claims(iat=int(time.time()) - 600, nbf=int(time.time()) - 600, exp=int(time.time()) - 60)),
-    "nbf in the future": lambda: signed(claims(nbf=int(time.time()) + 600, exp=int(time.time()) + 900)),
+    "expired": lambda: signed(
+        claims(iat=int(time.time()) - 600, nbf=int(time.time()) - 600, exp=int(time.time()) - 60)
+    ),
+    "nbf in the future": lambda: signed(
+        claims(nbf=int(time.time()) + 600, exp=int(time.time()) + 900)
+    ),
     "wrong iss": lambda: signed(claims(iss="someone-else")),
     "wrong aud": lambda: signed(claims(aud="other-api")),
     "bad signature": lambda: tampered(claims()),
@@ -115,16 +138,25 @@ BAD_TOKENS = {
 
 
 @pytest.fixture(scope="module")
-async def spy_server(new_database: Any, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Running]:
+async def spy_server(
+    new_database: Any, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Running]:
     empty: Path = tmp_path_factory.mktemp("no-migrations")
-    spec = ServiceSpec(name="user", services=(pb.DESCRIPTOR.services_by_name["UserService"],), migrations=empty, mount=mount)
+    spec = ServiceSpec(
+        name="user",
+        services=(pb.DESCRIPTOR.services_by_name["UserService"],),
+        migrations=empty,
+        mount=mount,
+    )
     running = await start_server([spec], new_database, jwt_max_lifetime_s=3600)
     yield running
     await running.server.stop(0.5)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_TOKENS))
-async def test_bad_token_is_unauthenticated_and_handler_not_called(spy_server: Running, case: str) -> None:
+async def test_bad_token_is_unauthenticated_and_handler_not_called(
+    spy_server: Running, case: str
+) -> None:
     before = SPY.calls
     async with spy_server.channel() as channel:
         stub = user_service_pb2_grpc.UserServiceStub(channel)
@@ -140,7 +172,9 @@ async def test_bad_token_is_unauthenticated_and_handler_not_called(spy_server: R
 @pytest.mark.parametrize(
     "metadata", [(), (("authorization", "Basic dXNlcjpwdw=="),), (("authorization", "Bearer "),)]
 )
-async def test_missing_credentials_are_unauthenticated(spy_server: Running, metadata: tuple[Any, ...]) -> None:
+async def test_missing_credentials_are_unauthenticated(
+    spy_server: Running, metadata: tuple[Any, ...]
+) -> None:
     before = SPY.calls
     async with spy_server.channel() as channel:
         stub = user_service_pb2_grpc.UserServiceStub(channel)
@@ -155,7 +189,8 @@ async def test_good_token_reaches_the_handler(spy_server: Running) -> None:
     async with spy_server.channel() as channel:
         stub = user_service_pb2_grpc.UserServiceStub(channel)
         reply = await stub.GetUser(
-            pb.GetUserRequest(name="users/me"), metadata=(("authorization", f"Bearer {signed(claims())}"),)
+            pb.GetUserRequest(name="users/me"),
+            metadata=(("authorization", f"Bearer {signed(claims())}"),),
         )
     assert reply.user.name == "users/spy"
     assert SPY.calls == before + 1

@@ -25,7 +25,11 @@ def details_of(error: grpc.aio.AioRpcError) -> dict[str, object]:
     assert status is not None, "error carries no google.rpc.Status"
     found: dict[str, object] = {}
     for detail in status.details:
-        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo):
+        for kind in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.BadRequest,
+            error_details_pb2.RetryInfo,
+        ):
             if detail.Is(kind.DESCRIPTOR):
                 message = kind()
                 detail.Unpack(message)
@@ -63,7 +67,10 @@ async def test_invalid_fields_give_field_violations(users: Stub) -> None:
 async def test_wrong_password_and_unknown_email_look_the_same(users: Stub) -> None:
     user, _ = await register_and_login(users)
     errors = []
-    for email, password in ((user.email, "wrong-password-xx"), ("nobody@example.com", "whatever-password")):
+    for email, password in (
+        (user.email, "wrong-password-xx"),
+        ("nobody@example.com", "whatever-password"),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await users.Login(pb.LoginRequest(email=email, password=password))
         errors.append(caught.value)
@@ -144,7 +151,8 @@ async def test_update_user_fields_and_roles_need_admin(users: Stub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await users.UpdateUser(
             pb.UpdateUserRequest(
-                user=pb.User(name="users/me"), update_mask=field_mask_pb2.FieldMask(paths=["password"])
+                user=pb.User(name="users/me"),
+                update_mask=field_mask_pb2.FieldMask(paths=["password"]),
             ),
             metadata=bearer(token),
         )
@@ -169,7 +177,9 @@ async def test_api_key_shown_once_works_until_revoked(users: Stub) -> None:
         metadata=bearer(token),
     )
     assert created.key.startswith(created.api_key.prefix + "_")
-    listed = await users.ListApiKeys(pb.ListApiKeysRequest(parent="users/me"), metadata=bearer(token))
+    listed = await users.ListApiKeys(
+        pb.ListApiKeysRequest(parent="users/me"), metadata=bearer(token)
+    )
     assert [k.name for k in listed.api_keys] == [created.api_key.name]
     assert created.key not in str(listed)
     me = await users.GetUser(
@@ -178,9 +188,13 @@ async def test_api_key_shown_once_works_until_revoked(users: Stub) -> None:
     assert me.user.name == created.api_key.name.split("/apiKeys/")[0]
     # The key carries only user.read, so writes through it are refused.
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await users.DeleteUser(pb.DeleteUserRequest(name="users/me"), metadata=(("x-api-key", created.key),))
+        await users.DeleteUser(
+            pb.DeleteUserRequest(name="users/me"), metadata=(("x-api-key", created.key),)
+        )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    await users.RevokeApiKey(pb.RevokeApiKeyRequest(name=created.api_key.name), metadata=bearer(token))
+    await users.RevokeApiKey(
+        pb.RevokeApiKeyRequest(name=created.api_key.name), metadata=bearer(token)
+    )
     for call in (
         users.GetUser(pb.GetUserRequest(name="users/me"), metadata=(("x-api-key", created.key),)),
         users.ExchangeApiKey(pb.ExchangeApiKeyRequest(api_key=created.key)),
@@ -207,7 +221,9 @@ async def test_api_key_cannot_exceed_owner_scopes(users: Stub) -> None:
 async def test_exchanged_token_carries_key_scopes(users: Stub) -> None:
     _, token = await register_and_login(users)
     created = await users.CreateApiKey(
-        pb.CreateApiKeyRequest(parent="users/me", api_key=pb.ApiKey(display_name="ro", scopes=["search.read"])),
+        pb.CreateApiKeyRequest(
+            parent="users/me", api_key=pb.ApiKey(display_name="ro", scopes=["search.read"])
+        ),
         metadata=bearer(token),
     )
     exchanged = await users.ExchangeApiKey(pb.ExchangeApiKeyRequest(api_key=created.key))
@@ -273,7 +289,9 @@ async def test_protected_method_without_credentials_is_unauthenticated(users: St
 
 
 async def test_request_id_is_echoed_in_error_metadata(users: Stub) -> None:
-    call = users.GetUser(pb.GetUserRequest(name="users/me"), metadata=(("x-request-id", "req-123"),))
+    call = users.GetUser(
+        pb.GetUserRequest(name="users/me"), metadata=(("x-request-id", "req-123"),)
+    )
     with pytest.raises(grpc.aio.AioRpcError):
         await call
     assert await call.code() == grpc.StatusCode.UNAUTHENTICATED

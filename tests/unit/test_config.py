@@ -19,7 +19,9 @@ def test_defaults_and_typed_values() -> None:
 
 def test_prod_turns_reflection_off_unless_asked() -> None:
     assert load(RuntimeConfig, {"AIMESH_ENV": "prod"}).reflection_enabled is False
-    assert load(RuntimeConfig, {"AIMESH_ENV": "prod", "AIMESH_REFLECTION": "true"}).reflection_enabled
+    assert load(
+        RuntimeConfig, {"AIMESH_ENV": "prod", "AIMESH_REFLECTION": "true"}
+    ).reflection_enabled
     assert load(RuntimeConfig, {}).reflection_enabled
 
 
@@ -47,7 +49,10 @@ def test_secrets_have_no_default() -> None:
 
 def test_bootstrap_admin_needs_both_halves() -> None:
     with pytest.raises(ConfigError, match="go together"):
-        load(UserSettings, {"AIMESH_USER_KEY_ENCRYPTION_KEY": KEK, "AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL": "a@b.c"})
+        load(
+            UserSettings,
+            {"AIMESH_USER_KEY_ENCRYPTION_KEY": KEK, "AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL": "a@b.c"},
+        )
 
 
 def test_database_url_is_required_and_postgres() -> None:
@@ -55,4 +60,7 @@ def test_database_url_is_required_and_postgres() -> None:
         database_url("chat", {})
     with pytest.raises(ConfigError, match="postgresql://"):
         database_url("chat", {"AIMESH_CHAT_DATABASE_URL": "sqlite:///x"})
-    assert database_url("chat", {"AIMESH_CHAT_DATABASE_URL": "postgresql://h/db"}) == "postgresql://h/db"
+    assert (
+        database_url("chat", {"AIMESH_CHAT_DATABASE_URL": "postgresql://h/db"})
+        == "postgresql://h/db"
+    )
