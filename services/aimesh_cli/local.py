@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,6 +48,21 @@ def port_offset() -> int:
     if not 0 <= offset <= 10_000:
         raise SystemExit("aimesh: AIMESH_PORT_OFFSET must be between 0 and 10000")
     return offset
+
+
+def free_port_offset(start: int = 3000) -> int:
+    """An offset whose gRPC and HTTP ports are all free now (for tests and benchmarks)."""
+    bases = [MONOLITH_PORT, *SERVICE_PORTS.values()]
+    for offset in range(start, 10_000, 37):
+        ports = [base + offset + side for base in bases for side in (0, HTTP_PORT_OFFSET)]
+        if all(_port_free(port) for port in ports):
+            return offset
+    raise RuntimeError("no free range of ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
 
 
 def grpc_port(service: str) -> int:

@@ -141,12 +141,18 @@ class TokenVerifier:
         self._cache: OrderedDict[str, Principal] = OrderedDict()
         self._cache_size = cache_size
 
+    def cached(self, token: str) -> Principal | None:
+        """The principal of a token verified before and not yet expired."""
+        found = self._cache.get(token)
+        if found is not None and found.expires_at > time.time() - self._leeway_s:
+            return found
+        return None
+
     async def verify(self, token: str) -> Principal:
-        cached = self._cache.get(token)
+        cached = self.cached(token)
         if cached is not None:
-            if cached.expires_at > time.time() - self._leeway_s:
-                return cached
-            del self._cache[token]
+            return cached
+        self._cache.pop(token, None)
         principal = await self._verify_uncached(token)
         self._cache[token] = principal
         if len(self._cache) > self._cache_size:

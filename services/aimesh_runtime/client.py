@@ -87,9 +87,10 @@ class PropagatingInterceptor(
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
         span = self._tracer.start_span(method.lstrip("/"), kind=SpanKind.CLIENT)
         carrier: dict[str, str] = {}
-        propagator.inject(
-            carrier, context=trace.set_span_in_context(span, otel_context.get_current())
-        )
+        current = otel_context.get_current()
+        if span.get_span_context().is_valid:  # a no-op tracer passes the caller's trace on
+            current = trace.set_span_in_context(span, current)
+        propagator.inject(carrier, context=current)
         metadata.extend(carrier.items())
         return (
             grpc.aio.ClientCallDetails(

@@ -15,8 +15,8 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +76,7 @@ def render_field_path(violation: protovalidate.Violation) -> str:
 @dataclass
 class MethodInfo:
     name: str
+    span_name: str
     policy: MethodPolicy | None
     metrics: MethodMetrics
     span_attributes: dict[str, str]
@@ -101,6 +102,7 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         self._limiter = limiter
         self._slow_call_s = slow_call_s
         self._validator = protovalidate.Validator()
+        self._tracing = not isinstance(tracer, trace.NoOpTracer)
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -126,6 +128,7 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
             policy = MethodPolicy(public=True, scopes=())
         info = MethodInfo(
             name=method,
+            span_name=method.lstrip("/"),
             policy=policy,
             metrics=self._metrics.for_method(method),
             span_attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
@@ -154,10 +157,16 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         self, info: MethodInfo, behavior: Callable[..., Any], validate_each: bool = False
     ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = await self._enter(info, request, context, validate_each)
+            call, metadata = self._begin(info, context)
             try:
+                principal = self._known_principal(info, metadata)
+                if principal is None:
+                    principal = await self._authenticate(metadata)
+                self._admit(info, call.scope, principal, context)
                 if validate_each:
                     request = self._validated_stream(request)
+                else:
+                    self._validate(request)
                 response = await behavior(request, context)
             except BaseException as error:
                 await self._fail(call, error, context)
@@ -171,10 +180,16 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         self, info: MethodInfo, behavior: Callable[..., Any], validate_each: bool
     ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = await self._enter(info, request, context, validate_each)
+            call, metadata = self._begin(info, context)
             try:
+                principal = self._known_principal(info, metadata)
+                if principal is None:
+                    principal = await self._authenticate(metadata)
+                self._admit(info, call.scope, principal, context)
                 if validate_each:
                     request = self._validated_stream(request)
+                else:
+                    self._validate(request)
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for response in result:
@@ -200,19 +215,13 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
             summary = "; ".join(f"{f.field}: {f.description}" for f in fields)
             raise InvalidArgument(f"invalid request: {summary}", fields)
 
-    async def _enter(
-        self,
-        info: MethodInfo,
-        request: Any,
-        context: grpc.aio.ServicerContext,
-        streaming_request: bool,
-    ) -> _Call:
+    def _begin(
+        self, info: MethodInfo, context: grpc.aio.ServicerContext
+    ) -> tuple[_Call, dict[str, str]]:
+        """Open the call's scope, trace context and metrics; nothing here can fail."""
         started = time.perf_counter()
-        metadata: dict[str, str] = {}
-        for key, value in context.invocation_metadata() or ():
-            if isinstance(value, str):
-                metadata[key] = value
-        request_id = metadata.get("x-request-id") or uuid.uuid4().hex
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        request_id = metadata.get("x-request-id") or os.urandom(16).hex()
         remaining = context.time_remaining()
         scope = CallScope(
             method=info.name,
@@ -220,39 +229,58 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
             deadline=None if remaining is None else time.monotonic() + remaining,
             forward=[("x-request-id", request_id)],
         )
-        parent = propagator.extract(metadata)
-        span = self._tracer.start_span(
-            info.name.lstrip("/"),
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes=info.span_attributes,
-        )
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        span: trace.Span | None = None
+        if self._tracing:
+            parent = propagator.extract(metadata)
+            span = self._tracer.start_span(
+                info.span_name,
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes=info.span_attributes,
+            )
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
+        elif "traceparent" in metadata:
+            # No spans of our own, but logs and downstream calls keep the caller's trace.
+            token = otel_context.attach(propagator.extract(metadata))
+        else:
+            token = None
         current_call.set(scope)
-        info.metrics.in_flight.inc()
-        call = _Call(self, info, scope, span, token, started)
-        try:
-            # Public methods ignore credentials: a stale token must not block Login.
-            if info.policy is None or not info.policy.public:
-                scope.principal = await self._authenticate(metadata)
-            authorize(info.name, info.policy, scope.principal)
-            if scope.principal.token:
-                scope.forward.append(("authorization", f"Bearer {scope.principal.token}"))
-            wait = self._limiter.acquire(scope.principal.subject or _peer_host(context))
-            if wait > 0:
-                raise ResourceExhausted(
-                    "rate limit exceeded; retry later",
-                    retry_after_s=wait,
-                    metadata={"retry_after_ms": str(int(wait * 1000) + 1)},
-                )
-            if not streaming_request:
-                self._validate(request)
-        except BaseException as error:
-            await self._fail(call, error, context)
-            raise
-        return call
+        info.metrics.in_flight += 1
+        return _Call(self, info, scope, span, token, started), metadata
+
+    def _known_principal(self, info: MethodInfo, metadata: Mapping[str, str]) -> Principal | None:
+        """The caller without awaiting, when that is possible (public method, cached token)."""
+        if info.policy is not None and info.policy.public:
+            return ANONYMOUS  # credentials are ignored: a stale token must not block Login
+        authorization = metadata.get("authorization")
+        if authorization is None or self._verifier is None:
+            return None
+        if not authorization.startswith("Bearer "):
+            return None
+        return self._verifier.cached(authorization[7:].strip())
+
+    def _admit(
+        self,
+        info: MethodInfo,
+        scope: CallScope,
+        principal: Principal,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """Authorize and rate-limit the caller; raise a ServiceError to refuse."""
+        scope.principal = principal
+        authorize(info.name, info.policy, principal)
+        if principal.token:
+            scope.forward.append(("authorization", "Bearer " + principal.token))
+        wait = self._limiter.acquire(principal.subject or _peer_host(context))
+        if wait > 0:
+            raise ResourceExhausted(
+                "rate limit exceeded; retry later",
+                retry_after_s=wait,
+                metadata={"retry_after_ms": str(int(wait * 1000) + 1)},
+            )
 
     async def _authenticate(self, metadata: Mapping[str, str]) -> Principal:
+        """The caller from its token or API key; ANONYMOUS when it sent neither."""
         authorization = metadata.get("authorization")
         if authorization is not None:
             scheme, _, token = authorization.partition(" ")
@@ -303,8 +331,8 @@ class _Call:
         pipeline: ServerPipeline,
         info: MethodInfo,
         scope: CallScope,
-        span: trace.Span,
-        token: object,
+        span: trace.Span | None,
+        token: object | None,
         started: float,
     ) -> None:
         self.pipeline = pipeline
@@ -323,20 +351,15 @@ class _Call:
         self.done = True
         elapsed = time.perf_counter() - self.started
         info = self.info
-        info.metrics.in_flight.dec()
+        info.metrics.in_flight -= 1
         info.metrics.record(code, elapsed)
-        span = self.span
-        span.set_attribute("rpc.grpc.status_code", code)
-        if code in SERVER_FAULT_CODES:
-            span.set_status(Status(StatusCode.ERROR, str(error) if error else code))
-        span.end()
-        # A streaming handler may resume in another context; detaching then fails.
-        with contextlib.suppress(ValueError):
-            otel_context.detach(self.token)  # type: ignore[arg-type]
-        if code != "OK" or elapsed > self.pipeline._slow_call_s or log.isEnabledFor(logging.DEBUG):
-            level = logging.ERROR if code in SERVER_FAULT_CODES else logging.INFO
-            if code == "OK" and elapsed <= self.pipeline._slow_call_s:
-                level = logging.DEBUG
+        slow = elapsed > self.pipeline._slow_call_s
+        if code != "OK" or slow or log.isEnabledFor(logging.DEBUG):
+            # Logged before the trace context closes, so the line carries its ids.
+            if code in SERVER_FAULT_CODES:
+                level = logging.ERROR
+            else:
+                level = logging.INFO if code != "OK" or slow else logging.DEBUG
             log.log(
                 level,
                 "rpc %s %s in %.1f ms",
@@ -351,6 +374,16 @@ class _Call:
                     "error": str(error) if error else None,
                 },
             )
+        span = self.span
+        if span is not None:
+            span.set_attribute("rpc.grpc.status_code", code)
+            if code in SERVER_FAULT_CODES:
+                span.set_status(Status(StatusCode.ERROR, str(error) if error else code))
+            span.end()
+        if self.token is not None:
+            # A streaming handler may resume in another context; detaching then fails.
+            with contextlib.suppress(ValueError):
+                otel_context.detach(self.token)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

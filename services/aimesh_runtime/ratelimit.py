@@ -1,9 +1,8 @@
-"""Per-principal token buckets, held in memory with least-recently-used eviction."""
+"""Per-principal token buckets, held in memory."""
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 
 
 class RateLimiter:
@@ -13,20 +12,29 @@ class RateLimiter:
         self._rate = rate
         self._burst = float(burst)
         self._max_keys = max_keys
-        # key -> (tokens, last refill time)
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        # key -> [tokens, time of last refill]
+        self._buckets: dict[str, list[float]] = {}
 
     def acquire(self, key: str) -> float:
         """Take one token; return 0 if allowed, else seconds until one is free."""
         now = time.monotonic()
-        tokens, last = self._buckets.pop(key, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - last) * self._rate)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self._max_keys:
+                self._forget_idle(now)
+            bucket = self._buckets[key] = [self._burst, now]
+        tokens = min(self._burst, bucket[0] + (now - bucket[1]) * self._rate)
+        bucket[1] = now
         if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now)
-            wait = 0.0
-        else:
-            self._buckets[key] = (tokens, now)
-            wait = (1.0 - tokens) / self._rate
-        if len(self._buckets) > self._max_keys:
-            self._buckets.popitem(last=False)
-        return wait
+            bucket[0] = tokens - 1.0
+            return 0.0
+        bucket[0] = tokens
+        return (1.0 - tokens) / self._rate
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop buckets that have refilled completely: forgetting them changes nothing."""
+        full_after = self._burst / self._rate
+        self._buckets = {k: b for k, b in self._buckets.items() if now - b[1] < full_after}
+        if len(self._buckets) >= self._max_keys:  # all busy: drop the older half
+            keep = sorted(self._buckets.items(), key=lambda item: item[1][1])[self._max_keys // 2 :]
+            self._buckets = dict(keep)

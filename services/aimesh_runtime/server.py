@@ -25,7 +25,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from aimesh.user.v1 import user_service_pb2
@@ -260,7 +260,9 @@ class AimeshServer:
             await channel.close()
         if self._side is not None:
             self._side.stop()
-        self.tracer_provider.shutdown()
+        shutdown = getattr(self.tracer_provider, "shutdown", None)
+        if shutdown is not None:  # the SDK provider flushes its exporter
+            shutdown()
 
 
 async def serve_until_signalled(server: AimeshServer) -> None:

@@ -60,16 +60,22 @@ def configure_logging(service: str, level: str) -> None:
     root.setLevel(level.upper())
 
 
-def tracer_provider(service: str, otlp_endpoint: str, sample_ratio: float) -> TracerProvider:
-    """A provider that always makes trace ids; it exports only with an endpoint."""
+def tracer_provider(service: str, otlp_endpoint: str, sample_ratio: float) -> trace.TracerProvider:
+    """An SDK provider exporting over OTLP, or a no-op one when there is nowhere to export.
+
+    Recording spans that nobody exports costs about a fifth of a cheap RPC's
+    time; without an endpoint the pipeline still carries the caller's trace
+    context through logs and downstream calls, it just adds no spans of its own.
+    """
+    if not otlp_endpoint:
+        return trace.NoOpTracerProvider()
     provider = TracerProvider(
         resource=Resource.create({"service.name": f"aimesh-{service}"}),
         sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
     )
-    if otlp_endpoint:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(
-            BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True))
-        )
+    provider.add_span_processor(
+        BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True))
+    )
     return provider

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from aimesh_cli.local import free_port_offset
 from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
@@ -29,21 +29,6 @@ SERVICES = {
     "notify": "aimesh.notify.v1.NotifyService",
 }
 BASE_PORTS = {"user": 50051, "search": 50052, "recommend": 50053, "chat": 50054, "notify": 50055}
-
-
-def free_offset() -> int:
-    """A port offset whose gRPC and HTTP ports are all free now."""
-    for offset in range(3000, 9000, 37):
-        ports = [p + offset for p in (50050, *BASE_PORTS.values())]
-        ports += [p + 1000 for p in ports]
-        if all(_free(port) for port in ports):
-            return offset
-    raise RuntimeError("no free port range")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) != 0
 
 
 def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -60,7 +45,7 @@ def aimesh(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 def platform_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIMESH_")}
     env["AIMESH_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
-    env["AIMESH_PORT_OFFSET"] = str(free_offset())
+    env["AIMESH_PORT_OFFSET"] = str(free_port_offset())
     return env
 
 

@@ -23,7 +23,7 @@ from aimesh.user.v1 import user_service_pb2 as pb
 from aimesh.user.v1 import user_service_pb2_grpc
 from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
 from tests.conftest import ROOT, Running, start_server
-from tests.integration.test_token_attacks import claims, jwks, signed
+from tests.tokens import claims, jwks, signed
 
 SERVICE = pb.DESCRIPTOR.services_by_name["UserService"]
 

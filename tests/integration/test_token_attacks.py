@@ -6,34 +6,22 @@ UNAUTHENTICATED with the spy never called, and a good token must reach it.
 
 from __future__ import annotations
 
-import base64
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from aimesh.user.v1 import user_service_pb2 as pb
 from aimesh.user.v1 import user_service_pb2_grpc
 from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
 from tests.conftest import Running, start_server
-
-ISSUER, AUDIENCE, KID = "aimesh-user", "aimesh", "test-kid"
-SIGNING_KEY = Ed25519PrivateKey.generate()
-PUBLIC_RAW = SIGNING_KEY.public_key().public_bytes(
-    serialization.Encoding.Raw, serialization.PublicFormat.Raw
-)
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+from tests.tokens import KID, PUBLIC_RAW, b64, claims, jwks, signed
 
 
 class Spy(user_service_pb2_grpc.UserServiceServicer):
@@ -50,42 +38,10 @@ class Spy(user_service_pb2_grpc.UserServiceServicer):
 SPY = Spy()
 
 
-async def jwks() -> Mapping[str, Any]:
-    key = {
-        "kty": "OKP",
-        "crv": "Ed25519",
-        "x": b64(PUBLIC_RAW),
-        "kid": KID,
-        "alg": "EdDSA",
-        "use": "sig",
-    }
-    return {"keys": [key]}
-
-
 async def mount(context: ServiceContext) -> Mount:
     return Mount(
         servicers=[(user_service_pb2_grpc.add_UserServiceServicer_to_server, SPY)], jwks=jwks
     )
-
-
-def claims(**changes: Any) -> dict[str, Any]:
-    now = int(time.time())
-    base = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": "u1",
-        "iat": now,
-        "nbf": now,
-        "exp": now + 300,
-        "scope": "user.read",
-    }
-    base.update(changes)
-    return base
-
-
-def signed(payload: dict[str, Any], **header: Any) -> str:
-    headers = {"kid": KID, "typ": "at+jwt", **header}
-    return jwt.encode(payload, SIGNING_KEY, algorithm="EdDSA", headers=headers)
 
 
 def unsigned(payload: dict[str, Any]) -> str:
