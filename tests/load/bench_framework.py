@@ -156,15 +156,31 @@ async def measure_qps(rounds: int, seconds: int) -> dict[str, Any]:
     payload = pb.GetUserRequest(name="users/bench").SerializeToString()
     results: dict[str, list[float]] = {mode: [] for mode in PIPELINES}
     succeeded: dict[str, int] = dict.fromkeys(PIPELINES, 0)
+    # Server CPU per call: steadier than QPS on a small shared machine, printed beside it.
+    cpu_us: dict[str, float] = dict.fromkeys(PIPELINES, 0.0)
+    calls: dict[str, int] = dict.fromkeys(PIPELINES, 0)
     with tempfile.NamedTemporaryFile(suffix=".grpc") as body:
         body.write(struct.pack(">?I", False, len(payload)) + payload)
         body.flush()
-        for _ in range(rounds):
-            for mode, (_, info) in servers.items():
+        modes = list(PIPELINES)
+        for number in range(rounds):
+            # Rotate the order each round so drift in the machine's speed cancels out.
+            shift = number % len(modes)
+            for mode in modes[shift:] + modes[:shift]:
+                process, info = servers[mode]
+                cpu = psutil.Process(process.pid)
+                used_before, served_before = sum(cpu.cpu_times()[:2]), succeeded[mode]
                 qps, done = await h2load(info["port"], info["token"], seconds, Path(body.name))
                 results[mode].append(qps)
                 succeeded[mode] += done
-                print(f"  {mode:6}  {qps:9.1f} req/s", flush=True)
+                cpu_us[mode] += (sum(cpu.cpu_times()[:2]) - used_before) * 1e6
+                calls[mode] += succeeded[mode] - served_before
+            print(
+                f"  round {number + 1}: "
+                + ", ".join(f"{mode} {results[mode][-1]:.0f}" for mode in modes)
+                + f" req/s; full/bare {results['full'][-1] / results['bare'][-1]:.3f}",
+                flush=True,
+            )
     for mode, (process, _) in servers.items():
         assert process.stdin is not None and process.stdout is not None
         process.stdin.write(b"stop\n")
@@ -174,11 +190,18 @@ async def measure_qps(rounds: int, seconds: int) -> dict[str, Any]:
         # h2load counts HTTP 200s, and gRPC errors hide in trailers: check the handler ran.
         if report["errors"] or report["handled"] < succeeded[mode]:
             raise RuntimeError(f"{mode}: {succeeded[mode]} replies, server says {report}")
-    medians = {mode: statistics.median(values) for mode, values in results.items()}
+    # Each round compares servers measured moments apart; the median of those
+    # paired ratios resists the machine's drift better than a ratio of medians.
+    paired = {
+        mode: sorted(f / b for f, b in zip(results[mode], results["bare"], strict=True))
+        for mode in ("full", "traced")
+    }
     return {
-        **{f"{mode}_qps": value for mode, value in medians.items()},
-        "qps_ratio": medians["full"] / medians["bare"],
-        "qps_ratio_traced": medians["traced"] / medians["bare"],
+        **{f"{mode}_qps": statistics.median(values) for mode, values in results.items()},
+        "qps_ratio": statistics.median(paired["full"]),
+        "qps_ratio_range": (paired["full"][0], paired["full"][-1]),
+        "qps_ratio_traced": statistics.median(paired["traced"]),
+        "cpu_us_per_call": {mode: cpu_us[mode] / max(calls[mode], 1) for mode in PIPELINES},
     }
 
 
@@ -212,8 +235,8 @@ async def measure_platform() -> dict[str, Any]:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="alternating bare/full rounds")
-    parser.add_argument("--seconds", type=int, default=5, help="length of each round")
+    parser.add_argument("--rounds", type=int, default=9, help="rounds of bare, full, traced")
+    parser.add_argument("--seconds", type=int, default=3, help="seconds of load per server")
     parser.add_argument("--serve", choices=sorted(PIPELINES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -225,9 +248,12 @@ async def main() -> None:
         f"  median bare {qps['bare_qps']:.1f}, full {qps['full_qps']:.1f}, "
         f"traced {qps['traced_qps']:.1f} req/s"
     )
+    cpu = qps["cpu_us_per_call"]
+    print("  server CPU per call: " + ", ".join(f"{m} {us:.0f} us" for m, us in cpu.items()))
+    low, high = qps["qps_ratio_range"]
     print(
-        f"  qps_ratio {qps['qps_ratio']:.3f}, "
-        f"with every span recorded {qps['qps_ratio_traced']:.3f}"
+        f"  qps_ratio {qps['qps_ratio']:.3f} (median of paired rounds; {low:.3f} to {high:.3f}),"
+        f" with every span recorded {qps['qps_ratio_traced']:.3f}"
     )
     print("platform: cold start and memory of five processes")
     platform = await measure_platform()
