@@ -1,29 +1,18 @@
 """Wiring of the recommend service. Its behaviour is built in issue #4; until then
-every RPC of the contract answers UNIMPLEMENTED with a message saying so."""
+every RPC of its contract answers UNIMPLEMENTED with a message saying so."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from aimesh.recommend.v1 import recommend_service_pb2, recommend_service_pb2_grpc
-from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
-from aimesh_runtime.unimplemented import unimplemented_servicer
+from aimesh_runtime.unimplemented import unimplemented_spec
 
-SERVICE = recommend_service_pb2.DESCRIPTOR.services_by_name["RecommendService"]
-
-
-async def mount(context: ServiceContext) -> Mount:
-    servicer = unimplemented_servicer(
-        recommend_service_pb2_grpc.RecommendServiceServicer, SERVICE, "see issue #4"
-    )
-    return Mount(
-        servicers=[(recommend_service_pb2_grpc.add_RecommendServiceServicer_to_server, servicer)]
-    )
-
-
-SPEC = ServiceSpec(
+SPEC = unimplemented_spec(
     name="recommend",
-    services=(SERVICE,),
+    service=recommend_service_pb2.DESCRIPTOR.services_by_name["RecommendService"],
+    base=recommend_service_pb2_grpc.RecommendServiceServicer,
+    add_to_server=recommend_service_pb2_grpc.add_RecommendServiceServicer_to_server,
     migrations=Path(__file__).parent / "migrations",
-    mount=mount,
+    issue=4,
 )

@@ -157,16 +157,8 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         self, info: MethodInfo, behavior: Callable[..., Any], validate_each: bool = False
     ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call, metadata = self._begin(info, context)
+            call, request = await self._open(info, request, context, validate_each)
             try:
-                principal = self._known_principal(info, metadata)
-                if principal is None:
-                    principal = await self._authenticate(metadata)
-                self._admit(info, call.scope, principal, context)
-                if validate_each:
-                    request = self._validated_stream(request)
-                else:
-                    self._validate(request)
                 response = await behavior(request, context)
             except BaseException as error:
                 await self._fail(call, error, context)
@@ -180,16 +172,8 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         self, info: MethodInfo, behavior: Callable[..., Any], validate_each: bool
     ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
         async def handle(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call, metadata = self._begin(info, context)
+            call, request = await self._open(info, request, context, validate_each)
             try:
-                principal = self._known_principal(info, metadata)
-                if principal is None:
-                    principal = await self._authenticate(metadata)
-                self._admit(info, call.scope, principal, context)
-                if validate_each:
-                    request = self._validated_stream(request)
-                else:
-                    self._validate(request)
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for response in result:
@@ -202,6 +186,29 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
             call.finish("OK", context)
 
         return handle
+
+    async def _open(
+        self,
+        info: MethodInfo,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        streaming_request: bool,
+    ) -> tuple[_Call, Any]:
+        """Every step before the handler; a refusal aborts the RPC with its status."""
+        call, metadata = self._begin(info, context)
+        try:
+            principal = self._known_principal(info, metadata)
+            if principal is None:
+                principal = await self._authenticate(metadata)
+            self._admit(info, call.scope, principal, context)
+            if streaming_request:  # each message is checked as the handler reads it
+                request = self._validated_stream(request)
+            else:
+                self._validate(request)
+        except BaseException as error:
+            await self._fail(call, error, context)
+            raise
+        return call, request
 
     async def _validated_stream(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async for request in requests:

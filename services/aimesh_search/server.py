@@ -1,29 +1,18 @@
 """Wiring of the search service. Its behaviour is built in issue #3; until then
-every RPC of the contract answers UNIMPLEMENTED with a message saying so."""
+every RPC of its contract answers UNIMPLEMENTED with a message saying so."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from aimesh.search.v1 import search_service_pb2, search_service_pb2_grpc
-from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
-from aimesh_runtime.unimplemented import unimplemented_servicer
+from aimesh_runtime.unimplemented import unimplemented_spec
 
-SERVICE = search_service_pb2.DESCRIPTOR.services_by_name["SearchService"]
-
-
-async def mount(context: ServiceContext) -> Mount:
-    servicer = unimplemented_servicer(
-        search_service_pb2_grpc.SearchServiceServicer, SERVICE, "see issue #3"
-    )
-    return Mount(
-        servicers=[(search_service_pb2_grpc.add_SearchServiceServicer_to_server, servicer)]
-    )
-
-
-SPEC = ServiceSpec(
+SPEC = unimplemented_spec(
     name="search",
-    services=(SERVICE,),
+    service=search_service_pb2.DESCRIPTOR.services_by_name["SearchService"],
+    base=search_service_pb2_grpc.SearchServiceServicer,
+    add_to_server=search_service_pb2_grpc.add_SearchServiceServicer_to_server,
     migrations=Path(__file__).parent / "migrations",
-    mount=mount,
+    issue=3,
 )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from grpc_status import rpc_status
 from aimesh.user.v1 import user_service_pb2 as pb
 from aimesh.user.v1 import user_service_pb2_grpc
 from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
+from aimesh_runtime.telemetry import JsonFormatter
 from tests.conftest import ROOT, Running, start_server
 from tests.tokens import claims, jwks, signed
 
@@ -275,3 +278,36 @@ def test_search_without_jwks_url_is_a_config_error() -> None:
     # The database is unreachable too, but the config error is found first.
     assert result.returncode == 2, result.stderr
     assert "AIMESH_JWKS_URL" in result.stderr
+
+
+async def test_log_lines_are_json_with_the_callers_trace_and_request_id(
+    slow_server: Running,
+) -> None:
+    trace_id, parent_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    lines: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(JsonFormatter("user").format(record))
+
+    capture = Capture()
+    logging.getLogger("aimesh.rpc").addHandler(capture)
+    try:
+        async with slow_server.channel() as channel:
+            stub = user_service_pb2_grpc.UserServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.GetUser(
+                    pb.GetUserRequest(name="users/crash"),
+                    metadata=(
+                        *TOKEN_METADATA,
+                        ("traceparent", f"00-{trace_id}-{parent_span}-01"),
+                        ("x-request-id", "req-42"),
+                    ),
+                )
+    finally:
+        logging.getLogger("aimesh.rpc").removeHandler(capture)
+    entries = [json.loads(line) for line in lines]
+    failed = next(e for e in entries if e.get("grpc_code") == "INTERNAL")
+    assert failed["trace_id"] == trace_id and len(failed["span_id"]) == 16
+    assert failed["request_id"] == "req-42" and failed["level"] == "ERROR"
+    assert failed["grpc_method"] == "/aimesh.user.v1.UserService/GetUser"
