@@ -1,0 +1,347 @@
+"""Collections, documents and search: the search service's domain.
+
+Writes go to PostgreSQL first, then to the collection's FAISS index, under a
+per-collection lock so an upsert and a delete of the same document cannot
+reorder. Searches take no lock: a hit whose row was deleted meanwhile is
+dropped when results are read back from the database, so a deleted document
+is never returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from aimesh.search.v1 import search_service_pb2 as pb
+from aimesh_runtime.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
+from aimesh_search import filters
+from aimesh_search.batcher import BatcherMetrics, MicroBatcher, QueryCache
+from aimesh_search.encoder import Encoder
+from aimesh_search.index import VectorIndex
+from aimesh_search.settings import SearchSettings
+from aimesh_search.store import (
+    CollectionRow,
+    Conflict,
+    DocumentRow,
+    NewDocument,
+    SearchStore,
+)
+
+log = logging.getLogger(__name__)
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+OVERFETCH = 8  # extra hits read so rows deleted mid-search still leave top_k
+
+
+@dataclass(frozen=True)
+class DocumentInput:
+    id: str
+    text: str
+    metadata: dict[str, Any]
+    owner: str
+
+
+@dataclass(frozen=True)
+class Hit:
+    document: DocumentRow
+    score: float
+
+
+@dataclass(frozen=True)
+class Query:
+    text: str
+    top_k: int
+    metadata_filter: pb.MetadataFilter | None
+    min_score: float | None
+
+
+def page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument.field("page_size", "must not be negative")
+    return DEFAULT_PAGE_SIZE if requested == 0 else min(requested, MAX_PAGE_SIZE)
+
+
+def encode_token(last: str) -> str:
+    return base64.urlsafe_b64encode(last.encode()).decode().rstrip("=")
+
+
+def decode_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise InvalidArgument.field("page_token", "not a token from a previous page") from None
+
+
+class Catalog:
+    def __init__(
+        self,
+        store: SearchStore,
+        encoder: Encoder,
+        batcher: MicroBatcher,
+        cache: QueryCache,
+        settings: SearchSettings,
+        metrics: BatcherMetrics,
+    ) -> None:
+        self._metrics = metrics
+        self._store = store
+        self._encoder = encoder
+        self._batcher = batcher
+        self._cache = cache
+        self._settings = settings
+        self._indexes: dict[str, VectorIndex] = {}
+        self._write_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
+            asyncio.Lock
+        )
+        self.loaded = False
+
+    @property
+    def encoder(self) -> Encoder:
+        return self._encoder
+
+    def _new_index(self, dimension: int) -> VectorIndex:
+        return VectorIndex(
+            dimension,
+            ann_threshold=self._settings.ann_threshold,
+            nprobe=self._settings.ann_nprobe,
+            use_gpu=self._settings.faiss_gpu,
+        )
+
+    async def load(self) -> None:
+        """Rebuild every index from the stored vectors; health waits for this."""
+        for row in await self._store.all_collections():
+            index = self._new_index(row.dimension)
+            batches = [b async for b in self._store.stream_embeddings(row.id, row.dimension)]
+            ids = np.concatenate([b[0] for b in batches]) if batches else np.zeros(0, np.int64)
+            vectors = (
+                np.vstack([b[1] for b in batches])
+                if batches
+                else np.zeros((0, row.dimension), np.float32)
+            )
+            await asyncio.get_running_loop().run_in_executor(None, index.load, ids, vectors)
+            self._indexes[row.id] = index
+            log.info("loaded collection %s: %d vectors", row.id, index.size)
+        self.loaded = True
+
+    def close(self) -> None:
+        for index in self._indexes.values():
+            index.close()
+
+    # collections
+
+    async def _collection(self, collection_id: str) -> CollectionRow:
+        row = await self._store.collection(collection_id)
+        if row is None:
+            name = f"collections/{collection_id}"
+            raise NotFound(f"{name} does not exist", metadata={"name": name})
+        return row
+
+    def _check_served(self, row: CollectionRow) -> None:
+        if row.embedding_model != self._encoder.name or row.dimension != self._encoder.dimension:
+            raise FailedPrecondition(
+                f"collections/{row.id} uses {row.embedding_model} ({row.dimension} dimensions); "
+                f"this service serves {self._encoder.name} ({self._encoder.dimension})",
+                reason="MODEL_MISMATCH",
+            )
+
+    async def create_collection(
+        self, collection_id: str, display_name: str, model: str, dimension: int
+    ) -> CollectionRow:
+        model = model or self._encoder.name
+        if model != self._encoder.name:
+            raise FailedPrecondition(
+                f"model {model} is not served here; this service serves {self._encoder.name}",
+                reason="MODEL_NOT_SERVED",
+            )
+        dimension = dimension or self._encoder.dimension
+        if dimension != self._encoder.dimension:
+            raise FailedPrecondition(
+                f"{model} makes {self._encoder.dimension}-dimensional vectors, not {dimension}",
+                reason="DIMENSION_MISMATCH",
+            )
+        try:
+            row = await self._store.insert_collection(
+                collection_id, display_name, model, dimension, self._encoder.max_tokens
+            )
+        except Conflict:
+            raise AlreadyExists(f"collections/{collection_id} already exists") from None
+        self._indexes[collection_id] = self._new_index(dimension)
+        return row
+
+    async def get_collection(self, collection_id: str) -> CollectionRow:
+        return await self._collection(collection_id)
+
+    async def list_collections(self, size: int, token: str) -> tuple[list[CollectionRow], str]:
+        limit = page_size(size)
+        rows = await self._store.collections(decode_token(token), limit + 1)
+        if len(rows) > limit:
+            return rows[:limit], encode_token(rows[limit - 1].id)
+        return rows, ""
+
+    async def delete_collection(self, collection_id: str) -> None:
+        async with self._write_locks[collection_id]:
+            if not await self._store.delete_collection(collection_id):
+                name = f"collections/{collection_id}"
+                raise NotFound(f"{name} does not exist", metadata={"name": name})
+            index = self._indexes.pop(collection_id, None)
+        if index is not None:
+            index.close()
+
+    def is_approximate(self, collection_id: str) -> bool:
+        index = self._indexes.get(collection_id)
+        return index is not None and index.approximate
+
+    def index_of(self, collection_id: str) -> VectorIndex:
+        index = self._indexes.get(collection_id)
+        if index is None:  # created by another replica since we loaded
+            raise FailedPrecondition(
+                f"collections/{collection_id} is not loaded on this replica yet; retry",
+                reason="INDEX_NOT_LOADED",
+            )
+        return index
+
+    # documents
+
+    async def upsert(
+        self, collection_id: str, documents: Sequence[DocumentInput]
+    ) -> list[DocumentRow]:
+        counts = collections.Counter(d.id for d in documents)
+        duplicates = sorted(doc_id for doc_id, count in counts.items() if count > 1)
+        if duplicates:
+            raise InvalidArgument(
+                f"document ids repeat within the batch: {', '.join(duplicates)}",
+                [FieldViolation("documents", f"duplicate id {d}") for d in duplicates],
+                reason="DUPLICATE_IDS",
+            )
+        row = await self._collection(collection_id)
+        self._check_served(row)
+        encoded = await self._batcher.encode_bulk([d.text for d in documents])
+        return await self.store_encoded(
+            collection_id, documents, encoded.vectors, encoded.truncated
+        )
+
+    async def store_encoded(
+        self,
+        collection_id: str,
+        documents: Sequence[DocumentInput],
+        vectors: np.ndarray,
+        truncated: Sequence[bool],
+        *,
+        commit: Any = None,
+    ) -> list[DocumentRow]:
+        """Write embedded documents to the database, then to the index."""
+        new = [
+            NewDocument(d.id, d.text, d.metadata, d.owner, truncated[i], vectors[i])
+            for i, d in enumerate(documents)
+        ]
+        async with self._write_locks[collection_id]:
+            stored: list[DocumentRow] = await (
+                commit(new) if commit else self._store.upsert_documents(collection_id, new)
+            )
+            if stored:
+                by_id = {d.id: i for i, d in enumerate(documents)}
+                order = [by_id[row.id] for row in stored]
+                await self.index_of(collection_id).upsert(
+                    [row.vector_id for row in stored], vectors[order]
+                )
+        return stored
+
+    async def get_document(self, collection_id: str, document_id: str) -> DocumentRow:
+        await self._collection(collection_id)
+        row = await self._store.document(collection_id, document_id)
+        if row is None:
+            name = f"collections/{collection_id}/documents/{document_id}"
+            raise NotFound(f"{name} does not exist", metadata={"name": name})
+        return row
+
+    async def list_documents(
+        self, collection_id: str, size: int, token: str
+    ) -> tuple[list[DocumentRow], str]:
+        await self._collection(collection_id)
+        limit = page_size(size)
+        rows = await self._store.documents(collection_id, decode_token(token), limit + 1)
+        if len(rows) > limit:
+            return rows[:limit], encode_token(rows[limit - 1].id)
+        return rows, ""
+
+    async def delete_document(self, collection_id: str, document_id: str) -> None:
+        await self._collection(collection_id)
+        async with self._write_locks[collection_id]:
+            vector_id = await self._store.delete_document(collection_id, document_id)
+            if vector_id is None:
+                name = f"collections/{collection_id}/documents/{document_id}"
+                raise NotFound(f"{name} does not exist", metadata={"name": name})
+            await self.index_of(collection_id).remove([vector_id])
+
+    async def purge_owner(self, owner: str) -> int:
+        removed = await self._store.delete_owned(owner)
+        for collection_id, vector_ids in removed.items():
+            index = self._indexes.get(collection_id)
+            if index is not None:
+                async with self._write_locks[collection_id]:
+                    await index.remove(vector_ids)
+        return sum(len(ids) for ids in removed.values())
+
+    # search
+
+    async def embed_queries(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
+        """Query vectors, from the cache where possible; misses are batched."""
+        model = self._encoder.name
+        cached = [self._cache.get(model, text) for text in texts]
+        missing = [i for i, hit in enumerate(cached) if hit is None]
+        self._metrics.cache.labels("hit").inc(len(texts) - len(missing))
+        self._metrics.cache.labels("miss").inc(len(missing))
+        if missing:
+            encoded = await self._batcher.encode([texts[i] for i in missing])
+            for position, i in enumerate(missing):
+                vector, truncated = encoded.vectors[position], encoded.truncated[position]
+                self._cache.put(model, texts[i], vector, truncated)
+                cached[i] = (vector, truncated)
+        vectors = np.stack([hit[0] for hit in cached if hit is not None])
+        return vectors, [hit[1] for hit in cached if hit is not None]
+
+    async def search(
+        self, collection_id: str, queries: Sequence[Query]
+    ) -> list[tuple[list[Hit], bool]]:
+        row = await self._collection(collection_id)
+        self._check_served(row)
+        index = self.index_of(collection_id)
+        vectors, truncated = await self.embed_queries([q.text for q in queries])
+        answers = []
+        for position, query in enumerate(queries):
+            allowed = None
+            if query.metadata_filter is not None and query.metadata_filter.conditions:
+                where, args = filters.to_sql(query.metadata_filter, first_param=2)
+                allowed = await self._store.matching_vector_ids(collection_id, where, args)
+            scores, ids = await index.search(
+                vectors[position : position + 1], query.top_k + OVERFETCH, allowed
+            )
+            wanted = [int(i) for i in ids[0] if i >= 0]
+            rows = await self._store.documents_by_vector_ids(collection_id, wanted)
+            hits = []
+            for score, vector_id in zip(scores[0], ids[0], strict=True):
+                document = rows.get(int(vector_id))
+                if document is None:  # deleted while we searched, or padding
+                    continue
+                if query.min_score is not None and score < query.min_score:
+                    break
+                hits.append(Hit(document, float(score)))
+                if len(hits) == query.top_k:
+                    break
+            answers.append((hits, truncated[position]))
+        return answers

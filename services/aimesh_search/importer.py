@@ -1,0 +1,225 @@
+"""Bulk import of JSONL, streamed in chunks, committed in batches, resumable.
+
+The file is never held whole: the importer keeps the unfinished tail of the
+last chunk and one batch of parsed lines. Each batch is embedded and written
+with the job's progress (bytes and lines consumed) in one transaction, so a
+job that stops for any reason resumes from `committed_bytes` with no line
+lost or applied twice. Cancelling marks the job CANCELLED; the feeding stream
+sees it at its next batch and stops without committing that batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aimesh.search.v1 import search_service_pb2 as pb
+from aimesh_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from aimesh_search.batcher import MicroBatcher
+from aimesh_search.catalog import Catalog, DocumentInput, decode_token, encode_token, page_size
+from aimesh_search.store import ImportJobRow, SearchStore
+
+log = logging.getLogger(__name__)
+MAX_LINE_BYTES = 1 << 20
+DOCUMENT_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._~-")
+MAX_TEXT = 16_384
+
+
+def parse_line(raw: bytes, default_owner: str) -> DocumentInput:
+    """One JSONL line as a document, or ValueError saying what is wrong."""
+    try:
+        entry = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"not JSON: {error}") from None
+    if not isinstance(entry, dict):
+        raise ValueError("not a JSON object")
+    doc_id, text = entry.get("id"), entry.get("text")
+    metadata, owner = entry.get("metadata", {}), entry.get("owner") or default_owner
+    if (
+        not isinstance(doc_id, str)
+        or not 1 <= len(doc_id) <= 128
+        or not set(doc_id) <= DOCUMENT_ID_CHARS
+    ):
+        raise ValueError("id must be 1 to 128 characters of A-Z a-z 0-9 . _ ~ -")
+    if not doc_id[0].isalnum():
+        raise ValueError("id must start with a letter or digit")
+    if not isinstance(text, str) or not 1 <= len(text) <= MAX_TEXT:
+        raise ValueError(f"text must be a string of 1 to {MAX_TEXT} characters")
+    if not isinstance(metadata, dict) or len(metadata) > 64:
+        raise ValueError("metadata must be an object with at most 64 keys")
+    if not isinstance(owner, str) or (owner and not owner.startswith("users/")):
+        raise ValueError("owner must be users/{user}")
+    return DocumentInput(doc_id, text, metadata, owner)
+
+
+class Importer:
+    def __init__(
+        self, store: SearchStore, catalog: Catalog, batcher: MicroBatcher, batch_lines: int
+    ) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._batcher = batcher
+        self._batch_lines = batch_lines
+
+    async def run(
+        self, requests: AsyncIterator[pb.ImportDocumentsRequest], owner: str
+    ) -> ImportJobRow:
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("part") != "target":
+            raise InvalidArgument.field("target", "the first message must name the import job")
+        target = first.target
+        collection_id, _, job_id = target.import_job.removeprefix("collections/").partition(
+            "/importJobs/"
+        )
+        collection = await self._catalog.get_collection(collection_id)
+        del collection
+        feeder = uuid.uuid4().hex
+        job = await self._store.claim_import_job(
+            collection_id, job_id, target.display_name, target.total_bytes, feeder
+        )
+        if job.state != "RUNNING" or job.feeder != feeder:
+            raise FailedPrecondition(
+                f"{target.import_job} is {job.state}"
+                + ("; another stream feeds it" if job.state == "RUNNING" else ""),
+                reason="IMPORT_JOB_NOT_RESUMABLE",
+                metadata={"state": job.state},
+            )
+        if target.offset != job.committed_bytes:
+            await self._store.finish_import_job(collection_id, job_id, "INTERRUPTED")
+            raise FailedPrecondition(
+                f"resume from byte {job.committed_bytes}, not {target.offset}",
+                reason="IMPORT_OFFSET_MISMATCH",
+                metadata={"committed_bytes": str(job.committed_bytes)},
+            )
+        try:
+            return await self._feed(job, requests, owner)
+        except asyncio.CancelledError:
+            # The client went away: leave the job resumable.
+            await asyncio.shield(
+                self._store.finish_import_job(collection_id, job_id, "INTERRUPTED")
+            )
+            raise
+        except InvalidArgument:
+            await self._store.finish_import_job(collection_id, job_id, "INTERRUPTED")
+            raise
+        except Exception as error:
+            log.exception("import %s failed", target.import_job)
+            await self._store.finish_import_job(collection_id, job_id, "FAILED", str(error)[:500])
+            raise
+
+    async def _feed(
+        self, job: ImportJobRow, requests: AsyncIterator[pb.ImportDocumentsRequest], owner: str
+    ) -> ImportJobRow:
+        position = job.committed_bytes  # file offset just past the last whole line read
+        line_number = job.committed_lines
+        tail = b""
+        batch: list[DocumentInput] = []
+        failed: list[dict[str, Any]] = []
+        lines_in_batch = 0
+
+        async def commit() -> bool:
+            nonlocal batch, failed, lines_in_batch
+            if not lines_in_batch:
+                return True
+            state = await self._commit(job, batch, failed, position, lines_in_batch)
+            batch, failed, lines_in_batch = [], [], 0
+            return state == "RUNNING"
+
+        def take(raw: bytes) -> None:
+            nonlocal line_number, lines_in_batch
+            line_number += 1
+            lines_in_batch += 1
+            if not raw.strip():
+                return
+            try:
+                document = parse_line(raw, owner)
+            except ValueError as error:
+                failed.append({"line": line_number, "message": str(error)})
+                return
+            # A later line with the same id replaces the earlier one in this batch too.
+            batch[:] = [d for d in batch if d.id != document.id]
+            batch.append(document)
+
+        async for message in requests:
+            if message.WhichOneof("part") != "chunk":
+                raise InvalidArgument.field("target", "only the first message names the job")
+            tail += message.chunk
+            while (newline := tail.find(b"\n")) >= 0:
+                raw, tail = tail[:newline], tail[newline + 1 :]
+                position += newline + 1
+                take(raw)
+                if lines_in_batch >= self._batch_lines and not await commit():
+                    return await self._current(job)
+            if len(tail) > MAX_LINE_BYTES:
+                raise InvalidArgument.field(
+                    "chunk", f"line {line_number + 1} is longer than {MAX_LINE_BYTES} bytes"
+                )
+        if tail:  # a last line without a newline
+            position += len(tail)
+            take(tail)
+        if not await commit():
+            return await self._current(job)
+        finished = job.total_bytes == 0 or position >= job.total_bytes
+        return await self._store.finish_import_job(
+            job.collection_id, job.id, "SUCCEEDED" if finished else "INTERRUPTED"
+        )
+
+    async def _commit(
+        self,
+        job: ImportJobRow,
+        documents: list[DocumentInput],
+        failed: list[dict[str, Any]],
+        position: int,
+        lines: int,
+    ) -> str:
+        state = "RUNNING"
+        if documents:
+            encoded = await self._batcher.encode_bulk([d.text for d in documents])
+
+            async def write(new: Any) -> Any:
+                nonlocal state
+                stored, state = await self._store.commit_import_batch(
+                    job, new, position, lines, failed
+                )
+                return stored
+
+            await self._catalog.store_encoded(
+                job.collection_id, documents, encoded.vectors, encoded.truncated, commit=write
+            )
+        else:
+            _, state = await self._store.commit_import_batch(job, [], position, lines, failed)
+        return state
+
+    async def get(self, collection_id: str, job_id: str) -> ImportJobRow:
+        await self._catalog.get_collection(collection_id)
+        job = await self._store.import_job(collection_id, job_id)
+        if job is None:
+            name = f"collections/{collection_id}/importJobs/{job_id}"
+            raise NotFound(f"{name} does not exist", metadata={"name": name})
+        return job
+
+    async def list_jobs(
+        self, collection_id: str, size: int, token: str
+    ) -> tuple[list[ImportJobRow], str]:
+        await self._catalog.get_collection(collection_id)
+        limit = page_size(size)
+        rows = await self._store.import_jobs(collection_id, decode_token(token), limit + 1)
+        if len(rows) > limit:
+            return rows[:limit], encode_token(rows[limit - 1].id)
+        return rows, ""
+
+    async def cancel(self, collection_id: str, job_id: str) -> ImportJobRow:
+        await self.get(collection_id, job_id)
+        job = await self._store.cancel_import_job(collection_id, job_id)
+        assert job is not None
+        return job
+
+    async def _current(self, job: ImportJobRow) -> ImportJobRow:
+        found = await self._store.import_job(job.collection_id, job.id)
+        if found is None:
+            raise NotFound(f"collections/{job.collection_id}/importJobs/{job.id} was deleted")
+        return found
