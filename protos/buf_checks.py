@@ -1,9 +1,11 @@
 """Run `buf lint` on the contracts and `buf breaking` against main's contracts.
 
 buf cannot reach its registry here, so both run on images that protoc builds
-(see codegen.py). The breaking check compares the working tree with the ref
-in AIMESH_BREAKING_AGAINST (default: main) and is skipped only while that ref
-has no contracts yet.
+(see codegen.py). The breaking check compares the working tree with the ref in
+AIMESH_BREAKING_AGAINST, by default origin/main, else main. On main itself
+(as in CI) that compares main with its own working tree, which catches an
+uncommitted break but not one already committed: branch work is where this
+check bites. A missing ref is an error; a ref without contracts yet skips.
 """
 
 from __future__ import annotations
@@ -27,22 +29,32 @@ def _buf(*args: str) -> None:
         sys.exit(f"buf {args[0]} failed:\n{result.stdout}{result.stderr}")
 
 
+def _git(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["git", *args], cwd=PROTOS.parent, capture_output=True)
+
+
+def _baseline() -> str:
+    wanted = os.environ.get("AIMESH_BREAKING_AGAINST")
+    for ref in [wanted] if wanted else ["origin/main", "main"]:
+        if _git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}").returncode == 0:
+            return ref
+    sys.exit(f"buf breaking: no ref {wanted or 'origin/main or main'} to compare against")
+
+
 def _export(ref: str, into: Path) -> bool:
-    """Unpack protos/ of `ref` into `into`; False if the ref has none."""
-    archive = subprocess.run(
-        ["git", "archive", "--format=tar", ref, "protos"],
-        cwd=PROTOS.parent,
-        capture_output=True,
-    )
-    if archive.returncode != 0:
+    """Unpack protos/ of `ref` into `into`; False if the ref has none yet."""
+    if _git("cat-file", "-e", f"{ref}:protos").returncode != 0:
         return False
+    archive = _git("archive", "--format=tar", ref, "protos")
+    if archive.returncode != 0:
+        sys.exit(f"buf breaking: git archive {ref} failed: {archive.stderr.decode()}")
     with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
-        tar.extractall(into, filter="data")
+        tar.extractall(into, filter="data")  # Python 3.11.4 or newer
     return any((into / "protos" / PACKAGE).rglob("*.proto"))
 
 
 def main() -> int:
-    ref = os.environ.get("AIMESH_BREAKING_AGAINST", "main")
+    ref = _baseline()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         current = tmp / "current.binpb"

@@ -6,13 +6,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 if [ ! -x .venv/bin/python ]; then
     python=""
     for candidate in python3 python3.11 python3.12 python3.13; do
-        if "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        if "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11, 4))' 2>/dev/null; then
             python="$candidate"
             break
         fi
     done
     if [ -z "$python" ]; then
-        echo "aimesh needs Python 3.11 or newer on PATH" >&2
+        echo "aimesh needs Python 3.11.4 or newer on PATH" >&2
         exit 1
     fi
     "$python" -m venv .venv

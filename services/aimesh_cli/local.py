@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,9 +129,12 @@ async def provision(admin_url: str, role_passwords: Mapping[str, str]) -> dict[s
         for service in SERVICES:
             role = database = f"aimesh_{service}"
             password = role_passwords[service]
+            # DDL takes no parameters; the password is hex we generated. ALTER on every
+            # run keeps an existing role in step with the state folder's secrets.
             if not await connection.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
-                # DDL takes no parameters; the password is hex we generated.
                 await connection.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+            else:
+                await connection.execute(f"ALTER ROLE {role} LOGIN PASSWORD '{password}'")
             if not await connection.fetchval(
                 "SELECT 1 FROM pg_database WHERE datname = $1", database
             ):
@@ -208,10 +211,16 @@ async def check_health(address: str, timeout_s: float = 1.0) -> str:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
-async def wait_serving(processes: Sequence[ServiceProcess], timeout_s: float = 90.0) -> None:
+async def wait_serving(
+    processes: Sequence[ServiceProcess],
+    timeout_s: float = 90.0,
+    interrupted: Callable[[], bool] = lambda: False,
+) -> None:
     deadline = time.monotonic() + timeout_s
     pending = list(processes)
     while pending:
+        if interrupted():
+            raise RuntimeError("interrupted while starting")
         for item in list(pending):
             if item.process.poll() is not None:
                 tail = item.log_path.read_text(errors="replace")[-2000:]

@@ -42,7 +42,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
         try:
-            asyncio.run(local.wait_serving(processes))
+            asyncio.run(local.wait_serving(processes, interrupted=lambda: interrupted))
             ready_s = time.monotonic() - started_at
             user_port = local.grpc_port("monolith" if args.monolith else "user")
             token = asyncio.run(
@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--target", help="host:port of the user service")
     token.add_argument("--monolith", action="store_true")
     token.set_defaults(run=cmd_token)
+    # Interactive chat client, kept in its own module (services/aimesh_cli/chat.py).
+    from aimesh_cli import chat
+
+    chat.add_parser(commands)
     return parser
 
 

@@ -136,8 +136,10 @@ class TokenVerifier:
         self._refresh_interval_s = refresh_interval_s
         self._min_refetch_s = min_refetch_s
         self._keys: dict[str, jwt.PyJWK] = {}
-        self._fetched_at = -1e9
+        self._fetched_at = -1e9  # last successful fetch
+        self._attempted_at = -1e9  # last attempt, successful or not
         self._fetch_lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
         self._cache: OrderedDict[str, Principal] = OrderedDict()
         self._cache_size = cache_size
 
@@ -164,10 +166,17 @@ class TokenVerifier:
 
     async def _key_for(self, kid: str) -> jwt.PyJWK:
         now = time.monotonic()
-        stale = now - self._fetched_at > self._refresh_interval_s
-        # A new kid means the issuer rotated; refetch, but not on every request
-        # with an unknown kid, or forged kids could flood the issuer.
-        if stale or (kid not in self._keys and now - self._fetched_at > self._min_refetch_s):
+        key = self._keys.get(kid)
+        if key is not None:
+            if now - self._fetched_at > self._refresh_interval_s and (
+                self._background is None or self._background.done()
+            ):
+                # Known keys keep verifying while a refresh runs behind them.
+                self._background = asyncio.create_task(self._refresh())
+            return key
+        # A new kid means the issuer rotated; refetch, but at most every
+        # min_refetch_s, or forged kids (or a dead issuer) would cost a fetch each.
+        if now - self._attempted_at > self._min_refetch_s:
             await self._refresh()
         key = self._keys.get(kid)
         if key is None:
@@ -175,9 +184,15 @@ class TokenVerifier:
         return key
 
     async def _refresh(self) -> None:
+        started = time.monotonic()
         async with self._fetch_lock:
+            if self._attempted_at >= started:  # another caller fetched while we waited
+                return
+            self._attempted_at = time.monotonic()
             try:
                 document = await self._fetch_jwks()
+                if not isinstance(document, Mapping) or not isinstance(document.get("keys"), list):
+                    raise ValueError("JWKS document has no keys list")
             except Exception as error:  # keep serving with the keys we have
                 log.warning("jwks fetch failed: %s", error)
                 if not self._keys:
@@ -186,12 +201,14 @@ class TokenVerifier:
                     ) from error
                 return
             keys: dict[str, jwt.PyJWK] = {}
-            for entry in document.get("keys", []):
+            for entry in document["keys"]:
+                if not isinstance(entry, Mapping):
+                    continue
                 if entry.get("kty") != "OKP" or entry.get("crv") != "Ed25519":
                     continue
                 try:
                     keys[entry["kid"]] = jwt.PyJWK(dict(entry), algorithm=SIGNING_ALGORITHM)
-                except (jwt.PyJWKError, KeyError) as error:
+                except (jwt.PyJWKError, KeyError, TypeError, ValueError) as error:
                     log.warning("skipping malformed jwk: %s", error)
             self._keys = keys
             self._fetched_at = time.monotonic()
@@ -235,10 +252,12 @@ class TokenVerifier:
         scope = claims.get("scope", "")
         if not isinstance(scope, str):
             raise Unauthenticated("token rejected", reason="TOKEN_INVALID")
+        # Tokens exchanged for an API key say so, so key management can refuse them.
+        amr = claims.get("amr")
         return Principal(
             subject=str(claims["sub"]),
             scopes=frozenset(scope.split()),
-            method="jwt",
+            method="api_key" if isinstance(amr, list) and "api_key" in amr else "jwt",
             expires_at=float(exp),
             token=token,
         )

@@ -159,6 +159,12 @@ class RuntimeConfig:
             raise ConfigError("AIMESH_RATE_LIMIT_RPS and AIMESH_RATE_LIMIT_BURST must be positive")
         if self.max_message_bytes < 1024:
             raise ConfigError("AIMESH_MAX_MESSAGE_BYTES must be at least 1024")
+        if self.health_probe_s < 0.1:
+            raise ConfigError("AIMESH_HEALTH_PROBE_S must be at least 0.1")
+        if self.drain_seconds < 0:
+            raise ConfigError("AIMESH_DRAIN_SECONDS must not be negative")
+        if not 60 <= self.jwt_max_lifetime_s <= 86_400:
+            raise ConfigError("AIMESH_JWT_MAX_LIFETIME_S must be between 60 and 86400")
 
     @property
     def reflection_enabled(self) -> bool:

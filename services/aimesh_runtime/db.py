@@ -112,12 +112,38 @@ async def create_pool(
             delay = min(delay * 2, 2.0)
 
 
-async def ping(pool: asyncpg.Pool, timeout_s: float) -> bool:
-    """True if the database answers a trivial query within the timeout."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            async with pool.acquire() as connection:
-                await connection.fetchval("SELECT 1")
-        return True
-    except Exception:  # any failure means not serving; the cause is logged by the caller
-        return False
+class DatabaseProbe:
+    """Is the database up? Asked on a connection of the probe's own, so a pool
+    busy with real work never reads as a dead database, and only after
+    `failures_to_trip` misses in a row, so one slow answer does not pull a
+    healthy replica out of rotation."""
+
+    def __init__(self, url: str, failures_to_trip: int = 2) -> None:
+        self._url = url
+        self._failures_to_trip = failures_to_trip
+        self._connection: asyncpg.Connection | None = None
+        self._failures = 0
+        self._ever_up = False
+
+    async def check(self, timeout_s: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout_s):
+                if self._connection is None or self._connection.is_closed():
+                    self._connection = await asyncpg.connect(self._url)
+                await self._connection.fetchval("SELECT 1")
+        except Exception as error:  # any failure counts; the database may be gone
+            self._failures += 1
+            await self.close()
+            if self._failures == self._failures_to_trip:
+                log.warning("database unreachable: %s", error or type(error).__name__)
+        else:
+            if self._failures >= self._failures_to_trip:
+                log.info("database reachable again")
+            self._failures = 0
+            self._ever_up = True
+        return self._ever_up and self._failures < self._failures_to_trip
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            self._connection.terminate()
+            self._connection = None

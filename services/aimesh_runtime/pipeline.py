@@ -56,7 +56,7 @@ propagator = TraceContextTextMapPropagator()
 SERVER_FAULT_CODES = frozenset(
     {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
 )
-FORWARDED_KEYS = ("x-request-id",)
+MAX_VIOLATIONS = 20
 
 
 def render_field_path(violation: protovalidate.Violation) -> str:
@@ -218,8 +218,15 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
     def _validate(self, request: Any) -> None:
         violations = self._validator.collect_violations(request)
         if violations:
-            fields = [FieldViolation(render_field_path(v), v.proto.message) for v in violations]
-            summary = "; ".join(f"{f.field}: {f.description}" for f in fields)
+            # Details travel in trailers, which gRPC caps at 16 KiB: a bad 1000-item
+            # batch must still read as INVALID_ARGUMENT, so the list is bounded.
+            fields = [
+                FieldViolation(render_field_path(v) or v.proto.rule_id, v.proto.message)
+                for v in violations[:MAX_VIOLATIONS]
+            ]
+            summary = "; ".join(f"{f.field}: {f.description}" for f in fields[:3])
+            if len(violations) > 3:
+                summary += f"; and {len(violations) - 3} more"
             raise InvalidArgument(f"invalid request: {summary}", fields)
 
     def _begin(

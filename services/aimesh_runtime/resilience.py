@@ -30,9 +30,10 @@ DEPENDENCY_FAULT_CODES = frozenset(
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.INTERNAL,
         grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
+# Not RESOURCE_EXHAUSTED: downstream rate limits are per caller, and one caller
+# over its limit must not switch the dependency off for everyone.
 
 
 class BreakerState(enum.Enum):
@@ -119,9 +120,11 @@ class CircuitBreaker:
     async def call(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run `operation` through the breaker; raise BreakerOpen when refused."""
         trial = self._admit()
+        # A cancelled call (a BaseException) says nothing about the dependency: it
+        # counts as neither success nor failure, and only frees the trial slot.
         try:
             result = await operation()
-        except BaseException as error:
+        except Exception as error:
             if self._is_failure(error):
                 self.record_failure()
             elif trial:  # the dependency answered, so it is up

@@ -98,6 +98,7 @@ class _Running:
     spec: ServiceSpec
     pool: asyncpg.Pool
     mount: Mount
+    probe: db.DatabaseProbe
 
 
 class AimeshServer:
@@ -141,7 +142,8 @@ class AimeshServer:
                 self.tracer_provider,
                 self.metrics_registry,
             )
-            self._running.append(_Running(spec, pool, await spec.mount(context)))
+            mount = await spec.mount(context)
+            self._running.append(_Running(spec, pool, mount, db.DatabaseProbe(url)))
         verifier, api_keys = self._auth()
         descriptors = [d for spec in self.specs for d in spec.services]
         pipeline = ServerPipeline(
@@ -226,7 +228,7 @@ class AimeshServer:
     async def _probe_once(self) -> None:
         overall = True
         for running in self._running:
-            ok = await db.ping(running.pool, timeout_s=max(self.config.health_probe_s, 0.2))
+            ok = await running.probe.check(timeout_s=max(self.config.health_probe_s, 0.2))
             if ok and running.mount.ready is not None:
                 ok = running.mount.ready()
             overall = overall and ok
@@ -255,6 +257,7 @@ class AimeshServer:
         for running in self._running:
             if running.mount.close is not None:
                 await running.mount.close()
+            await running.probe.close()
             await running.pool.close()
         for channel in self._channels:
             await channel.close()

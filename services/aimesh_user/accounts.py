@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import uuid
 from collections.abc import Iterable, Sequence
@@ -63,6 +64,14 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 API_KEY_PREFIX = "amk"
 REFRESH_PREFIX = "art"
+USER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def require_interactive(caller: Principal, action: str) -> None:
+    """Credentials and the account itself are managed by a person, not by a key:
+    a leaked key must not mint more keys or delete its owner."""
+    if caller.method == "api_key":
+        raise PermissionDenied(f"an API key cannot {action}", reason="API_KEY_NOT_ALLOWED")
 
 
 def scopes_of(roles: Iterable[str]) -> list[str]:
@@ -123,6 +132,8 @@ class Accounts:
     def resolve(caller: Principal, name: str) -> str:
         """The user id in 'users/{id}' ('me' is the caller); checks the caller may act."""
         user_id = name.removeprefix("users/")
+        if not USER_ID.match(user_id):
+            raise InvalidArgument.field("name", "must be users/{user} or users/me")
         if user_id == "me":
             user_id = caller.subject
         if user_id != caller.subject and "user.admin" not in caller.scopes:
@@ -186,8 +197,8 @@ class Accounts:
         token_id, _, secret = rest.partition("_")
         if prefix != REFRESH_PREFIX or not token_id or not secret:
             raise rejected
-        row, reused = await self._store.consume_refresh(token_id)
-        if row is None or not hmac.compare_digest(row.secret_hash, _digest(secret)):
+        row, reused = await self._store.consume_refresh(token_id, _digest(secret))
+        if row is None:
             raise rejected
         if reused:
             raise Unauthenticated(
@@ -251,6 +262,7 @@ class Accounts:
         return updated
 
     async def delete(self, caller: Principal, name: str) -> None:
+        require_interactive(caller, "delete an account")
         user_id = self.resolve(caller, name)
         if not await self._store.delete_user(caller.subject, user_id):
             raise NotFound(f"users/{user_id} does not exist", metadata={"name": f"users/{user_id}"})
@@ -265,6 +277,7 @@ class Accounts:
         scopes: Sequence[str],
         expire_time: dt.datetime | None,
     ) -> tuple[ApiKeyRow, str]:
+        require_interactive(caller, "create API keys")
         user = await self._existing(self.resolve(caller, parent))
         # A key never carries more than its owner holds, nor more than the caller holds.
         grantable = set(scopes_of(user.roles)) & set(caller.scopes)
@@ -311,6 +324,7 @@ class Accounts:
         return rows, following
 
     async def revoke_api_key(self, caller: Principal, name: str) -> ApiKeyRow:
+        require_interactive(caller, "revoke API keys")
         owner, _, key_id = name.partition("/apiKeys/")
         user_id = self.resolve(caller, owner)
         row = await self._store.revoke_api_key(caller.subject, user_id, key_id)

@@ -10,6 +10,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from aimesh.user.v1 import user_service_pb2 as pb
 from aimesh.user.v1 import user_service_pb2_grpc
 from aimesh_runtime.context import principal as caller
+from aimesh_runtime.errors import InvalidArgument
 from aimesh_user.accounts import Accounts, scopes_of
 from aimesh_user.signing import KeyRing
 from aimesh_user.store import ApiKeyRow, UserRow
@@ -148,7 +149,12 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         self, request: pb.CreateApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateApiKeyResponse:
         key = request.api_key
-        expire = key.expire_time.ToDatetime(dt.UTC) if key.HasField("expire_time") else None
+        expire = None
+        if key.HasField("expire_time"):
+            try:
+                expire = key.expire_time.ToDatetime(dt.UTC)
+            except (ValueError, OverflowError):
+                raise InvalidArgument.field("api_key.expire_time", "not a valid time") from None
         row, secret = await self._accounts.create_api_key(
             caller(), request.parent, key.display_name, list(key.scopes), expire
         )

@@ -19,11 +19,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import jwt
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from aimesh_runtime.auth import SIGNING_ALGORITHM, TOKEN_TYPE, jwks_document
+from aimesh_runtime.config import ConfigError
 from aimesh_user.store import SigningKeyRow, UserStore
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,13 @@ class KeyRing:
         return nonce + self._aead.encrypt(nonce, raw, kid.encode())
 
     def _unseal(self, kid: str, sealed: bytes) -> Ed25519PrivateKey:
-        raw = self._aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], kid.encode())
+        try:
+            raw = self._aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], kid.encode())
+        except InvalidTag:
+            raise ConfigError(
+                "AIMESH_USER_KEY_ENCRYPTION_KEY does not open the signing keys stored in the "
+                "database; it must stay the key they were sealed with"
+            ) from None
         return Ed25519PrivateKey.from_private_bytes(raw)
 
     def _new_row(self) -> SigningKeyRow:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hmac
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -255,13 +256,19 @@ class UserStore:
             expire_time,
         )
 
-    async def consume_refresh(self, token_id: str) -> tuple[RefreshRow | None, bool]:
-        """Mark a refresh token used. Returns (row, reused); a reuse revokes the family."""
+    async def consume_refresh(
+        self, token_id: str, secret_hash: bytes
+    ) -> tuple[RefreshRow | None, bool]:
+        """Mark a refresh token used. Returns (row, reused); a reuse revokes the family.
+
+        A wrong secret changes nothing, so knowing a token's id is not enough to
+        burn it or to end the user's sessions.
+        """
         async with self._pool.acquire() as connection, connection.transaction():
             row = await connection.fetchrow(
                 "SELECT * FROM refresh_tokens WHERE id = $1 FOR UPDATE", token_id
             )
-            if row is None:
+            if row is None or not hmac.compare_digest(bytes(row["secret_hash"]), secret_hash):
                 return None, False
             refresh = RefreshRow(
                 row["id"],

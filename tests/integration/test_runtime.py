@@ -55,7 +55,9 @@ def spec(tmp: Path) -> ServiceSpec:
     return ServiceSpec(name="user", services=(SERVICE,), migrations=tmp, mount=mount)
 
 
-TOKEN_METADATA = (("authorization", f"Bearer {signed(claims())}"),)
+def token_metadata() -> tuple[tuple[str, str]]:
+    """Signed per use: a token made at import could expire before a long run gets here."""
+    return (("authorization", f"Bearer {signed(claims())}"),)
 
 
 class PgProxy:
@@ -110,7 +112,7 @@ async def slow_server(new_database: Any, tmp_path: Path) -> AsyncIterator[Runnin
 async def test_handler_crash_is_internal_with_request_id_not_unknown(slow_server: Running) -> None:
     async with slow_server.channel() as channel:
         stub = user_service_pb2_grpc.UserServiceStub(channel)
-        call = stub.GetUser(pb.GetUserRequest(name="users/crash"), metadata=TOKEN_METADATA)
+        call = stub.GetUser(pb.GetUserRequest(name="users/crash"), metadata=token_metadata())
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
     assert caught.value.code() == grpc.StatusCode.INTERNAL
@@ -125,7 +127,7 @@ async def test_rate_limit_answers_resource_exhausted_with_retry_info(slow_server
         error: grpc.aio.AioRpcError | None = None
         for _ in range(6):
             try:
-                await stub.GetUser(pb.GetUserRequest(name="users/a"), metadata=TOKEN_METADATA)
+                await stub.GetUser(pb.GetUserRequest(name="users/a"), metadata=token_metadata())
                 codes.append(grpc.StatusCode.OK)
             except grpc.aio.AioRpcError as failure:
                 codes.append(failure.code())
@@ -149,7 +151,7 @@ async def test_graceful_drain_finishes_in_flight_calls(new_database: Any, tmp_pa
         health = health_pb2_grpc.HealthStub(channel)
         in_flight = [
             asyncio.ensure_future(
-                stub.GetUser(pb.GetUserRequest(name="users/slow"), metadata=TOKEN_METADATA)
+                stub.GetUser(pb.GetUserRequest(name="users/slow"), metadata=token_metadata())
             )
             for _ in range(10)
         ]
@@ -201,7 +203,7 @@ async def test_health_follows_the_database(
 async def test_metrics_are_scraped_per_method(slow_server: Running) -> None:
     async with slow_server.channel() as channel:
         stub = user_service_pb2_grpc.UserServiceStub(channel)
-        await stub.GetUser(pb.GetUserRequest(name="users/a"), metadata=TOKEN_METADATA)
+        await stub.GetUser(pb.GetUserRequest(name="users/a"), metadata=token_metadata())
     url = f"http://127.0.0.1:{slow_server.http_port}/metrics"
     text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
     assert (
@@ -299,7 +301,7 @@ async def test_log_lines_are_json_with_the_callers_trace_and_request_id(
                 await stub.GetUser(
                     pb.GetUserRequest(name="users/crash"),
                     metadata=(
-                        *TOKEN_METADATA,
+                        *token_metadata(),
                         ("traceparent", f"00-{trace_id}-{parent_span}-01"),
                         ("x-request-id", "req-42"),
                     ),

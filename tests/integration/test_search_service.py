@@ -487,3 +487,21 @@ async def test_import_is_cancelled_then_resumed_without_loss(
         )
         assert len(listed.documents) == 294
         await expect(grpc.StatusCode.FAILED_PRECONDITION, feed(search, token, job, data, len(data)))
+
+
+async def test_a_batch_full_of_bad_documents_is_still_invalid_argument(
+    search_server: Running, token: str
+) -> None:
+    channel, search = stub(search_server)
+    async with channel:
+        documents = [
+            pb.Document(name=f"collections/other/documents/{i}", text="") for i in range(256)
+        ]
+        error = await expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            search.UpsertDocuments(
+                pb.UpsertDocumentsRequest(parent="collections/x", documents=documents),
+                metadata=bearer(token),
+            ),
+        )
+    assert "more" in (error.details() or "") and len(error.details() or "") < 1000

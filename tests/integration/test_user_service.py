@@ -297,3 +297,38 @@ async def test_request_id_is_echoed_in_error_metadata(users: Stub) -> None:
     assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
     trailers = dict(await call.trailing_metadata())
     assert trailers["x-request-id"] == "req-123"
+
+
+async def test_a_wrong_refresh_secret_burns_nothing(users: Stub) -> None:
+    email = f"w{uuid.uuid4().hex[:8]}@example.com"
+    await users.Register(pb.RegisterRequest(email=email, password="a-long-password-1"))
+    login = await users.Login(pb.LoginRequest(email=email, password="a-long-password-1"))
+    prefix, token_id, _ = login.refresh_token.split("_", 2)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await users.RefreshToken(pb.RefreshTokenRequest(refresh_token=f"{prefix}_{token_id}_guess"))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # The owner's token still works once, and is not taken for a reuse.
+    await users.RefreshToken(pb.RefreshTokenRequest(refresh_token=login.refresh_token))
+
+
+async def test_an_api_key_cannot_make_keys_or_delete_its_owner(users: Stub) -> None:
+    _, token = await register_and_login(users)
+    created = await users.CreateApiKey(
+        pb.CreateApiKeyRequest(parent="users/me", api_key=pb.ApiKey(display_name="all")),
+        metadata=bearer(token),
+    )
+    as_key = (("x-api-key", created.key),)
+    exchanged = await users.ExchangeApiKey(pb.ExchangeApiKeyRequest(api_key=created.key))
+    for metadata in (as_key, bearer(exchanged.access_token)):
+        for call in (
+            users.CreateApiKey(
+                pb.CreateApiKeyRequest(parent="users/me", api_key=pb.ApiKey(display_name="more")),
+                metadata=metadata,
+            ),
+            users.DeleteUser(pb.DeleteUserRequest(name="users/me"), metadata=metadata),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # The key still reads.
+    await users.GetUser(pb.GetUserRequest(name="users/me"), metadata=as_key)

@@ -188,3 +188,35 @@ async def test_outgoing_call_gets_remaining_deadline_and_caller_metadata() -> No
     assert seen["metadata"]["authorization"] == "Bearer t"
     assert seen["metadata"]["x-request-id"] == "rid-1"
     assert "traceparent" in seen["metadata"]
+
+
+async def test_a_cancelled_trial_neither_closes_nor_reopens() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("dep", failure_threshold=1, reset_timeout_s=1, clock=clock)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await breaker.call(lambda: fail_with(unavailable()))
+    clock.now = 1.0
+
+    async def hang() -> str:
+        await asyncio.sleep(60)
+        return "late"
+
+    trial = asyncio.ensure_future(breaker.call(hang))
+    await asyncio.sleep(0)
+    trial.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await trial
+    assert breaker.state is BreakerState.HALF_OPEN, "a hung dependency is not proven up"
+    assert await breaker.call(succeed) == "ok", "the trial slot is free again"
+    assert breaker.state is BreakerState.CLOSED
+
+
+async def test_rate_limited_answers_do_not_trip_the_breaker() -> None:
+    breaker = CircuitBreaker("dep", failure_threshold=2)
+    exhausted = grpc.aio.AioRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata()
+    )
+    for _ in range(5):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await breaker.call(lambda: fail_with(exhausted))
+    assert breaker.state is BreakerState.CLOSED

@@ -1,3 +1,3 @@
 -- Baseline of the aimesh_notify database: opens its migration history. The
 -- tables behind NotifyService arrive with the issue that builds its behaviour (#6).
-COMMENT ON SCHEMA public IS 'aimesh notify service: owned by it alone';
+SELECT 1;

@@ -1,3 +1,3 @@
 -- Baseline of the aimesh_search database: opens its migration history. The
 -- tables behind SearchService arrive with the issue that builds its behaviour (#3).
-COMMENT ON SCHEMA public IS 'aimesh search service: owned by it alone';
+SELECT 1;

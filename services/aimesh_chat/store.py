@@ -1,0 +1,232 @@
+"""SQL of the chat service, over its own database only."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+
+@dataclass(frozen=True)
+class ConversationRow:
+    id: str
+    owner_id: str
+    display_name: str
+    create_time: dt.datetime
+    update_time: dt.datetime
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    id: str
+    seq: int
+    conversation_id: str
+    role: str
+    text: str
+    citations: tuple[str, ...]
+    input_tokens: int | None
+    output_tokens: int | None
+    model: str
+    stop_reason: str | None
+    partial: bool
+    degraded_reasons: tuple[str, ...]
+    create_time: dt.datetime
+    update_time: dt.datetime
+
+
+@dataclass(frozen=True)
+class AnswerOutcome:
+    """How an answer ended, as stored on its message."""
+
+    text: str
+    citations: Sequence[str]
+    input_tokens: int
+    output_tokens: int
+    model: str
+    stop_reason: str
+    partial: bool
+    degraded_reasons: Sequence[str]
+
+
+def _conversation(row: asyncpg.Record) -> ConversationRow:
+    return ConversationRow(
+        row["id"], row["owner_id"], row["display_name"], row["create_time"], row["update_time"]
+    )
+
+
+def _message(row: asyncpg.Record) -> MessageRow:
+    return MessageRow(
+        row["id"],
+        row["seq"],
+        row["conversation_id"],
+        row["role"],
+        row["text"],
+        tuple(row["citations"]),
+        row["input_tokens"],
+        row["output_tokens"],
+        row["model"],
+        row["stop_reason"],
+        row["partial"],
+        tuple(row["degraded_reasons"]),
+        row["create_time"],
+        row["update_time"],
+    )
+
+
+class ChatStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def create_conversation(
+        self, conversation_id: str, owner_id: str, display_name: str
+    ) -> ConversationRow:
+        row = await self._pool.fetchrow(
+            """INSERT INTO conversations (id, owner_id, display_name) VALUES ($1, $2, $3)
+               RETURNING *""",
+            conversation_id,
+            owner_id,
+            display_name,
+        )
+        return _conversation(row)
+
+    async def conversation_of(self, conversation_id: str, owner_id: str) -> ConversationRow | None:
+        """The conversation if `owner_id` owns it: someone else's reads as absent."""
+        row = await self._pool.fetchrow(
+            "SELECT * FROM conversations WHERE id = $1 AND owner_id = $2",
+            conversation_id,
+            owner_id,
+        )
+        return None if row is None else _conversation(row)
+
+    async def conversations_of(
+        self, owner_id: str, after: tuple[dt.datetime, str] | None, limit: int
+    ) -> list[ConversationRow]:
+        if after is None:
+            rows = await self._pool.fetch(
+                """SELECT * FROM conversations WHERE owner_id = $1
+                   ORDER BY update_time DESC, id DESC LIMIT $2""",
+                owner_id,
+                limit,
+            )
+        else:
+            rows = await self._pool.fetch(
+                """SELECT * FROM conversations WHERE owner_id = $1
+                     AND (update_time, id) < ($2, $3)
+                   ORDER BY update_time DESC, id DESC LIMIT $4""",
+                owner_id,
+                after[0],
+                after[1],
+                limit,
+            )
+        return [_conversation(row) for row in rows]
+
+    async def messages_of(
+        self, conversation_id: str, after_seq: int, limit: int
+    ) -> list[MessageRow]:
+        rows = await self._pool.fetch(
+            """SELECT * FROM messages WHERE conversation_id = $1 AND seq > $2
+               ORDER BY seq LIMIT $3""",
+            conversation_id,
+            after_seq,
+            limit,
+        )
+        return [_message(row) for row in rows]
+
+    async def recent_messages(self, conversation_id: str, limit: int) -> list[MessageRow]:
+        """The last `limit` finished messages, oldest first: the model's context."""
+        rows = await self._pool.fetch(
+            """SELECT * FROM (
+                   SELECT * FROM messages
+                   WHERE conversation_id = $1 AND (role = 'user' OR stop_reason IS NOT NULL)
+                   ORDER BY seq DESC LIMIT $2) recent
+               ORDER BY seq""",
+            conversation_id,
+            limit,
+        )
+        return [_message(row) for row in rows]
+
+    async def message_of(
+        self, conversation_id: str, message_id: str, owner_id: str
+    ) -> MessageRow | None:
+        row = await self._pool.fetchrow(
+            """SELECT m.* FROM messages m JOIN conversations c ON c.id = m.conversation_id
+               WHERE m.id = $1 AND m.conversation_id = $2 AND c.owner_id = $3""",
+            message_id,
+            conversation_id,
+            owner_id,
+        )
+        return None if row is None else _message(row)
+
+    async def start_turn(
+        self, conversation_id: str, user_message_id: str, text: str, answer_id: str, model: str
+    ) -> None:
+        """Store the user's message and an empty answer, and touch the conversation."""
+        async with self._pool.acquire() as connection, connection.transaction():
+            await connection.execute(
+                """INSERT INTO messages (id, conversation_id, role, text)
+                   VALUES ($1, $2, 'user', $3)""",
+                user_message_id,
+                conversation_id,
+                text,
+            )
+            await connection.execute(
+                """INSERT INTO messages (id, conversation_id, role, model)
+                   VALUES ($1, $2, 'assistant', $3)""",
+                answer_id,
+                conversation_id,
+                model,
+            )
+            await connection.execute(
+                "UPDATE conversations SET update_time = now() WHERE id = $1", conversation_id
+            )
+
+    async def finish_answer(
+        self, answer_id: str, owner_id: str, day: dt.date, outcome: AnswerOutcome
+    ) -> None:
+        """Record how the answer ended and the tokens it used, together."""
+        async with self._pool.acquire() as connection, connection.transaction():
+            await connection.execute(
+                """UPDATE messages SET text = $2, citations = $3, input_tokens = $4,
+                       output_tokens = $5, model = $6, stop_reason = $7, partial = $8,
+                       degraded_reasons = $9, update_time = now()
+                   WHERE id = $1""",
+                answer_id,
+                outcome.text,
+                list(outcome.citations),
+                outcome.input_tokens,
+                outcome.output_tokens,
+                outcome.model,
+                outcome.stop_reason,
+                outcome.partial,
+                list(outcome.degraded_reasons),
+            )
+            await connection.execute(
+                """INSERT INTO token_usage
+                       (owner_id, message_id, day, model, input_tokens, output_tokens)
+                   VALUES ($1, $2, $3, $4, $5, $6)""",
+                owner_id,
+                answer_id,
+                day,
+                outcome.model,
+                outcome.input_tokens,
+                outcome.output_tokens,
+            )
+
+    async def tokens_used(self, owner_id: str, day: dt.date) -> int:
+        used = await self._pool.fetchval(
+            """SELECT coalesce(sum(input_tokens + output_tokens), 0) FROM token_usage
+               WHERE owner_id = $1 AND day = $2""",
+            owner_id,
+            day,
+        )
+        return int(used)
+
+    async def purge_owner(self, owner_id: str) -> int:
+        deleted = await self._pool.fetchval(
+            """WITH gone AS (DELETE FROM conversations WHERE owner_id = $1 RETURNING 1)
+               SELECT count(*) FROM gone""",
+            owner_id,
+        )
+        return int(deleted)
