@@ -87,6 +87,10 @@ async def start_server(
     }
     for spec in specs:
         environ.setdefault(database_env(spec.name), await new_database(spec.name))
+    # Tests register and log in far faster than a person: lift the anonymous limit
+    # unless a test is about it.
+    config_overrides.setdefault("rate_limit_anonymous_rps", 10_000.0)
+    config_overrides.setdefault("rate_limit_anonymous_burst", 10_000)
     config = load(RuntimeConfig, environ, grpc_port=0, http_port=0, **config_overrides)
     server = AimeshServer(specs, config, environ)
     await server.start()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from typing import TextIO
 
@@ -45,15 +44,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
         return 0
 
 
-async def _token(args: argparse.Namespace) -> str:
-    token = args.token or os.environ.get("AIMESH_TOKEN")
-    if token:
-        return str(token)
-    stored = local.load_secrets(local.state_dir())
-    port = local.grpc_port("monolith" if args.monolith else "user")
-    return await local.login(f"{args.host}:{port}", stored["admin_email"], stored["admin_password"])
-
-
 async def _chat(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> int:
     target = (
         args.target or f"{args.host}:{local.grpc_port('monolith' if args.monolith else 'chat')}"
@@ -61,7 +51,12 @@ async def _chat(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextI
     collection = args.collection
     if collection and not collection.startswith("collections/"):
         collection = f"collections/{collection}"
-    metadata = (("authorization", f"Bearer {await _token(args)}"),)
+    metadata = (
+        (
+            "authorization",
+            f"Bearer {await local.caller_token(args.token, args.host, args.monolith)}",
+        ),
+    )
     async with grpc.aio.insecure_channel(target) as channel:
         stub = chat_service_pb2_grpc.ChatServiceStub(channel)
         conversation = args.conversation

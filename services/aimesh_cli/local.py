@@ -157,6 +157,7 @@ def service_environment(
         "AIMESH_JWKS_URL", f"http://127.0.0.1:{user_port + HTTP_PORT_OFFSET}/.well-known/jwks.json"
     )
     env.setdefault("AIMESH_USER_ADDRESS", f"127.0.0.1:{user_port}")
+    env.setdefault("AIMESH_SEARCH_ADDRESS", f"127.0.0.1:{grpc_port('search')}")
     env.setdefault("AIMESH_USER_KEY_ENCRYPTION_KEY", stored["key_encryption_key"])
     env.setdefault("AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL", stored["admin_email"])
     env.setdefault("AIMESH_USER_BOOTSTRAP_ADMIN_PASSWORD", stored["admin_password"])
@@ -247,6 +248,16 @@ def stop(processes: Sequence[ServiceProcess], grace_s: float = 15.0) -> None:
         except subprocess.TimeoutExpired:
             item.process.kill()
             item.process.wait()
+
+
+async def caller_token(explicit: str | None, host: str, monolith: bool) -> str:
+    """The token a CLI command sends: --token, else $AIMESH_TOKEN, else the dev admin's."""
+    token = explicit or os.environ.get("AIMESH_TOKEN")
+    if token:
+        return token
+    stored = load_secrets(state_dir())
+    port = grpc_port("monolith" if monolith else "user")
+    return await login(f"{host}:{port}", stored["admin_email"], stored["admin_password"])
 
 
 async def login(address: str, email: str, password: str) -> str:

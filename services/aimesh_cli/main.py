@@ -28,9 +28,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         urls = asyncio.run(local.provision(admin_url, stored["role_passwords"]))
         env = local.service_environment(urls, stored, os.environ)
         if args.monolith:
-            # One process answers every service on one port; point JWKS at it.
+            # One process answers every service on one port: keys are local, and
+            # chat reaches search on that same port.
             env["AIMESH_JWKS_URL"] = ""
             env["AIMESH_USER_ADDRESS"] = ""
+            env["AIMESH_SEARCH_ADDRESS"] = f"127.0.0.1:{local.grpc_port('monolith')}"
         started_at = time.monotonic()
         processes = local.spawn(local.SERVICES, env, folder / "logs", monolith=args.monolith)
         interrupted = False
@@ -152,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     from aimesh_cli import chat
 
     chat.add_parser(commands)
+    from aimesh_cli import search
+
+    search.add_parser(commands)
     return parser
 
 

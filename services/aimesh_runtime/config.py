@@ -134,6 +134,19 @@ class RuntimeConfig:
     rate_limit_burst: int = setting(
         "AIMESH_RATE_LIMIT_BURST", "Requests a principal may send at once.", 400
     )
+    rate_limit_anonymous_rps: float = setting(
+        "AIMESH_RATE_LIMIT_ANONYMOUS_RPS",
+        "Requests per second per client address without credentials (login, register).",
+        10.0,
+    )
+    rate_limit_anonymous_burst: int = setting(
+        "AIMESH_RATE_LIMIT_ANONYMOUS_BURST", "Such requests a client address may send at once.", 30
+    )
+    trust_forwarded_for: bool = setting(
+        "AIMESH_TRUST_FORWARDED_FOR",
+        "Take the client address from X-Forwarded-For (only behind a trusted gateway).",
+        False,
+    )
     otlp_endpoint: str = setting(
         "AIMESH_OTLP_ENDPOINT", "OTLP gRPC endpoint for traces; empty exports none.", ""
     )
@@ -157,6 +170,10 @@ class RuntimeConfig:
             raise ConfigError(f"AIMESH_LOG_LEVEL={self.log_level!r} is invalid")
         if self.rate_limit_rps <= 0 or self.rate_limit_burst < 1:
             raise ConfigError("AIMESH_RATE_LIMIT_RPS and AIMESH_RATE_LIMIT_BURST must be positive")
+        if self.rate_limit_anonymous_rps <= 0 or self.rate_limit_anonymous_burst < 1:
+            raise ConfigError(
+                "AIMESH_RATE_LIMIT_ANONYMOUS_RPS and _ANONYMOUS_BURST must be positive"
+            )
         if self.max_message_bytes < 1024:
             raise ConfigError("AIMESH_MAX_MESSAGE_BYTES must be at least 1024")
         if self.health_probe_s < 0.1:

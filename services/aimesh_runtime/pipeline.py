@@ -92,6 +92,8 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         verifier: TokenVerifier | None,
         api_keys: ApiKeyAuthenticator | None,
         limiter: RateLimiter,
+        anonymous_limiter: RateLimiter | None = None,
+        trust_forwarded_for: bool = False,
         slow_call_s: float = 1.0,
     ) -> None:
         self._policies = policies
@@ -100,6 +102,10 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         self._verifier = verifier
         self._api_keys = api_keys
         self._limiter = limiter
+        # Calls without a principal (login, registration, bad credentials) are
+        # limited per client address, much tighter: each may cost a password hash.
+        self._anonymous_limiter = anonymous_limiter or RateLimiter(rate=10.0, burst=30)
+        self._trust_forwarded_for = trust_forwarded_for
         self._slow_call_s = slow_call_s
         self._validator = protovalidate.Validator()
         self._tracing = not isinstance(tracer, trace.NoOpTracer)
@@ -199,8 +205,13 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         try:
             principal = self._known_principal(info, metadata)
             if principal is None:
-                principal = await self._authenticate(metadata)
-            self._admit(info, call.scope, principal, context)
+                try:
+                    principal = await self._authenticate(metadata)
+                except Unauthenticated:
+                    # Guessing credentials costs the guesser its anonymous budget.
+                    self._limit(self._anonymous_limiter, self._client(metadata, context))
+                    raise
+            self._admit(info, call.scope, principal, metadata, context)
             if streaming_request:  # each message is checked as the handler reads it
                 request = self._validated_stream(request)
             else:
@@ -278,20 +289,36 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         info: MethodInfo,
         scope: CallScope,
         principal: Principal,
+        metadata: Mapping[str, str],
         context: grpc.aio.ServicerContext,
     ) -> None:
         """Authorize and rate-limit the caller; raise a ServiceError to refuse."""
         scope.principal = principal
+        if principal.subject:
+            self._limit(self._limiter, principal.subject)
+        else:
+            self._limit(self._anonymous_limiter, self._client(metadata, context))
         authorize(info.name, info.policy, principal)
         if principal.token:
             scope.forward.append(("authorization", "Bearer " + principal.token))
-        wait = self._limiter.acquire(principal.subject or _peer_host(context))
+
+    @staticmethod
+    def _limit(limiter: RateLimiter, key: str) -> None:
+        wait = limiter.acquire(key)
         if wait > 0:
             raise ResourceExhausted(
                 "rate limit exceeded; retry later",
                 retry_after_s=wait,
                 metadata={"retry_after_ms": str(int(wait * 1000) + 1)},
             )
+
+    def _client(self, metadata: Mapping[str, str], context: grpc.aio.ServicerContext) -> str:
+        """The caller's address: behind Envoy the first X-Forwarded-For hop, when trusted."""
+        if self._trust_forwarded_for:
+            forwarded = metadata.get("x-forwarded-for", "").split(",")[0].strip()
+            if forwarded:
+                return forwarded
+        return _peer_host(context)
 
     async def _authenticate(self, metadata: Mapping[str, str]) -> Principal:
         """The caller from its token or API key; ANONYMOUS when it sent neither."""

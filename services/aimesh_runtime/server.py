@@ -153,6 +153,10 @@ class AimeshServer:
             verifier=verifier,
             api_keys=api_keys,
             limiter=RateLimiter(config.rate_limit_rps, config.rate_limit_burst),
+            anonymous_limiter=RateLimiter(
+                config.rate_limit_anonymous_rps, config.rate_limit_anonymous_burst
+            ),
+            trust_forwarded_for=config.trust_forwarded_for,
             slow_call_s=config.slow_call_s,
         )
         server = grpc.aio.server(

@@ -70,12 +70,14 @@ class Encoder:
             name, self.device, self.dimension, self.max_tokens,
         )  # fmt: skip
 
-    def encode(self, texts: list[str]) -> Encoded:
-        """Embed `texts` in one batch. Blocking: call it off the event loop."""
+    def encode(self, texts: list[str], batch_size: int | None = None) -> Encoded:
+        """Embed `texts`, in one batch unless `batch_size` says otherwise (the model
+        then groups texts of similar length, which wastes less on padding).
+        Blocking: call it off the event loop."""
         lengths = [len(ids) for ids in self._tokenizer(texts, add_special_tokens=True)["input_ids"]]
         vectors = self._model.encode(
             texts,
-            batch_size=max(len(texts), 1),
+            batch_size=batch_size or max(len(texts), 1),
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,

@@ -28,6 +28,7 @@ async def mount(context: ServiceContext) -> Mount:
         audience=context.config.jwt_audience,
         access_ttl_s=settings.access_token_ttl_s,
         rotation_s=settings.signing_key_rotation_s,
+        publish_lead_s=settings.key_publish_lead_s,
     )
     await keys.load()
     accounts = Accounts(store, keys, refresh_ttl_s=settings.refresh_token_ttl_s)

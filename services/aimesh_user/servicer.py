@@ -106,9 +106,12 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
     async def RotateSigningKey(
         self, request: pb.RotateSigningKeyRequest, context: grpc.aio.ServicerContext
     ) -> pb.RotateSigningKeyResponse:
-        kid, previous, retire_at = await self._keys.rotate(caller().subject)
+        kid, previous, retire_at, activate_at = await self._keys.rotate(caller().subject)
         return pb.RotateSigningKeyResponse(
-            kid=kid, previous_kid=previous or "", previous_retire_time=_timestamp(retire_at)
+            kid=kid,
+            previous_kid=previous or "",
+            previous_retire_time=_timestamp(retire_at),
+            activate_time=_timestamp(activate_at),
         )
 
     async def GetUser(

@@ -26,6 +26,11 @@ class UserSettings:
         "Rotate the signing key after this long.",
         30 * 24 * 3600,
     )
+    key_publish_lead_s: int = setting(
+        "AIMESH_USER_KEY_PUBLISH_LEAD_S",
+        "A rotated-in key is in the JWKS this long before it signs (cover JWKS caches).",
+        300,
+    )
     bootstrap_admin_email: str = setting(
         "AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL", "Create this admin at start if missing.", ""
     )
@@ -44,6 +49,8 @@ class UserSettings:
             raise ConfigError(
                 "AIMESH_USER_SIGNING_KEY_ROTATION_S must be at least twice the access token TTL"
             )
+        if not 0 <= self.key_publish_lead_s <= 86_400:
+            raise ConfigError("AIMESH_USER_KEY_PUBLISH_LEAD_S must be between 0 and 86400")
         if bool(self.bootstrap_admin_email) != bool(self.bootstrap_admin_password):
             raise ConfigError(
                 "AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL and AIMESH_USER_BOOTSTRAP_ADMIN_PASSWORD "

@@ -2,8 +2,10 @@
 
 The signing key is stored AES-256-GCM sealed under the key-encryption key from
 the environment, with the kid as associated data so a sealed key cannot be
-swapped under another kid. After a rotation the previous key stays in the JWKS
-until every token it signed has expired.
+swapped under another kid. A rotated-in key is published first and signs only
+after the publish lead, so caches of the JWKS (Envoy's, other replicas') hold
+it before any token names it; the previous key stays in the JWKS until every
+token it signed has expired.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ NONCE_BYTES = 12
 ROTATION_LEEWAY_S = 60  # clock skew allowance on top of the token lifetime
 
 
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -50,6 +56,7 @@ class KeyRing:
         audience: str,
         access_ttl_s: int,
         rotation_s: int,
+        publish_lead_s: int = 0,
     ) -> None:
         self._store = store
         self._aead = AESGCM(kek)
@@ -57,8 +64,9 @@ class KeyRing:
         self._audience = audience
         self._access_ttl_s = access_ttl_s
         self._rotation_s = rotation_s
-        self._rows: list[SigningKeyRow] = []
-        self._signing: tuple[str, Ed25519PrivateKey, dt.datetime] | None = None
+        self._publish_lead_s = publish_lead_s
+        self._rows: list[SigningKeyRow] = []  # latest activate_time first
+        self._private: dict[str, Ed25519PrivateKey] = {}
         self._jwks_json = b'{"keys":[]}'
         self._lock = asyncio.Lock()
 
@@ -85,32 +93,35 @@ class KeyRing:
             ) from None
         return Ed25519PrivateKey.from_private_bytes(raw)
 
-    def _new_row(self) -> SigningKeyRow:
+    def _new_row(self, activate_time: dt.datetime) -> SigningKeyRow:
         kid = uuid.uuid4().hex
         key = Ed25519PrivateKey.generate()
         public = key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
         now = dt.datetime.now(dt.UTC)
-        return SigningKeyRow(kid, self._seal(kid, key), public, now, None)
+        return SigningKeyRow(kid, self._seal(kid, key), public, now, None, activate_time)
 
     async def load(self) -> None:
         """Read the live keys, creating the first signing key if there is none."""
         async with self._lock:
             rows = await self._store.live_signing_keys()
-            if not any(row.retire_time is None for row in rows):
-                if await self._store.insert_first_signing_key(self._new_row()):
+            if not rows:
+                if await self._store.insert_first_signing_key(self._new_row(_now())):
                     log.info("created the first signing key")
                 rows = await self._store.live_signing_keys()
             self._rows = rows
-            active = next(row for row in rows if row.retire_time is None)
-            if self._signing is None or self._signing[0] != active.kid:
-                self._signing = (
-                    active.kid,
-                    self._unseal(active.kid, active.private_key_sealed),
-                    active.create_time,
-                )
+            self._private = {
+                row.kid: self._private.get(row.kid) or self._unseal(row.kid, row.private_key_sealed)
+                for row in rows
+            }
             self._jwks_json = jwks_document(self.jwks())
+
+    def _signing_row(self) -> SigningKeyRow:
+        """The latest key whose activate_time has come; newer ones are only published."""
+        now = _now()
+        # The oldest key if none has activated yet (clocks of app and database differ).
+        return next((row for row in self._rows if row.activate_time <= now), self._rows[-1])
 
     def jwks(self) -> list[dict[str, str]]:
         return [
@@ -133,27 +144,33 @@ class KeyRing:
         await self.load()
         return {"keys": self.jwks()}
 
-    async def rotate(self, actor: str) -> tuple[str, str | None, dt.datetime]:
-        retire_at = dt.datetime.now(dt.UTC) + dt.timedelta(
-            seconds=self._access_ttl_s + ROTATION_LEEWAY_S
+    async def rotate(
+        self, actor: str, due_before: dt.datetime | None = None
+    ) -> tuple[str, str | None, dt.datetime | None, dt.datetime]:
+        """Publish a new key now, signing from now + the publish lead; the current
+        key signs until then and verifies until its last token has expired.
+        Returns (new kid, previous kid, previous retire time, activate time)."""
+        row = self._new_row(_now() + dt.timedelta(seconds=self._publish_lead_s))
+        previous, retire_at = await self._store.rotate_signing_key(
+            actor, row, self._access_ttl_s + ROTATION_LEEWAY_S, due_before
         )
-        row = self._new_row()
-        previous = await self._store.rotate_signing_key(actor, row, retire_at)
         await self.load()
-        return row.kid, previous, retire_at
+        return row.kid, previous, retire_at, row.activate_time
 
     async def rotate_if_due(self) -> None:
+        """Rotate when the newest key is older than the rotation period; the store's
+        lock makes sure that of several replicas only one rotates."""
         await self.load()
-        assert self._signing is not None
-        age = dt.datetime.now(dt.UTC) - self._signing[2]
-        if age.total_seconds() >= self._rotation_s:
-            kid, previous, _ = await self.rotate("system")
-            log.info("rotated signing key %s -> %s", previous, kid)
+        due_before = _now() - dt.timedelta(seconds=self._rotation_s)
+        if self._rows[0].activate_time < due_before:
+            kid, previous, _, activate = await self.rotate("system", due_before)
+            if previous is not None:
+                log.info("rotated signing key %s -> %s from %s", previous, kid, activate)
 
     def mint(self, subject: str, scopes: list[str], extra: Mapping[str, Any] | None = None) -> str:
         """Sign an access token for `subject` carrying `scopes`."""
-        assert self._signing is not None, "KeyRing.load() must run first"
-        kid, key, _ = self._signing
+        signing = self._signing_row()
+        kid, key = signing.kid, self._private[signing.kid]
         now = int(time.time())
         claims: dict[str, Any] = {
             "iss": self._issuer,

@@ -54,6 +54,7 @@ class SigningKeyRow:
     public_key: bytes
     create_time: dt.datetime
     retire_time: dt.datetime | None
+    activate_time: dt.datetime
 
 
 def _user(row: asyncpg.Record) -> UserRow:
@@ -81,6 +82,10 @@ def _api_key(row: asyncpg.Record) -> ApiKeyRow:
         row["revoke_time"],
         row["last_use_time"],
     )
+
+
+SIGNING_KEY_LOCK = 7_361_224_002  # serialises rotations across replicas
+_EPOCH = dt.datetime.fromtimestamp(0, dt.UTC)
 
 
 class EmailTaken(Exception):
@@ -300,55 +305,62 @@ class UserStore:
     # signing keys
 
     async def live_signing_keys(self) -> list[SigningKeyRow]:
-        """The signing key first, then retired keys that still verify."""
+        """Keys that verify now or soon, the latest to activate first."""
         rows = await self._pool.fetch(
             """SELECT * FROM signing_keys WHERE retire_time IS NULL OR retire_time > now()
-               ORDER BY retire_time IS NOT NULL, create_time DESC"""
+               ORDER BY activate_time DESC"""
         )
         return [
             SigningKeyRow(
-                r["kid"],
-                bytes(r["private_key_sealed"]),
-                bytes(r["public_key"]),
-                r["create_time"],
-                r["retire_time"],
+                r["kid"], bytes(r["private_key_sealed"]), bytes(r["public_key"]),
+                r["create_time"], r["retire_time"], r["activate_time"],
             )
             for r in rows
-        ]
+        ]  # fmt: skip
 
     async def rotate_signing_key(
-        self, actor: str, new: SigningKeyRow, retire_previous_at: dt.datetime
-    ) -> str | None:
-        """Make `new` the signing key; return the kid it replaced."""
+        self,
+        actor: str,
+        new: SigningKeyRow,
+        retire_previous_after_s: float,
+        due_before: dt.datetime | None = None,
+    ) -> tuple[str | None, dt.datetime | None]:
+        """Publish `new`, signing from its activate_time; the current key retires
+        `retire_previous_after_s` after that. With `due_before`, rotate only if the
+        current key was activated before it (replicas racing to rotate: one wins).
+        Returns the replaced kid and its retire time, or (None, None) if skipped."""
         async with self._pool.acquire() as connection, connection.transaction():
-            previous = await connection.fetchval(
-                """UPDATE signing_keys SET retire_time = $1
-                   WHERE retire_time IS NULL RETURNING kid""",
-                retire_previous_at,
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", SIGNING_KEY_LOCK)
+            current = await connection.fetchrow(
+                "SELECT kid, activate_time FROM signing_keys WHERE retire_time IS NULL"
+            )
+            recent = current is not None and current["activate_time"] >= (due_before or _EPOCH)
+            if due_before is not None and recent:
+                return None, None
+            retire_at = new.activate_time + dt.timedelta(seconds=retire_previous_after_s)
+            await connection.execute(
+                "UPDATE signing_keys SET retire_time = $1 WHERE retire_time IS NULL", retire_at
             )
             await connection.execute(
-                """INSERT INTO signing_keys (kid, private_key_sealed, public_key)
-                   VALUES ($1, $2, $3)""",
-                new.kid,
-                new.private_key_sealed,
-                new.public_key,
-            )
+                """INSERT INTO signing_keys (kid, private_key_sealed, public_key, activate_time)
+                   VALUES ($1, $2, $3, $4)""",
+                new.kid, new.private_key_sealed, new.public_key, new.activate_time,
+            )  # fmt: skip
             await connection.execute(
                 "DELETE FROM signing_keys WHERE retire_time < now() - interval '1 day'"
             )
+            previous = None if current is None else str(current["kid"])
             await _audit(connection, actor, "signing_key.rotated", new.kid, {"previous": previous})
-        return None if previous is None else str(previous)
+        return previous, retire_at
 
     async def insert_first_signing_key(self, key: SigningKeyRow) -> bool:
         """Insert a signing key if there is none; False if another replica won."""
         try:
             await self._pool.execute(
-                """INSERT INTO signing_keys (kid, private_key_sealed, public_key)
-                   VALUES ($1, $2, $3)""",
-                key.kid,
-                key.private_key_sealed,
-                key.public_key,
-            )
+                """INSERT INTO signing_keys (kid, private_key_sealed, public_key, activate_time)
+                   VALUES ($1, $2, $3, now())""",
+                key.kid, key.private_key_sealed, key.public_key,
+            )  # fmt: skip
         except asyncpg.UniqueViolationError:
             return False
         return True

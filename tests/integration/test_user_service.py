@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.request
 import uuid
+from typing import Any
 
 import grpc
+import jwt
 import pytest
 from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
@@ -14,7 +17,7 @@ from grpc_status import rpc_status
 
 from aimesh.user.v1 import user_service_pb2 as pb
 from aimesh.user.v1 import user_service_pb2_grpc
-from tests.conftest import Running, admin_token, bearer, register_and_login
+from tests.conftest import Running, admin_token, bearer, register_and_login, start_server
 
 Stub = user_service_pb2_grpc.UserServiceStub
 
@@ -227,8 +230,6 @@ async def test_exchanged_token_carries_key_scopes(users: Stub) -> None:
         metadata=bearer(token),
     )
     exchanged = await users.ExchangeApiKey(pb.ExchangeApiKeyRequest(api_key=created.key))
-    import jwt
-
     claims = jwt.decode(exchanged.access_token, options={"verify_signature": False})
     assert claims["scope"] == "search.read"
     assert exchanged.access_token_ttl.seconds == 900
@@ -259,20 +260,43 @@ async def test_jwks_over_grpc_and_http_match(users: Stub, user_server: Running) 
     assert {k.alg for k in reply.keys} == {"EdDSA"} and {k.crv for k in reply.keys} == {"Ed25519"}
 
 
-async def test_rotation_keeps_previous_key_until_tokens_expire(users: Stub) -> None:
+async def test_rotation_publishes_the_new_key_before_it_signs(users: Stub) -> None:
     admin = await admin_token(users)
     _, old_token = await register_and_login(users)
     rotated = await users.RotateSigningKey(pb.RotateSigningKeyRequest(), metadata=bearer(admin))
-    jwks = await users.GetJwks(pb.GetJwksRequest())
-    kids = [k.kid for k in jwks.keys]
-    assert kids[0] == rotated.kid and rotated.previous_kid in kids
-    # A token signed by the previous key still verifies; a new one uses the new kid.
-    await users.GetUser(pb.GetUserRequest(name="users/me"), metadata=bearer(old_token))
+    kids = [k.kid for k in (await users.GetJwks(pb.GetJwksRequest())).keys]
+    assert rotated.kid in kids and rotated.previous_kid in kids
+    lead = rotated.activate_time.ToDatetime() - rotated.previous_retire_time.ToDatetime()
+    assert lead.total_seconds() < 0, "the previous key outlives the new key's activation"
+    # Within the publish lead (300 s by default) tokens still carry the previous key.
     _, new_token = await register_and_login(users)
-    import jwt
+    assert jwt.get_unverified_header(new_token)["kid"] == rotated.previous_kid
+    await users.GetUser(pb.GetUserRequest(name="users/me"), metadata=bearer(old_token))
 
-    assert jwt.get_unverified_header(new_token)["kid"] == rotated.kid
-    await users.GetUser(pb.GetUserRequest(name="users/me"), metadata=bearer(new_token))
+
+async def test_rotated_key_signs_after_the_lead_and_old_tokens_still_verify(
+    new_database: Any,
+) -> None:
+    from aimesh_user.server import SPEC
+
+    running = await start_server(
+        [SPEC], new_database, extra_env={"AIMESH_USER_KEY_PUBLISH_LEAD_S": "1"}
+    )
+    try:
+        async with running.channel() as channel:
+            stub = user_service_pb2_grpc.UserServiceStub(channel)
+            admin = await admin_token(stub)
+            _, old_token = await register_and_login(stub)
+            rotated = await stub.RotateSigningKey(
+                pb.RotateSigningKeyRequest(), metadata=bearer(admin)
+            )
+            await asyncio.sleep(1.2)
+            _, new_token = await register_and_login(stub)
+            assert jwt.get_unverified_header(new_token)["kid"] == rotated.kid
+            for token in (old_token, new_token):
+                await stub.GetUser(pb.GetUserRequest(name="users/me"), metadata=bearer(token))
+    finally:
+        await running.server.stop(0.5)
 
 
 async def test_rotate_needs_admin(users: Stub) -> None:
@@ -332,3 +356,28 @@ async def test_an_api_key_cannot_make_keys_or_delete_its_owner(users: Stub) -> N
             assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # The key still reads.
     await users.GetUser(pb.GetUserRequest(name="users/me"), metadata=as_key)
+
+
+async def test_credential_guessing_is_rate_limited_per_client(new_database: Any) -> None:
+    from aimesh_user.server import SPEC
+
+    running = await start_server(
+        [SPEC], new_database, rate_limit_anonymous_rps=0.5, rate_limit_anonymous_burst=3
+    )
+    try:
+        async with running.channel() as channel:
+            stub = user_service_pb2_grpc.UserServiceStub(channel)
+            codes = []
+            for attempt in range(4):
+                call = (
+                    stub.Login(pb.LoginRequest(email="a@example.com", password="guess-guess"))
+                    if attempt % 2 == 0
+                    else stub.GetUser(pb.GetUserRequest(name="users/me"), metadata=bearer("x.y.z"))
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call
+                codes.append(caught.value.code())
+    finally:
+        await running.server.stop(0.5)
+    assert codes[:2] == [grpc.StatusCode.UNAUTHENTICATED] * 2
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes[2:]

@@ -509,6 +509,7 @@ class RotateSigningKeyResponse(_message.Message):
     KID_FIELD_NUMBER: _builtins.int
     PREVIOUS_KID_FIELD_NUMBER: _builtins.int
     PREVIOUS_RETIRE_TIME_FIELD_NUMBER: _builtins.int
+    ACTIVATE_TIME_FIELD_NUMBER: _builtins.int
     kid: _builtins.str
     """Key id of the new signing key."""
     previous_kid: _builtins.str
@@ -517,16 +518,21 @@ class RotateSigningKeyResponse(_message.Message):
     def previous_retire_time(self) -> _timestamp_pb2.Timestamp:
         """When the previous key leaves the JWKS."""
 
+    @_builtins.property
+    def activate_time(self) -> _timestamp_pb2.Timestamp:
+        """When the new key starts signing."""
+
     def __init__(
         self,
         *,
         kid: _builtins.str = ...,
         previous_kid: _builtins.str = ...,
         previous_retire_time: _timestamp_pb2.Timestamp | None = ...,
+        activate_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["previous_retire_time", b"previous_retire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activate_time", b"activate_time", "previous_retire_time", b"previous_retire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kid", b"kid", "previous_kid", b"previous_kid", "previous_retire_time", b"previous_retire_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activate_time", b"activate_time", "kid", b"kid", "previous_kid", b"previous_kid", "previous_retire_time", b"previous_retire_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -159,9 +159,11 @@ class UserServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RotateSigningKey(self, request, context):
-        """Starts signing with a new key. The previous key stays in the JWKS until
-        every token it signed has expired. Returns PERMISSION_DENIED without the
-        user.admin scope.
+        """Rotates the signing key. The new key is published in the JWKS at once
+        and signs from activate_time on (AIMESH_USER_KEY_PUBLISH_LEAD_S later), so
+        every verifier, Envoy's cached JWKS included, knows it before it is used.
+        The previous key signs until then and stays in the JWKS until every token
+        it signed has expired. Returns PERMISSION_DENIED without user.admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

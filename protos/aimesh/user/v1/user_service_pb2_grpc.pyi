@@ -63,9 +63,11 @@ class UserServiceStub:
     rotated ones, as a JSON Web Key Set.
     """
     RotateSigningKey: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RotateSigningKeyRequest, _user_service_pb2.RotateSigningKeyResponse]
-    """Starts signing with a new key. The previous key stays in the JWKS until
-    every token it signed has expired. Returns PERMISSION_DENIED without the
-    user.admin scope.
+    """Rotates the signing key. The new key is published in the JWKS at once
+    and signs from activate_time on (AIMESH_USER_KEY_PUBLISH_LEAD_S later), so
+    every verifier, Envoy's cached JWKS included, knows it before it is used.
+    The previous key signs until then and stays in the JWKS until every token
+    it signed has expired. Returns PERMISSION_DENIED without user.admin.
     """
     GetUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetUserRequest, _user_service_pb2.GetUserResponse]
     """Returns a user. Returns NOT_FOUND if the user does not exist and
@@ -129,9 +131,11 @@ class UserServiceAsyncStub(UserServiceStub):
     rotated ones, as a JSON Web Key Set.
     """
     RotateSigningKey: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RotateSigningKeyRequest, _user_service_pb2.RotateSigningKeyResponse]  # type: ignore[assignment]
-    """Starts signing with a new key. The previous key stays in the JWKS until
-    every token it signed has expired. Returns PERMISSION_DENIED without the
-    user.admin scope.
+    """Rotates the signing key. The new key is published in the JWKS at once
+    and signs from activate_time on (AIMESH_USER_KEY_PUBLISH_LEAD_S later), so
+    every verifier, Envoy's cached JWKS included, knows it before it is used.
+    The previous key signs until then and stays in the JWKS until every token
+    it signed has expired. Returns PERMISSION_DENIED without user.admin.
     """
     GetUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetUserRequest, _user_service_pb2.GetUserResponse]  # type: ignore[assignment]
     """Returns a user. Returns NOT_FOUND if the user does not exist and
@@ -228,9 +232,11 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.RotateSigningKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.RotateSigningKeyResponse, _abc.Awaitable[_user_service_pb2.RotateSigningKeyResponse]]:
-        """Starts signing with a new key. The previous key stays in the JWKS until
-        every token it signed has expired. Returns PERMISSION_DENIED without the
-        user.admin scope.
+        """Rotates the signing key. The new key is published in the JWKS at once
+        and signs from activate_time on (AIMESH_USER_KEY_PUBLISH_LEAD_S later), so
+        every verifier, Envoy's cached JWKS included, knows it before it is used.
+        The previous key signs until then and stays in the JWKS until every token
+        it signed has expired. Returns PERMISSION_DENIED without user.admin.
         """
 
     @_abc_1.abstractmethod

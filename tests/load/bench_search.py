@@ -1,0 +1,289 @@
+"""scripts/bench search: the search service's batching, efficiency and index quality.
+
+Side by side in one run (two search servers over the same database, one with
+the micro-batcher on and one with it off, alternating rounds of load from one
+client with 64 searches in flight, every query text distinct so the query
+cache never answers):
+  batch_qps_ratio   QPS with batching on ÷ off.
+  batch_p99_ratio   p99 latency on ÷ off.
+  feed_efficiency   service QPS (on) ÷ in-process encode+search QPS at the mean
+                    batch size the service formed (read from its /metrics).
+Then, on real embeddings of the standard library's docstrings:
+  recall_at_10      recall@10 of the index the service deploys at this size
+                    (IVF) against exact search (IndexFlatIP), on held-out queries.
+  ann_qps_ratio     single-query QPS of that index ÷ IndexFlatIP on the same vectors.
+  corpus_size       vectors in that index.
+The last line is one JSON object with those keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from aimesh.search.v1 import search_service_pb2 as pb  # noqa: E402
+from aimesh.search.v1 import search_service_pb2_grpc  # noqa: E402
+from aimesh_cli import local  # noqa: E402
+from aimesh_search.encoder import Encoder  # noqa: E402
+from aimesh_search.index import VectorIndex, faiss  # noqa: E402
+from tests.load.corpus import passages  # noqa: E402
+
+IN_FLIGHT = 64
+
+
+def start_process(
+    module: str, env: dict[str, str], port: int, log: Path
+) -> subprocess.Popen[bytes]:
+    child = {**env, "AIMESH_GRPC_PORT": str(port), "AIMESH_HTTP_PORT": str(port + 1000)}
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", module], env=child, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+async def wait_serving(port: int, process: subprocess.Popen[bytes], timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while await local.check_health(f"127.0.0.1:{port}", 1.0) != "SERVING":
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"server on {port} did not start")
+        await asyncio.sleep(0.2)
+
+
+async def load_round(
+    port: int, token: str, queries: list[str], seconds: float
+) -> tuple[float, list[float]]:
+    """Closed loop, IN_FLIGHT concurrent searches for `seconds`; (qps, latencies)."""
+    latencies: list[float] = []
+    metadata = (("authorization", f"Bearer {token}"),)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        search = search_service_pb2_grpc.SearchServiceStub(channel)
+        stop_at = time.monotonic() + seconds
+
+        async def worker() -> None:
+            while time.monotonic() < stop_at and queries:
+                request = pb.SearchRequest(
+                    parent="collections/bench", query=queries.pop(), top_k=10
+                )
+                started = time.perf_counter()
+                await search.Search(request, metadata=metadata, timeout=30)
+                latencies.append(time.perf_counter() - started)
+
+        started = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+        elapsed = time.monotonic() - started
+    if not queries:
+        raise RuntimeError("ran out of distinct queries; lower --seconds")
+    return len(latencies) / elapsed, latencies
+
+
+def mean_batch(http_port: int) -> float:
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5).read().decode()
+    )
+    total = float(re.search(r"^aimesh_search_encoder_batch_size_sum (\S+)", text, re.M).group(1))  # type: ignore[union-attr]
+    count = float(re.search(r"^aimesh_search_encoder_batch_size_count (\S+)", text, re.M).group(1))  # type: ignore[union-attr]
+    return total / count
+
+
+def raw_qps(
+    encoder: Encoder, index: VectorIndex, texts: list[str], batch: int, seconds: float
+) -> float:
+    """In-process encode + search of `batch` queries at a time: the ceiling for the service."""
+    done, started, position = 0, time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        chunk = texts[position : position + batch]
+        position += batch
+        vectors = encoder.encode(chunk).vectors
+        index._search(vectors, 10, None)
+        done += len(chunk)
+    return done / (time.perf_counter() - started)
+
+
+async def measure_batching(
+    rounds: int, seconds: float, corpus: list[str], short_queries: list[str]
+) -> dict[str, float]:
+    os.environ["AIMESH_PORT_OFFSET"] = str(local.free_port_offset(5000))
+    folder = Path(tempfile.mkdtemp(prefix="aimesh-bench-search-"))
+    stored = local.load_secrets(folder)
+    # Search queries are short: the first words of passages not in the collection.
+    documents, queries = [text[:100] for text in corpus[:2000]], short_queries[2000:]
+    with local.database_server(folder) as admin_url:
+        urls = await local.provision(admin_url, stored["role_passwords"])
+        env = local.service_environment(urls, stored, os.environ)
+        env["AIMESH_RATE_LIMIT_RPS"] = "1000000"  # one principal drives all the load
+        env["AIMESH_RATE_LIMIT_BURST"] = "1000000"
+        user_port = local.grpc_port("user")
+        ports = {"on": local.grpc_port("search"), "off": local.grpc_port("search") + 100}
+        processes = [start_process("aimesh_user", env, user_port, folder / "user.log")]
+        try:
+            await wait_serving(user_port, processes[0])
+            token = await local.login(
+                f"127.0.0.1:{user_port}", stored["admin_email"], stored["admin_password"]
+            )
+            for mode, port in ports.items():  # "off" starts after the seed, so it loads it
+                mode_env = {**env, "AIMESH_SEARCH_BATCHING": "true" if mode == "on" else "false"}
+                processes.append(
+                    start_process("aimesh_search", mode_env, port, folder / f"{mode}.log")
+                )
+                await wait_serving(port, processes[-1])
+                if mode == "on":
+                    await seed(port, token, documents)
+            results: dict[str, list[float]] = {"on": [], "off": []}
+            latencies: dict[str, list[float]] = {"on": [], "off": []}
+            pool = list(reversed(queries))
+            for number in range(rounds):
+                for mode in ("on", "off") if number % 2 == 0 else ("off", "on"):
+                    qps, taken = await load_round(ports[mode], token, pool, seconds)
+                    results[mode].append(qps)
+                    latencies[mode].extend(taken)
+                print(
+                    f"  round {number + 1}: on {results['on'][-1]:.0f} q/s,"
+                    f" off {results['off'][-1]:.0f} q/s",
+                    flush=True,
+                )
+            batch = mean_batch(ports["on"] + 1000)
+        finally:
+            for process in processes:
+                process.terminate()
+                process.wait()
+    on_qps, off_qps = statistics.median(results["on"]), statistics.median(results["off"])
+    p99 = {mode: float(np.percentile(values, 99)) for mode, values in latencies.items()}
+    print(
+        f"  batching on {on_qps:.0f} q/s p99 {p99['on'] * 1000:.1f} ms;"
+        f" off {off_qps:.0f} q/s p99 {p99['off'] * 1000:.1f} ms"
+    )
+    print(f"  mean batch formed by the service: {batch:.1f}")
+    encoder = Encoder("", "all-MiniLM-L6-v2", "cpu")
+    index = VectorIndex(encoder.dimension, ann_threshold=20_000, nprobe=48)
+    vectors = encoder.encode(documents).vectors
+    index.load(np.arange(len(documents), dtype=np.int64), vectors)
+    raw = raw_qps(encoder, index, queries[-20000:], max(1, round(batch)), seconds)
+    print(f"  in-process encode+search at batch {round(batch)}: {raw:.0f} q/s")
+    return {
+        "batch_qps_ratio": on_qps / off_qps,
+        "batch_p99_ratio": p99["on"] / p99["off"],
+        "feed_efficiency": on_qps / raw,
+    }
+
+
+async def seed(port: int, token: str, documents: list[str]) -> None:
+    metadata = (("authorization", f"Bearer {token}"),)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        search = search_service_pb2_grpc.SearchServiceStub(channel)
+        await search.CreateCollection(
+            pb.CreateCollectionRequest(collection_id="bench", collection=pb.Collection()),
+            metadata=metadata,
+        )
+        for start in range(0, len(documents), 256):
+            await search.UpsertDocuments(
+                pb.UpsertDocumentsRequest(
+                    parent="collections/bench",
+                    documents=[
+                        pb.Document(name=f"collections/bench/documents/d{start + i}", text=text)
+                        for i, text in enumerate(documents[start : start + 256])
+                    ],
+                ),
+                metadata=metadata,
+                timeout=120,
+            )
+
+
+def embeddings(texts: list[str], cache: Path) -> np.ndarray:
+    """Embeddings of `texts`, cached on disk by their hash (encoding takes minutes)."""
+    key = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    path = cache / f"stdlib-{len(texts)}-{key}.npy"
+    if path.exists():
+        return np.load(path)
+    encoder = Encoder("", "all-MiniLM-L6-v2", "cpu")
+    started = time.perf_counter()
+    step = 8192  # large calls let the model group texts of similar length
+    vectors = np.vstack(
+        [encoder.encode(texts[i : i + step], 64).vectors for i in range(0, len(texts), step)]
+    )
+    print(f"  encoded {len(texts)} passages in {time.perf_counter() - started:.0f} s")
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors)
+    return vectors
+
+
+def measure_index(corpus: list[str], size: int, cache: Path) -> dict[str, float]:
+    texts = corpus[: size + 1000]
+    vectors = embeddings(texts, cache)
+    base, queries = vectors[:size], vectors[size : size + 1000]
+    exact = faiss.IndexFlatIP(base.shape[1])
+    exact.add(base)
+    deployed = VectorIndex(base.shape[1], ann_threshold=20_000, nprobe=48)  # the service's defaults
+    deployed.load(np.arange(size, dtype=np.int64), base)
+    assert deployed.approximate, "the service deploys IVF at this size"
+    _, truth = exact.search(queries, 10)
+    _, found = deployed._search(queries, 10, None)
+    recall = float(np.mean([len(set(truth[i]) & set(found[i])) / 10 for i in range(len(queries))]))
+
+    def single_query_qps(search: Any) -> float:
+        started = time.perf_counter()
+        for row in range(len(queries)):
+            search(queries[row : row + 1])
+        return len(queries) / (time.perf_counter() - started)
+
+    flat_qps = single_query_qps(lambda q: exact.search(q, 10))
+    ann_qps = single_query_qps(lambda q: deployed._search(q, 10, None))
+    print(
+        f"  {size} vectors: IVF recall@10 {recall:.4f};"
+        f" single-query {ann_qps:.0f} q/s vs flat {flat_qps:.0f} q/s"
+    )
+    return {"recall_at_10": recall, "ann_qps_ratio": ann_qps / flat_qps, "corpus_size": size}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=4, help="alternating on/off rounds")
+    parser.add_argument("--seconds", type=float, default=6.0, help="seconds of load per round")
+    parser.add_argument("--corpus-size", type=int, default=100_000)
+    parser.add_argument("--cache", type=Path, default=ROOT / ".aimesh" / "bench-cache")
+    args = parser.parse_args()
+    # Passages of up to 200 characters (about 50 tokens): this CPU embeds about
+    # 5,000 tokens a second, so longer ones would make the first run take an hour.
+    corpus = passages(args.corpus_size + 1000, max_chars=200)
+    short_queries = [" ".join(text.split()[:6]) for text in corpus]
+    print(
+        f"batching: {args.rounds} rounds of {args.seconds:.0f} s,"
+        f" {IN_FLIGHT} in flight, distinct queries"
+    )
+    batching = await measure_batching(args.rounds, args.seconds, corpus, short_queries)
+    print("index: the deployed IVF index against exact search")
+    index = measure_index(corpus, args.corpus_size, args.cache)
+    print(
+        json.dumps(
+            {
+                "bench": "search",
+                "batch_qps_ratio": round(batching["batch_qps_ratio"], 3),
+                "batch_p99_ratio": round(batching["batch_p99_ratio"], 3),
+                "feed_efficiency": round(batching["feed_efficiency"], 3),
+                "recall_at_10": round(index["recall_at_10"], 4),
+                "ann_qps_ratio": round(index["ann_qps_ratio"], 2),
+                "corpus_size": index["corpus_size"],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
