@@ -173,3 +173,23 @@ def test_monolith_serves_all_five_on_one_port(
                 assert reply.returncode == 0, reply.stderr
     finally:
         stop_up(process)
+
+
+def test_search_cli_imports_with_progress_and_queries_as_a_table(
+    five_processes: str, platform_env: dict[str, str], tmp_path: Path
+) -> None:
+    lines = [
+        {"id": "cats", "text": "Cats purr and chase mice around the house."},
+        {"id": "orbit", "text": "Rockets carry satellites into orbit."},
+        {"id": "bread", "text": "Bread is baked from flour, water and yeast."},
+    ]
+    source = tmp_path / "docs.jsonl"
+    source.write_text("\n".join(json.dumps(line) for line in lines) + "\n{broken\n")
+    imported = aimesh(platform_env, "search", "import", str(source), "--collection", "cli")
+    assert "3 documents, 1 bad lines" in imported.stdout, imported.stdout + imported.stderr
+    assert "line 4:" in imported.stderr and "%" in imported.stderr  # the error and the bar
+    queried = aimesh(platform_env, "search", "query", "a kitten", "--collection", "cli")
+    assert queried.returncode == 0, queried.stderr
+    rows = queried.stdout.splitlines()
+    assert rows[0].split() == ["score", "document", "text"]
+    assert rows[1].split()[1] == "cats" and "3 results" in queried.stderr

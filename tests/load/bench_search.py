@@ -259,9 +259,9 @@ async def main() -> None:
     parser.add_argument("--corpus-size", type=int, default=100_000)
     parser.add_argument("--cache", type=Path, default=ROOT / ".aimesh" / "bench-cache")
     args = parser.parse_args()
-    # Passages of up to 200 characters (about 50 tokens): this CPU embeds about
-    # 5,000 tokens a second, so longer ones would make the first run take an hour.
-    corpus = passages(args.corpus_size + 1000, max_chars=200)
+    # Passages of up to 80 characters (about 20 tokens): a 2-core CPU embeds about
+    # 5,000 tokens a second, so 100,000 longer passages would take an hour.
+    corpus = passages(args.corpus_size + 1000, max_chars=80)
     short_queries = [" ".join(text.split()[:6]) for text in corpus]
     print(
         f"batching: {args.rounds} rounds of {args.seconds:.0f} s,"

@@ -2,8 +2,8 @@
 
 Read with `ast`, never imported, so nothing in the stdlib runs. Docstrings are
 split into paragraphs; when more passages are wanted than exist (about 12,500
-here), each round repeats them with a variation: another passage's first
-sentence appended, as the search benchmark's issue allows.
+here), each round repeats them with a variation: another passage's first four
+words appended, as the search benchmark's issue allows.
 """
 
 from __future__ import annotations
@@ -31,6 +31,13 @@ def _docstrings(path: Path, module: str) -> Iterator[tuple[str, str]]:
                 nodes.append((f"{prefix}.{child.name}", child))
 
 
+def _clip(text: str, max_chars: int) -> str:
+    """At most `max_chars`, cut at a word boundary."""
+    if len(text) <= max_chars:
+        return text
+    return text[:max_chars].rsplit(" ", 1)[0]
+
+
 def passages(minimum: int, max_chars: int = 600) -> list[str]:
     """At least `minimum` distinct passages, deterministic for a given Python."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -43,7 +50,7 @@ def passages(minimum: int, max_chars: int = 600) -> list[str]:
             for paragraph in doc.split("\n\n"):
                 text = " ".join(paragraph.split())
                 if len(text) >= 40:
-                    base.append((name, text[:max_chars]))
+                    base.append((name, _clip(text, max_chars)))
     unique = list({text: (name, text) for name, text in reversed(base)}.values())[::-1]
     result = [text for _, text in unique]
     count = len(unique)
@@ -54,5 +61,5 @@ def passages(minimum: int, max_chars: int = 600) -> list[str]:
         round_number += 1
         for i, (_, text) in enumerate(unique):
             other = unique[(i * 7919 + round_number * 104_729) % count][1]
-            result.append(f"{text} {other.split('. ')[0]}.")
+            result.append(f"{text} {' '.join(other.split()[:4])}")
     return result[: max(minimum, count)]

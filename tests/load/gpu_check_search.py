@@ -88,7 +88,7 @@ def main() -> None:
     from tests.load.bench_search import measure_batching
 
     os.environ["AIMESH_SEARCH_DEVICE"] = "cuda"
-    corpus = passages(60_000, max_chars=200)
+    corpus = passages(60_000, max_chars=80)
     queries = [" ".join(text.split()[:6]) for text in corpus]
     service = asyncio.run(measure_batching(4, 6.0, corpus, queries))
     figures.update({f"service_{k}": round(v, 3) for k, v in service.items()})
