@@ -318,6 +318,18 @@ class Catalog:
     async def search(
         self, collection_id: str, queries: Sequence[Query]
     ) -> list[tuple[list[Hit], bool]]:
+        for query in queries:
+            for condition in query.metadata_filter.conditions if query.metadata_filter else ():
+                bounds = condition.range
+                if (
+                    condition.WhichOneof("test") == "range"
+                    and bounds.HasField("min")
+                    and bounds.HasField("max")
+                    and bounds.min > bounds.max
+                ):
+                    raise InvalidArgument.field(
+                        "filter.conditions.range", f"min {bounds.min} exceeds max {bounds.max}"
+                    )
         row = await self._collection(collection_id)
         self._check_served(row)
         index = self.index_of(collection_id)

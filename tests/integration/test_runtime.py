@@ -44,9 +44,24 @@ class SlowUsers(user_service_pb2_grpc.UserServiceServicer):
         return pb.GetUserResponse(user=pb.User(name=request.name))
 
 
+def add_unruled_method(handler: object, server: grpc.aio.Server) -> None:
+    """A method outside every contract, so no access rule names it."""
+
+    async def peek(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return b"secret"
+
+    method = grpc.unary_unary_rpc_method_handler(peek)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("x.v1.Hidden", {"Peek": method}),)
+    )
+
+
 async def mount(context: ServiceContext) -> Mount:
     return Mount(
-        servicers=[(user_service_pb2_grpc.add_UserServiceServicer_to_server, SlowUsers())],
+        servicers=[
+            (user_service_pb2_grpc.add_UserServiceServicer_to_server, SlowUsers()),
+            (add_unruled_method, None),
+        ],
         jwks=jwks,
     )
 
@@ -313,3 +328,14 @@ async def test_log_lines_are_json_with_the_callers_trace_and_request_id(
     assert failed["trace_id"] == trace_id and len(failed["span_id"]) == 16
     assert failed["request_id"] == "req-42" and failed["level"] == "ERROR"
     assert failed["grpc_method"] == "/aimesh.user.v1.UserService/GetUser"
+
+
+async def test_a_method_without_an_access_rule_is_denied_even_with_a_token(
+    slow_server: Running,
+) -> None:
+    async with slow_server.channel() as channel:
+        peek = channel.unary_unary("/x.v1.Hidden/Peek")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await peek(b"", metadata=token_metadata())
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "no access rule" in (caught.value.details() or "")

@@ -505,3 +505,22 @@ async def test_a_batch_full_of_bad_documents_is_still_invalid_argument(
             ),
         )
     assert "more" in (error.details() or "") and len(error.details() or "") < 1000
+
+
+async def test_an_empty_range_is_invalid_argument(search_server: Running, token: str) -> None:
+    channel, search = stub(search_server)
+    async with channel:
+        await make_collection(search, token, "ranges")
+        condition = pb.MetadataCondition(key="n", range=pb.NumberRange(min=5, max=1))
+        await expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            search.Search(
+                pb.SearchRequest(
+                    parent="collections/ranges",
+                    query="anything",
+                    top_k=3,
+                    filter=pb.MetadataFilter(conditions=[condition]),
+                ),
+                metadata=bearer(token),
+            ),
+        )

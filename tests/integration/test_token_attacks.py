@@ -16,6 +16,8 @@ import grpc
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from aimesh.user.v1 import user_service_pb2 as pb
 from aimesh.user.v1 import user_service_pb2_grpc
@@ -93,6 +95,25 @@ BAD_TOKENS = {
 }
 
 
+# Each token must be refused for its own fault, not for an earlier, cruder one.
+EXPECTED_REASONS = {
+    "alg none": "TOKEN_ALGORITHM",
+    "HS256 with the public key": "TOKEN_ALGORITHM",
+    "RS256 from another key": "TOKEN_ALGORITHM",
+    "expired": "TOKEN_EXPIRED",
+    "nbf in the future": "TOKEN_NOT_YET_VALID",
+    "wrong iss": "TOKEN_INVALID",
+    "wrong aud": "TOKEN_INVALID",
+    "bad signature": "TOKEN_INVALID",
+    "malformed": "TOKEN_MALFORMED",
+    "garbage": "TOKEN_MALFORMED",
+    "unknown kid": "UNKNOWN_KID",
+    "wrong typ": "TOKEN_TYPE",
+    "lifetime over the maximum": "TOKEN_LIFETIME",
+    "no sub": "TOKEN_INVALID",
+}
+
+
 @pytest.fixture(scope="module")
 async def spy_server(
     new_database: Any, tmp_path_factory: pytest.TempPathFactory
@@ -123,6 +144,11 @@ async def test_bad_token_is_unauthenticated_and_handler_not_called(
             )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, caught.value.details()
     assert SPY.calls == before
+    status = rpc_status.from_call(caught.value)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.reason == EXPECTED_REASONS[case], "refused, but for the wrong reason"
 
 
 @pytest.mark.parametrize(
