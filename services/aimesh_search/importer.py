@@ -29,7 +29,7 @@ DOCUMENT_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 MAX_TEXT = 16_384
 
 
-def parse_line(raw: bytes, default_owner: str) -> DocumentInput:
+def parse_line(raw: bytes, default_owner: str, may_assign_owner: bool = False) -> DocumentInput:
     """One JSONL line as a document, or ValueError saying what is wrong."""
     try:
         entry = json.loads(raw)
@@ -53,6 +53,8 @@ def parse_line(raw: bytes, default_owner: str) -> DocumentInput:
         raise ValueError("metadata must be an object with at most 64 keys")
     if not isinstance(owner, str) or (owner and not owner.startswith("users/")):
         raise ValueError("owner must be users/{user}")
+    if owner != default_owner and not may_assign_owner:
+        raise ValueError("only admins may import documents owned by others")
     return DocumentInput(doc_id, text, metadata, owner)
 
 
@@ -66,7 +68,10 @@ class Importer:
         self._batch_lines = batch_lines
 
     async def run(
-        self, requests: AsyncIterator[pb.ImportDocumentsRequest], owner: str
+        self,
+        requests: AsyncIterator[pb.ImportDocumentsRequest],
+        owner: str,
+        may_assign_owner: bool = False,
     ) -> ImportJobRow:
         first = await anext(requests, None)
         if first is None or first.WhichOneof("part") != "target":
@@ -75,8 +80,7 @@ class Importer:
         collection_id, _, job_id = target.import_job.removeprefix("collections/").partition(
             "/importJobs/"
         )
-        collection = await self._catalog.get_collection(collection_id)
-        del collection
+        await self._catalog.get_collection(collection_id)  # NOT_FOUND before any claim
         feeder = uuid.uuid4().hex
         job = await self._store.claim_import_job(
             collection_id, job_id, target.display_name, target.total_bytes, feeder
@@ -96,7 +100,7 @@ class Importer:
                 metadata={"committed_bytes": str(job.committed_bytes)},
             )
         try:
-            return await self._feed(job, requests, owner)
+            return await self._feed(job, requests, owner, may_assign_owner)
         except asyncio.CancelledError:
             # The client went away: leave the job resumable.
             await asyncio.shield(
@@ -112,7 +116,11 @@ class Importer:
             raise
 
     async def _feed(
-        self, job: ImportJobRow, requests: AsyncIterator[pb.ImportDocumentsRequest], owner: str
+        self,
+        job: ImportJobRow,
+        requests: AsyncIterator[pb.ImportDocumentsRequest],
+        owner: str,
+        may_assign_owner: bool,
     ) -> ImportJobRow:
         position = job.committed_bytes  # file offset just past the last whole line read
         line_number = job.committed_lines
@@ -136,7 +144,7 @@ class Importer:
             if not raw.strip():
                 return
             try:
-                document = parse_line(raw, owner)
+                document = parse_line(raw, owner, may_assign_owner)
             except ValueError as error:
                 failed.append({"line": line_number, "message": str(error)})
                 return

@@ -214,7 +214,9 @@ class SearchServicer(search_service_pb2_grpc.SearchServiceServicer):
         request_iterator: AsyncIterator[pb.ImportDocumentsRequest],
         context: grpc.aio.ServicerContext,
     ) -> pb.ImportDocumentsResponse:
-        job = await self._importer.run(request_iterator, f"users/{caller().subject}")
+        job = await self._importer.run(
+            request_iterator, f"users/{caller().subject}", "search.admin" in caller().scopes
+        )
         return pb.ImportDocumentsResponse(import_job=import_job_proto(job))
 
     async def GetImportJob(
