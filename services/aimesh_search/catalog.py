@@ -118,7 +118,7 @@ class Catalog:
         return VectorIndex(
             dimension,
             ann_threshold=self._settings.ann_threshold,
-            nprobe=self._settings.ann_nprobe,
+            ef_search=self._settings.ann_ef_search,
             use_gpu=self._settings.faiss_gpu,
         )
 

