@@ -174,9 +174,14 @@ class TokenVerifier:
                 # Known keys keep verifying while a refresh runs behind them.
                 self._background = asyncio.create_task(self._refresh())
             return key
-        # A new kid means the issuer rotated; refetch, but at most every
-        # min_refetch_s, or forged kids (or a dead issuer) would cost a fetch each.
-        if now - self._attempted_at > self._min_refetch_s:
+        if self._fetch_lock.locked():
+            # A fetch is under way (the first requests after start arrive together):
+            # wait for it, its keys may hold this kid.
+            async with self._fetch_lock:
+                pass
+        elif now - self._attempted_at > self._min_refetch_s:
+            # A new kid means the issuer rotated; refetch, but at most every
+            # min_refetch_s, or forged kids (or a dead issuer) would cost a fetch each.
             await self._refresh()
         key = self._keys.get(kid)
         if key is None:

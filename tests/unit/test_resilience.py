@@ -220,3 +220,24 @@ async def test_rate_limited_answers_do_not_trip_the_breaker() -> None:
         with pytest.raises(grpc.aio.AioRpcError):
             await breaker.call(lambda: fail_with(exhausted))
     assert breaker.state is BreakerState.CLOSED
+
+
+async def test_concurrent_first_tokens_share_one_jwks_fetch() -> None:
+    from aimesh_runtime.auth import TokenVerifier
+    from tests.tokens import claims, jwks, signed
+
+    fetches = 0
+
+    async def slow_jwks() -> Any:
+        nonlocal fetches
+        fetches += 1
+        await asyncio.sleep(0.05)
+        return await jwks()
+
+    verifier = TokenVerifier(
+        slow_jwks, issuer="aimesh-user", audience="aimesh", max_lifetime_s=3600
+    )
+    tokens = [signed(claims(sub=f"u{i}")) for i in range(20)]
+    principals = await asyncio.gather(*(verifier.verify(token) for token in tokens))
+    assert [p.subject for p in principals] == [f"u{i}" for i in range(20)]
+    assert fetches == 1
