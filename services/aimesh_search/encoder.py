@@ -17,6 +17,9 @@ import numpy.typing as npt
 log = logging.getLogger(__name__)
 
 Vectors = npt.NDArray[np.float32]
+# Texts are padded to the longest of their group: on a 2-core CPU, 64 short
+# queries ran at 126/s as one group of 64 and at 217/s in groups of 16.
+PAD_GROUP = 16
 
 
 def packaged_model_path() -> str:
@@ -70,14 +73,14 @@ class Encoder:
             name, self.device, self.dimension, self.max_tokens,
         )  # fmt: skip
 
-    def encode(self, texts: list[str], batch_size: int | None = None) -> Encoded:
-        """Embed `texts`, in one batch unless `batch_size` says otherwise (the model
-        then groups texts of similar length, which wastes less on padding).
+    def encode(self, texts: list[str], batch_size: int = PAD_GROUP) -> Encoded:
+        """Embed `texts`. The model sorts them by length and runs them in groups of
+        `batch_size`, each padded only to its own longest text.
         Blocking: call it off the event loop."""
         lengths = [len(ids) for ids in self._tokenizer(texts, add_special_tokens=True)["input_ids"]]
         vectors = self._model.encode(
             texts,
-            batch_size=batch_size or max(len(texts), 1),
+            batch_size=batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=False,
