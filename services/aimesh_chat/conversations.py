@@ -7,10 +7,6 @@ that does not exist.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import datetime as dt
-import json
 import re
 import uuid
 from dataclasses import dataclass
@@ -18,9 +14,15 @@ from typing import Generic, TypeVar
 
 from aimesh_chat.store import ChatStore, ConversationRow, MessageRow
 from aimesh_runtime.errors import InvalidArgument, NotFound
+from aimesh_runtime.pages import (
+    bad_page_token,
+    decode_keyset,
+    decode_page_token,
+    encode_keyset,
+    encode_page_token,
+    page_size,
+)
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 _CONVERSATION = re.compile(r"^conversations/([A-Za-z0-9_-]{1,64})$")
 _MESSAGE = re.compile(r"^conversations/([A-Za-z0-9_-]{1,64})/messages/([A-Za-z0-9_-]{1,64})$")
 _USER = re.compile(r"^users/([A-Za-z0-9_-]{1,64})$")
@@ -59,27 +61,6 @@ def parse_user(name: str) -> str:
     return match.group(1)
 
 
-def page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument.field("page_size", "must not be negative")
-    return DEFAULT_PAGE_SIZE if requested == 0 else min(requested, MAX_PAGE_SIZE)
-
-
-def _encode(value: object) -> str:
-    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
-
-
-def _decode(token: str) -> object:
-    try:
-        return json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (binascii.Error, ValueError):
-        raise InvalidArgument.field("page_token", "not a token from a previous page") from None
-
-
-def _bad_token() -> InvalidArgument:
-    return InvalidArgument.field("page_token", "not a token from a previous page")
-
-
 T = TypeVar("T")
 
 
@@ -109,36 +90,24 @@ class Conversations:
 
     async def list(self, owner_id: str, size: int, token: str) -> Page[ConversationRow]:
         limit = page_size(size)
-        after: tuple[dt.datetime, str] | None = None
-        if token:
-            decoded = _decode(token)
-            if not (isinstance(decoded, list) and len(decoded) == 2):
-                raise _bad_token()
-            try:
-                after = dt.datetime.fromisoformat(str(decoded[0])), str(decoded[1])
-            except ValueError:
-                raise _bad_token() from None
-        rows = await self._store.conversations_of(owner_id, after, limit + 1)
+        rows = await self._store.conversations_of(owner_id, decode_keyset(token), limit + 1)
         following = ""
         if len(rows) > limit:
             rows = rows[:limit]
-            following = _encode([rows[-1].update_time.isoformat(), rows[-1].id])
+            following = encode_keyset(rows[-1].update_time, rows[-1].id)
         return Page(rows, following)
 
     async def messages(self, owner_id: str, parent: str, size: int, token: str) -> Page[MessageRow]:
         conversation = await self.get(owner_id, parent, "parent")
         limit = page_size(size)
-        after = 0
-        if token:
-            decoded = _decode(token)
-            if not isinstance(decoded, int) or decoded < 0:
-                raise _bad_token()
-            after = decoded
+        after = decode_page_token(token) or 0
+        if not isinstance(after, int) or after < 0:
+            raise bad_page_token()
         rows = await self._store.messages_of(conversation.id, after, limit + 1)
         following = ""
         if len(rows) > limit:
             rows = rows[:limit]
-            following = _encode(rows[-1].seq)
+            following = encode_page_token(rows[-1].seq)
         return Page(rows, following)
 
     async def message(self, owner_id: str, name: str) -> MessageRow:

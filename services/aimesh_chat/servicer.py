@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from aimesh.chat.v1 import chat_service_pb2 as pb
 from aimesh.chat.v1 import chat_service_pb2_grpc
@@ -16,14 +14,9 @@ from aimesh_chat.answering import Answering
 from aimesh_chat.conversations import Conversations, conversation_name, message_name
 from aimesh_chat.store import ConversationRow, MessageRow
 from aimesh_runtime.context import principal as caller
+from aimesh_runtime.pages import timestamp
 
 ROLES = {"user": pb.MESSAGE_ROLE_USER, "assistant": pb.MESSAGE_ROLE_ASSISTANT}
-
-
-def _timestamp(value: dt.datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def stop_reason(name: str | None) -> pb.StopReason.ValueType:
@@ -39,8 +32,8 @@ def conversation_proto(row: ConversationRow) -> pb.Conversation:
         name=conversation_name(row.id),
         display_name=row.display_name,
         owner=f"users/{row.owner_id}",
-        create_time=_timestamp(row.create_time),
-        update_time=_timestamp(row.update_time),
+        create_time=timestamp(row.create_time),
+        update_time=timestamp(row.update_time),
     )
 
 
@@ -58,8 +51,8 @@ def message_proto(row: MessageRow) -> pb.Message:
         stop_reason=stop_reason(row.stop_reason),
         partial=row.partial,
         degraded_reasons=[degraded_reason(r) for r in row.degraded_reasons],
-        create_time=_timestamp(row.create_time),
-        update_time=_timestamp(row.update_time),
+        create_time=timestamp(row.create_time),
+        update_time=timestamp(row.update_time),
     )
 
 

@@ -8,8 +8,9 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -33,12 +34,12 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     importing.add_argument("file", type=Path, help='lines of {"id", "text", "metadata", "owner"}')
     importing.add_argument("--collection", required=True, help="created if missing")
     importing.add_argument("--job", help="import job id; the same id resumes an interrupted import")
-    importing.set_defaults(run=cmd_import)
+    importing.set_defaults(run=_reporting(_import))
     query = actions.add_parser("query", help="search a collection and print a table")
     query.add_argument("text")
     query.add_argument("--collection", required=True)
     query.add_argument("--top-k", type=int, default=10)
-    query.set_defaults(run=cmd_query)
+    query.set_defaults(run=_reporting(_query))
 
 
 def _target(args: argparse.Namespace) -> str:
@@ -47,20 +48,19 @@ def _target(args: argparse.Namespace) -> str:
     )
 
 
-def cmd_import(args: argparse.Namespace) -> int:
-    try:
-        return asyncio.run(_import(args))
-    except grpc.aio.AioRpcError as error:
-        print(f"aimesh: {error.code().name}: {error.details()}", file=sys.stderr)
-        return 1
+def _reporting(
+    action: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
+) -> Callable[[argparse.Namespace], int]:
+    """Run `action`, turning an RPC error into one line and exit status 1."""
 
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return asyncio.run(action(args))
+        except grpc.aio.AioRpcError as error:
+            print(f"aimesh: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
 
-def cmd_query(args: argparse.Namespace) -> int:
-    try:
-        return asyncio.run(_query(args))
-    except grpc.aio.AioRpcError as error:
-        print(f"aimesh: {error.code().name}: {error.details()}", file=sys.stderr)
-        return 1
+    return run
 
 
 async def _import(args: argparse.Namespace) -> int:

@@ -10,8 +10,6 @@ is never returned.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import collections
 import logging
 from collections.abc import Sequence
@@ -28,6 +26,7 @@ from aimesh_runtime.errors import (
     InvalidArgument,
     NotFound,
 )
+from aimesh_runtime.pages import bad_page_token, decode_page_token, encode_page_token, page_size
 from aimesh_search import filters
 from aimesh_search.batcher import BatcherMetrics, MicroBatcher, QueryCache
 from aimesh_search.encoder import Encoder
@@ -42,8 +41,6 @@ from aimesh_search.store import (
 )
 
 log = logging.getLogger(__name__)
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 OVERFETCH = 8  # extra hits read so rows deleted mid-search still leave top_k
 
 
@@ -69,23 +66,12 @@ class Query:
     min_score: float | None
 
 
-def page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument.field("page_size", "must not be negative")
-    return DEFAULT_PAGE_SIZE if requested == 0 else min(requested, MAX_PAGE_SIZE)
-
-
-def encode_token(last: str) -> str:
-    return base64.urlsafe_b64encode(last.encode()).decode().rstrip("=")
-
-
-def decode_token(token: str) -> str:
-    if not token:
-        return ""
-    try:
-        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError):
-        raise InvalidArgument.field("page_token", "not a token from a previous page") from None
+def decode_after(token: str) -> str:
+    """The id a list page starts after ("" for the first page)."""
+    after = decode_page_token(token) or ""
+    if not isinstance(after, str):
+        raise bad_page_token()
+    return after
 
 
 class Catalog:
@@ -188,9 +174,9 @@ class Catalog:
 
     async def list_collections(self, size: int, token: str) -> tuple[list[CollectionRow], str]:
         limit = page_size(size)
-        rows = await self._store.collections(decode_token(token), limit + 1)
+        rows = await self._store.collections(decode_after(token), limit + 1)
         if len(rows) > limit:
-            return rows[:limit], encode_token(rows[limit - 1].id)
+            return rows[:limit], encode_page_token(rows[limit - 1].id)
         return rows, ""
 
     async def delete_collection(self, collection_id: str) -> None:
@@ -274,9 +260,9 @@ class Catalog:
     ) -> tuple[list[DocumentRow], str]:
         await self._collection(collection_id)
         limit = page_size(size)
-        rows = await self._store.documents(collection_id, decode_token(token), limit + 1)
+        rows = await self._store.documents(collection_id, decode_after(token), limit + 1)
         if len(rows) > limit:
-            return rows[:limit], encode_token(rows[limit - 1].id)
+            return rows[:limit], encode_page_token(rows[limit - 1].id)
         return rows, ""
 
     async def delete_document(self, collection_id: str, document_id: str) -> None:

@@ -19,8 +19,9 @@ from typing import Any
 
 from aimesh.search.v1 import search_service_pb2 as pb
 from aimesh_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from aimesh_runtime.pages import encode_page_token, page_size
 from aimesh_search.batcher import MicroBatcher
-from aimesh_search.catalog import Catalog, DocumentInput, decode_token, encode_token, page_size
+from aimesh_search.catalog import Catalog, DocumentInput, decode_after
 from aimesh_search.store import ImportJobRow, SearchStore
 
 log = logging.getLogger(__name__)
@@ -215,9 +216,9 @@ class Importer:
     ) -> tuple[list[ImportJobRow], str]:
         await self._catalog.get_collection(collection_id)
         limit = page_size(size)
-        rows = await self._store.import_jobs(collection_id, decode_token(token), limit + 1)
+        rows = await self._store.import_jobs(collection_id, decode_after(token), limit + 1)
         if len(rows) > limit:
-            return rows[:limit], encode_token(rows[limit - 1].id)
+            return rows[:limit], encode_page_token(rows[limit - 1].id)
         return rows, ""
 
     async def cancel(self, collection_id: str, job_id: str) -> ImportJobRow:

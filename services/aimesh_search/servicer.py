@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import json_format, struct_pb2
 
 from aimesh.search.v1 import search_service_pb2 as pb
 from aimesh.search.v1 import search_service_pb2_grpc
 from aimesh_runtime.context import principal as caller
 from aimesh_runtime.errors import PermissionDenied
+from aimesh_runtime.pages import timestamp
 from aimesh_search.catalog import Catalog, DocumentInput, Query
 from aimesh_search.importer import Importer
 from aimesh_search.store import CollectionRow, DocumentRow, ImportJobRow
-
-
-def _timestamp(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
@@ -51,8 +43,8 @@ def collection_proto(row: CollectionRow, catalog: Catalog) -> pb.Collection:
         max_input_tokens=row.max_input_tokens,
         document_count=row.document_count,
         index_type=pb.INDEX_TYPE_APPROXIMATE if approximate else pb.INDEX_TYPE_EXACT,
-        create_time=_timestamp(row.create_time),
-        update_time=_timestamp(row.update_time),
+        create_time=timestamp(row.create_time),
+        update_time=timestamp(row.update_time),
     )
 
 
@@ -63,8 +55,8 @@ def document_proto(row: DocumentRow) -> pb.Document:
         metadata=_struct(row.metadata),
         owner=row.owner,
         text_truncated=row.text_truncated,
-        create_time=_timestamp(row.create_time),
-        update_time=_timestamp(row.update_time),
+        create_time=timestamp(row.create_time),
+        update_time=timestamp(row.update_time),
     )
 
 
@@ -83,9 +75,9 @@ def import_job_proto(row: ImportJobRow) -> pb.ImportJob:
             pb.ImportLineError(line=e["line"], message=e["message"]) for e in row.line_errors
         ],
         error_message=row.error_message,
-        create_time=_timestamp(row.create_time),
-        update_time=_timestamp(row.update_time),
-        end_time=_timestamp(row.end_time),
+        create_time=timestamp(row.create_time),
+        update_time=timestamp(row.update_time),
+        end_time=timestamp(row.end_time),
     )
 
 

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import datetime as dt
 import hashlib
 import hmac
-import json
 import re
 import secrets
 import uuid
@@ -28,6 +25,7 @@ from aimesh_runtime.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from aimesh_runtime.pages import decode_keyset, encode_keyset, page_size
 from aimesh_user.signing import KeyRing
 from aimesh_user.store import ApiKeyRow, EmailTaken, UserRow, UserStore
 
@@ -60,8 +58,6 @@ SERVICE_SCOPES = (
     "notify.write",
 )
 ROLE_SCOPES = {"member": MEMBER_SCOPES, "admin": ADMIN_SCOPES, "service": SERVICE_SCOPES}
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 API_KEY_PREFIX = "amk"
 REFRESH_PREFIX = "art"
 USER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -85,28 +81,6 @@ def password_hasher() -> PasswordHasher:
 
 def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
-
-
-def page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument.field("page_size", "must not be negative")
-    return DEFAULT_PAGE_SIZE if requested == 0 else min(requested, MAX_PAGE_SIZE)
-
-
-def encode_page_token(create_time: dt.datetime, row_id: str) -> str:
-    raw = json.dumps([create_time.isoformat(), row_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_page_token(token: str) -> tuple[dt.datetime, str] | None:
-    if not token:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        stamp, row_id = json.loads(raw)
-        return dt.datetime.fromisoformat(stamp), str(row_id)
-    except (binascii.Error, ValueError, TypeError):
-        raise InvalidArgument.field("page_token", "not a token from a previous page") from None
 
 
 @dataclass(frozen=True)
@@ -217,11 +191,11 @@ class Accounts:
 
     async def list_users(self, size: int, token: str) -> tuple[list[UserRow], str]:
         limit = page_size(size)
-        rows = await self._store.list_users(decode_page_token(token), limit + 1)
+        rows = await self._store.list_users(decode_keyset(token), limit + 1)
         following = ""
         if len(rows) > limit:
             rows = rows[:limit]
-            following = encode_page_token(rows[-1].create_time, rows[-1].id)
+            following = encode_keyset(rows[-1].create_time, rows[-1].id)
         return rows, following
 
     async def update(
@@ -316,11 +290,11 @@ class Accounts:
     ) -> tuple[list[ApiKeyRow], str]:
         user = await self._existing(self.resolve(caller, parent))
         limit = page_size(size)
-        rows = await self._store.api_keys_of(user.id, decode_page_token(token), limit + 1)
+        rows = await self._store.api_keys_of(user.id, decode_keyset(token), limit + 1)
         following = ""
         if len(rows) > limit:
             rows = rows[:limit]
-            following = encode_page_token(rows[-1].create_time, rows[-1].id)
+            following = encode_keyset(rows[-1].create_time, rows[-1].id)
         return rows, following
 
     async def revoke_api_key(self, caller: Principal, name: str) -> ApiKeyRow:

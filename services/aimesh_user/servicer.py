@@ -5,26 +5,19 @@ from __future__ import annotations
 import datetime as dt
 
 import grpc
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 
 from aimesh.user.v1 import user_service_pb2 as pb
 from aimesh.user.v1 import user_service_pb2_grpc
 from aimesh_runtime.context import principal as caller
 from aimesh_runtime.errors import InvalidArgument
+from aimesh_runtime.pages import timestamp
 from aimesh_user.accounts import Accounts, scopes_of
 from aimesh_user.signing import KeyRing
 from aimesh_user.store import ApiKeyRow, UserRow
 
 ROLE_NAMES = {pb.ROLE_MEMBER: "member", pb.ROLE_ADMIN: "admin", pb.ROLE_SERVICE: "service"}
 ROLE_VALUES = {name: value for value, name in ROLE_NAMES.items()}
-
-
-def _timestamp(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def _duration(seconds: int) -> duration_pb2.Duration:
@@ -38,8 +31,8 @@ def user_proto(row: UserRow) -> pb.User:
         display_name=row.display_name,
         roles=[ROLE_VALUES[role] for role in row.roles if role in ROLE_VALUES],
         scopes=scopes_of(row.roles),
-        create_time=_timestamp(row.create_time),
-        update_time=_timestamp(row.update_time),
+        create_time=timestamp(row.create_time),
+        update_time=timestamp(row.update_time),
     )
 
 
@@ -49,10 +42,10 @@ def api_key_proto(row: ApiKeyRow) -> pb.ApiKey:
         display_name=row.display_name,
         scopes=list(row.scopes),
         prefix=f"amk_{row.prefix}",
-        expire_time=_timestamp(row.expire_time),
-        create_time=_timestamp(row.create_time),
-        revoke_time=_timestamp(row.revoke_time),
-        last_use_time=_timestamp(row.last_use_time),
+        expire_time=timestamp(row.expire_time),
+        create_time=timestamp(row.create_time),
+        revoke_time=timestamp(row.revoke_time),
+        last_use_time=timestamp(row.last_use_time),
     )
 
 
@@ -110,8 +103,8 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         return pb.RotateSigningKeyResponse(
             kid=kid,
             previous_kid=previous or "",
-            previous_retire_time=_timestamp(retire_at),
-            activate_time=_timestamp(activate_at),
+            previous_retire_time=timestamp(retire_at),
+            activate_time=timestamp(activate_at),
         )
 
     async def GetUser(
