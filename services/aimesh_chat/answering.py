@@ -49,6 +49,7 @@ from aimesh_chat.providers import (
 from aimesh_chat.retrieval import Retrieval, SearchRetriever
 from aimesh_chat.store import AnswerOutcome, ChatStore, ConversationRow, MessageRow
 from aimesh_runtime.errors import FieldViolation, InvalidArgument
+from aimesh_runtime.metrics import ModelMetrics
 from aimesh_runtime.resilience import BreakerOpen, CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ class _Answer:
     output_tokens: int = 0
     stop_reason: str = ""
     partial: bool = False
+    sources: list[str] = field(default_factory=list)
 
     def stop(self, reason: str, *, partial: bool = False) -> None:
         if not self.stop_reason:
@@ -159,6 +161,7 @@ class _Answer:
             stop_reason=self.stop_reason,
             partial=self.partial,
             degraded_reasons=self.degraded,
+            sources=self.sources,
         )
 
 
@@ -189,6 +192,7 @@ class Answering:
         breaker: CircuitBreaker,
         limits: AnswerLimits,
         canary: str,
+        model_metrics: ModelMetrics | None = None,
     ) -> None:
         self._store = store
         self._conversations = conversations
@@ -198,6 +202,7 @@ class Answering:
         self._breaker = breaker
         self._limits = limits
         self._canary = canary
+        self._model_metrics = model_metrics
         self._running: dict[str, _Running] = {}
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -248,7 +253,7 @@ class Answering:
             max_tokens=self._limits.max_output_tokens,
             replay_key=replay_key(model, collection, message),
         )
-        answer = _Answer(model=model)
+        answer = _Answer(model=model, sources=[p.document for p in retrieval.passages])
         running = _Running(asyncio.current_task())
         self._running[answer_id] = running
         finished = False
@@ -267,10 +272,18 @@ class Answering:
                     yield event
             await turn
             await self._store.finish_answer(
-                answer_id, owner_id, self._budgets.today(), answer.outcome()
+                answer_id,
+                owner_id,
+                self._budgets.today(),
+                answer.outcome(),
+                self._budgets.daily,
             )
             finished = True
-            yield Usage(answer.input_tokens, answer.outcome().output_tokens)
+            output_tokens = answer.outcome().output_tokens
+            if self._model_metrics is not None:
+                self._model_metrics.add_tokens(self._limits.model, "input", answer.input_tokens)
+                self._model_metrics.add_tokens(self._limits.model, "output", output_tokens)
+            yield Usage(answer.input_tokens, output_tokens)
             yield Finished(answer.stop_reason, answer.partial)
         finally:
             self._running.pop(answer_id, None)
@@ -294,7 +307,11 @@ class Answering:
         try:
             await turn
             await self._store.finish_answer(
-                answer_id, owner_id, self._budgets.today(), answer.outcome()
+                answer_id,
+                owner_id,
+                self._budgets.today(),
+                answer.outcome(),
+                self._budgets.daily,
             )
         except Exception:
             log.exception("could not store the cut-short answer %s", answer_id)

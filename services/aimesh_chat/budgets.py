@@ -21,6 +21,11 @@ class Budgets:
         self._daily = daily_tokens
         self._clock = clock
 
+    @property
+    def daily(self) -> int:
+        """Tokens a principal may use per UTC day."""
+        return self._daily
+
     def today(self) -> dt.date:
         return self._clock().date()
 

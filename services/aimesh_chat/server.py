@@ -29,6 +29,7 @@ from aimesh_chat.servicer import ChatServicer
 from aimesh_chat.settings import ChatSettings
 from aimesh_chat.store import ChatStore
 from aimesh_runtime.client import connect
+from aimesh_runtime.metrics import ModelMetrics
 from aimesh_runtime.resilience import CircuitBreaker
 from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
 
@@ -100,6 +101,7 @@ async def mount(context: ServiceContext) -> Mount:
             first_token_timeout_s=settings.first_token_timeout_s,
         ),
         settings.canary or new_canary(),
+        ModelMetrics.of(context.metrics_registry),
     )
 
     async def close() -> None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from aimesh_runtime import audit, outbox
+
 
 @dataclass(frozen=True)
 class ConversationRow:
@@ -48,6 +50,7 @@ class AnswerOutcome:
     stop_reason: str
     partial: bool
     degraded_reasons: Sequence[str]
+    sources: Sequence[str] = ()  # documents of the passages the model was given
 
 
 def _conversation(row: asyncpg.Record) -> ConversationRow:
@@ -183,15 +186,21 @@ class ChatStore:
             )
 
     async def finish_answer(
-        self, answer_id: str, owner_id: str, day: dt.date, outcome: AnswerOutcome
+        self,
+        answer_id: str,
+        owner_id: str,
+        day: dt.date,
+        outcome: AnswerOutcome,
+        daily_budget: int | None = None,
     ) -> None:
-        """Record how the answer ended and the tokens it used, together."""
+        """Record how the answer ended, the tokens it used and its audit entry,
+        together; queue chat.budget_exhausted if these tokens spent the budget."""
         async with self._pool.acquire() as connection, connection.transaction():
-            await connection.execute(
+            conversation_id = await connection.fetchval(
                 """UPDATE messages SET text = $2, citations = $3, input_tokens = $4,
                        output_tokens = $5, model = $6, stop_reason = $7, partial = $8,
                        degraded_reasons = $9, update_time = now()
-                   WHERE id = $1""",
+                   WHERE id = $1 RETURNING conversation_id""",
                 answer_id,
                 outcome.text,
                 list(outcome.citations),
@@ -213,6 +222,26 @@ class ChatStore:
                 outcome.input_tokens,
                 outcome.output_tokens,
             )
+            spent = outcome.input_tokens + outcome.output_tokens
+            if daily_budget is not None and spent > 0:
+                await _note_budget_spent(connection, owner_id, day, spent, daily_budget)
+            await audit.record(
+                connection,
+                kind="chat.answer",
+                subject=f"conversations/{conversation_id}/messages/{answer_id}",
+                decision={
+                    "owner": f"users/{owner_id}",
+                    "model": outcome.model,
+                    "sources": list(outcome.sources),
+                    "citations": list(outcome.citations),
+                    "input_tokens": outcome.input_tokens,
+                    "output_tokens": outcome.output_tokens,
+                    "degraded": bool(outcome.degraded_reasons),
+                    "degraded_reasons": list(outcome.degraded_reasons),
+                    "stop_reason": outcome.stop_reason,
+                    "partial": outcome.partial,
+                },
+            )
 
     async def tokens_used(self, owner_id: str, day: dt.date) -> int:
         used = await self._pool.fetchval(
@@ -230,3 +259,33 @@ class ChatStore:
             owner_id,
         )
         return int(deleted)
+
+
+async def _note_budget_spent(
+    connection: asyncpg.Connection, owner_id: str, day: dt.date, spent: int, budget: int
+) -> None:
+    """Emit chat.budget_exhausted once per owner and day: when usage crosses it."""
+    # Answers of one owner finishing together queue here, so exactly one sees the crossing.
+    await connection.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('chat.budget:' || $1))", owner_id
+    )
+    used = int(
+        await connection.fetchval(
+            """SELECT coalesce(sum(input_tokens + output_tokens), 0) FROM token_usage
+               WHERE owner_id = $1 AND day = $2""",
+            owner_id,
+            day,
+        )
+    )
+    if used - spent < budget <= used:
+        await outbox.emit(
+            connection,
+            topic="chat.budget_exhausted",
+            key=f"users/{owner_id}",
+            payload={
+                "user": f"users/{owner_id}",
+                "day": day.isoformat(),
+                "budget_tokens": budget,
+                "used_tokens": used,
+            },
+        )

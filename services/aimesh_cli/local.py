@@ -79,6 +79,9 @@ def load_secrets(folder: Path) -> dict[str, Any]:
     path = folder / "secrets.json"
     if path.exists():
         stored: dict[str, Any] = json.loads(path.read_text())
+        if "service_api_key" not in stored:  # state folders made before the outbox relay
+            stored["service_api_key"] = _new_service_api_key()
+            path.write_text(json.dumps(stored, indent=2))
         return stored
     folder.mkdir(parents=True, exist_ok=True)
     created = {
@@ -86,10 +89,16 @@ def load_secrets(folder: Path) -> dict[str, Any]:
         "admin_email": DEV_ADMIN_EMAIL,
         "admin_password": secrets.token_urlsafe(18),
         "role_passwords": {name: secrets.token_hex(16) for name in SERVICES},
+        "service_api_key": _new_service_api_key(),
     }
     path.touch(mode=0o600)
     path.write_text(json.dumps(created, indent=2))
     return created
+
+
+def _new_service_api_key() -> str:
+    """The key the services call each other with on their own behalf (outbox relays)."""
+    return f"amk_{secrets.token_hex(4)}_{secrets.token_urlsafe(32)}"
 
 
 @contextlib.contextmanager
@@ -157,7 +166,12 @@ def service_environment(
         "AIMESH_JWKS_URL", f"http://127.0.0.1:{user_port + HTTP_PORT_OFFSET}/.well-known/jwks.json"
     )
     env.setdefault("AIMESH_USER_ADDRESS", f"127.0.0.1:{user_port}")
-    env.setdefault("AIMESH_SEARCH_ADDRESS", f"127.0.0.1:{grpc_port('search')}")
+    for peer in ("search", "chat", "recommend", "notify"):  # the deletion saga and outbox relays
+        env.setdefault(f"AIMESH_{peer.upper()}_ADDRESS", f"127.0.0.1:{grpc_port(peer)}")
+    env.setdefault("AIMESH_USER_BOOTSTRAP_SERVICE_API_KEY", stored["service_api_key"])
+    env.setdefault("AIMESH_SERVICE_API_KEY", stored["service_api_key"])
+    # A laptop's webhook receivers listen on localhost; clusters keep the SSRF guard on.
+    env.setdefault("AIMESH_NOTIFY_ALLOW_PRIVATE_WEBHOOKS", "1")
     env.setdefault("AIMESH_USER_KEY_ENCRYPTION_KEY", stored["key_encryption_key"])
     env.setdefault("AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL", stored["admin_email"])
     env.setdefault("AIMESH_USER_BOOTSTRAP_ADMIN_PASSWORD", stored["admin_password"])

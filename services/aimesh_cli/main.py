@@ -32,7 +32,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             # chat reaches search on that same port.
             env["AIMESH_JWKS_URL"] = ""
             env["AIMESH_USER_ADDRESS"] = ""
-            env["AIMESH_SEARCH_ADDRESS"] = f"127.0.0.1:{local.grpc_port('monolith')}"
+            for peer in ("SEARCH", "CHAT", "RECOMMEND", "NOTIFY"):
+                env[f"AIMESH_{peer}_ADDRESS"] = f"127.0.0.1:{local.grpc_port('monolith')}"
         started_at = time.monotonic()
         processes = local.spawn(local.SERVICES, env, folder / "logs", monolith=args.monolith)
         interrupted = False
@@ -157,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     from aimesh_cli import search
 
     search.add_parser(commands)
+    from aimesh_cli import recommend
+
+    recommend.add_parser(commands)
+    from aimesh_cli import consistency
+
+    consistency.add_parser(commands)
+    from aimesh_cli import mesh
+
+    mesh.add_parser(commands)
+    from aimesh_cli import bench
+
+    bench.add_parser(commands)
     return parser
 
 

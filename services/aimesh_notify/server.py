@@ -1,18 +1,104 @@
-"""Wiring of the notify service. Its behaviour is built in issue #6; until then
-every RPC of its contract answers UNIMPLEMENTED with a message saying so."""
+"""Wiring of the notify service: store, SSRF guard, bell, domain, servicer, worker.
+
+The delivery worker runs inside the service process unless
+AIMESH_NOTIFY_WORKER_CONCURRENCY is 0; `python -m aimesh_notify.worker` runs
+the same worker as a process of its own, and any number of them may share
+the queue.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
+
+import asyncpg
 
 from aimesh.notify.v1 import notify_service_pb2, notify_service_pb2_grpc
-from aimesh_runtime.unimplemented import unimplemented_spec
+from aimesh_notify.deliveries import Deliveries
+from aimesh_notify.events import Announcer, Bell, Events, Sequencer
+from aimesh_notify.netguard import NetworkGuard
+from aimesh_notify.queue import DeliveryWorker, WebhookSender
+from aimesh_notify.servicer import NotifyServicer
+from aimesh_notify.settings import NotifySettings
+from aimesh_notify.store import NotifyStore
+from aimesh_notify.subscriptions import Subscriptions
+from aimesh_runtime import db
+from aimesh_runtime.config import database_url
+from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
 
-SPEC = unimplemented_spec(
+log = logging.getLogger(__name__)
+PRUNE_EVERY_S = 3600.0
+
+
+async def mount(context: ServiceContext) -> Mount:
+    settings: NotifySettings = context.settings
+    store = NotifyStore(context.pool)
+    guard = NetworkGuard(settings.allow_private_webhooks)
+    if settings.allow_private_webhooks:
+        log.warning("AIMESH_NOTIFY_ALLOW_PRIVATE_WEBHOOKS is on: webhooks may reach any network")
+    url = database_url("notify", context.environ)
+    bell = Bell(url)
+    subscriptions = Subscriptions(store, guard)
+    announcer = Announcer(store)
+    events = Events(store, subscriptions, bell, announcer, poll_s=settings.poll_s)
+    background: list[Callable[[], Coroutine[Any, Any, None]]] = [
+        bell.listen_forever,
+        announcer.run,
+        Sequencer(store, bell, poll_s=settings.poll_s).run,
+    ]
+
+    async def prune_forever() -> None:
+        while True:
+            try:
+                pruned = await events.prune(settings.event_retention_days)
+                if pruned:
+                    log.info("removed %d events past retention", pruned)
+            except Exception as error:  # retried next round
+                log.warning("pruning events failed: %s", error)
+            await asyncio.sleep(PRUNE_EVERY_S)
+
+    background.append(prune_forever)
+    sender: WebhookSender | None = None
+    worker_pool: asyncpg.Pool | None = None
+    if settings.worker_concurrency > 0:
+        # A pool of its own, so a busy queue never starves the RPCs of connections.
+        worker_pool = await db.create_pool(url, max_size=4)
+        sender = WebhookSender(guard, settings.worker_concurrency)
+        worker = DeliveryWorker(
+            NotifyStore(worker_pool),
+            sender,
+            bell,
+            settings,
+            concurrency=settings.worker_concurrency,
+        )
+        background.append(worker.run)
+
+    async def close() -> None:
+        if sender is not None:
+            await sender.close()
+        if worker_pool is not None:
+            await worker_pool.close()
+        await bell.close()
+
+    return Mount(
+        servicers=[
+            (
+                notify_service_pb2_grpc.add_NotifyServiceServicer_to_server,
+                NotifyServicer(subscriptions, events, Deliveries(store, subscriptions)),
+            )
+        ],
+        background=background,
+        close=close,
+    )
+
+
+SPEC = ServiceSpec(
     name="notify",
-    service=notify_service_pb2.DESCRIPTOR.services_by_name["NotifyService"],
-    base=notify_service_pb2_grpc.NotifyServiceServicer,
-    add_to_server=notify_service_pb2_grpc.add_NotifyServiceServicer_to_server,
+    services=(notify_service_pb2.DESCRIPTOR.services_by_name["NotifyService"],),
     migrations=Path(__file__).parent / "migrations",
-    issue=6,
+    mount=mount,
+    settings=NotifySettings,
 )

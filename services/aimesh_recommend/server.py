@@ -1,18 +1,110 @@
-"""Wiring of the recommend service. Its behaviour is built in issue #4; until then
-every RPC of its contract answers UNIMPLEMENTED with a message saying so."""
+"""Wiring of the recommend service: store, cache, search client, batcher, trainer, servicer.
+
+Health stays NOT_SERVING until the catalogue and popularity have been read
+once (and the served version loaded, if it is READY), so a restarted replica
+answers as before from its first request. A version not yet READY is loaded by
+the periodic refresh as soon as it is, and meanwhile the fallback answers.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from aimesh.recommend.v1 import recommend_service_pb2, recommend_service_pb2_grpc
-from aimesh_runtime.unimplemented import unimplemented_spec
+import torch
 
-SPEC = unimplemented_spec(
+from aimesh.recommend.v1 import recommend_service_pb2, recommend_service_pb2_grpc
+from aimesh.search.v1 import search_service_pb2
+from aimesh_recommend.batcher import batcher_metrics
+from aimesh_recommend.cache import build_cache
+from aimesh_recommend.content import ContentIndex
+from aimesh_recommend.model import pick_device
+from aimesh_recommend.recommender import Recommender, ServingLog
+from aimesh_recommend.scoring import Ranked, ScoreRequest, score_batch
+from aimesh_recommend.servicer import RecommendServicer
+from aimesh_recommend.settings import RecommendSettings
+from aimesh_recommend.store import RecommendStore
+from aimesh_recommend.training import Trainer
+from aimesh_runtime.batching import MicroBatcher
+from aimesh_runtime.client import connect
+from aimesh_runtime.resilience import CircuitBreaker
+from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
+
+log = logging.getLogger(__name__)
+
+
+async def mount(context: ServiceContext) -> Mount:
+    settings: RecommendSettings = context.settings
+    store = RecommendStore(context.pool)
+    interrupted = await store.interrupt_orphaned_jobs()
+    if interrupted:
+        log.warning("%d training jobs were left running by a previous process", interrupted)
+    device = pick_device(settings.device)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    batcher: MicroBatcher[ScoreRequest, Ranked] = MicroBatcher(
+        [score_batch],  # one lane: a batch is one matmul, and torch is given the cores
+        enabled=settings.batching,
+        max_batch=settings.max_batch,
+        max_wait_s=settings.max_wait_ms / 1000,
+        queue_size=settings.queue_size,
+        metrics=batcher_metrics(context.metrics_registry),
+        busy_reason="SCORER_BUSY",
+        name="scorer",
+    )
+    batcher.start()
+    search_channel = connect(
+        settings.search_address,
+        search_service_pb2.DESCRIPTOR.services_by_name["SearchService"],
+        tracer_provider=context.tracer_provider,
+    )
+    content = ContentIndex(
+        search_channel,
+        CircuitBreaker("search"),
+        settings.search_collection,
+        timeout_s=settings.search_timeout_s,
+    )
+    servings = ServingLog(store, settings.serving_flush_s)
+    recommender = Recommender(
+        store,
+        settings,
+        build_cache(settings.redis_url, settings.cache_ttl_s, settings.cache_size),
+        batcher,
+        content,
+        servings,
+        device,
+    )
+
+    async def trained(version: str) -> None:
+        if version == recommender.version:
+            await recommender.refresh()
+
+    trainer = Trainer(store, settings, device, trained)
+    log.info("serving model version %s on %s", settings.model_version, device)
+
+    async def close() -> None:
+        await trainer.close()
+        await batcher.close()
+        await recommender.close()
+        await search_channel.close()
+
+    return Mount(
+        servicers=[
+            (
+                recommend_service_pb2_grpc.add_RecommendServiceServicer_to_server,
+                RecommendServicer(recommender, trainer, store),
+            )
+        ],
+        background=[recommender.run_refresh, servings.run],
+        ready=lambda: recommender.loaded,
+        close=close,
+    )
+
+
+SPEC = ServiceSpec(
     name="recommend",
-    service=recommend_service_pb2.DESCRIPTOR.services_by_name["RecommendService"],
-    base=recommend_service_pb2_grpc.RecommendServiceServicer,
-    add_to_server=recommend_service_pb2_grpc.add_RecommendServiceServicer_to_server,
+    services=(recommend_service_pb2.DESCRIPTOR.services_by_name["RecommendService"],),
     migrations=Path(__file__).parent / "migrations",
-    issue=4,
+    mount=mount,
+    settings=RecommendSettings,
 )

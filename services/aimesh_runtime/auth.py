@@ -20,6 +20,10 @@ from typing import Any, Protocol
 
 import jwt
 from google.protobuf.descriptor import ServiceDescriptor
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from aimesh.options.v1 import access_pb2
 from aimesh_runtime.errors import PermissionDenied, Unauthenticated
@@ -99,18 +103,44 @@ def authorize(method: str, policy: MethodPolicy | None, principal: Principal) ->
 JwksFetcher = Callable[[], Awaitable[Mapping[str, Any]]]
 
 
-def http_jwks_fetcher(url: str, timeout_s: float = 2.0) -> JwksFetcher:
-    """Fetch a JWKS document over HTTP, as Envoy's jwt_authn does."""
+def http_jwks_fetcher(
+    url: str, timeout_s: float = 2.0, tracer_provider: TracerProvider | None = None
+) -> JwksFetcher:
+    """Fetch a JWKS document over HTTP, as Envoy's jwt_authn does.
+
+    The fetch is a hop of the request that needed the keys: it gets a client
+    span and sends traceparent, so the user service's side can join the trace.
+    """
     import httpx
 
+    tracer = trace.get_tracer("aimesh.jwks", tracer_provider=tracer_provider)
+
     async def fetch() -> Mapping[str, Any]:
-        async with httpx.AsyncClient(timeout=timeout_s) as client:
-            response = await client.get(url)
+        span = tracer.start_span(
+            "GET /.well-known/jwks.json",
+            kind=SpanKind.CLIENT,
+            attributes={"http.request.method": "GET", "url.full": url},
+        )
+        current = otel_context.get_current()
+        if span.get_span_context().is_valid:  # a no-op tracer passes the caller's trace on
+            current = trace.set_span_in_context(span, current)
+        headers: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(headers, context=current)
+        with trace.use_span(span, end_on_exit=True, record_exception=True):
+            async with httpx.AsyncClient(timeout=timeout_s) as client:
+                response = await client.get(url, headers=headers)
+            span.set_attribute("http.response.status_code", response.status_code)
             response.raise_for_status()
             document: Mapping[str, Any] = response.json()
             return document
 
     return fetch
+
+
+def _consume(task: asyncio.Task[None]) -> None:
+    """Retrieve a finished fetch's outcome, so one nobody waited for is not logged."""
+    if not task.cancelled():
+        task.exception()
 
 
 class TokenVerifier:
@@ -140,6 +170,7 @@ class TokenVerifier:
         self._attempted_at = -1e9  # last attempt, successful or not
         self._fetch_lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
+        self._fetching: asyncio.Task[None] | None = None
         self._cache: OrderedDict[str, Principal] = OrderedDict()
         self._cache_size = cache_size
 
@@ -189,6 +220,19 @@ class TokenVerifier:
         return key
 
     async def _refresh(self) -> None:
+        """Fetch the keys in a task of their own that the callers wait on.
+
+        A caller that gives up (its deadline passes: the request task is
+        cancelled) must not cancel the fetch: the attempt is already stamped, so
+        every later request would be refused "unknown key" until min_refetch_s
+        had passed, though the issuer was fine.
+        """
+        if self._fetching is None or self._fetching.done():
+            self._fetching = asyncio.create_task(self._fetch_keys())
+            self._fetching.add_done_callback(_consume)
+        await asyncio.shield(self._fetching)
+
+    async def _fetch_keys(self) -> None:
         started = time.monotonic()
         async with self._fetch_lock:
             if self._attempted_at >= started:  # another caller fetched while we waited

@@ -5,6 +5,12 @@ methods marked NO_SIDE_EFFECTS or IDEMPOTENT retry on UNAVAILABLE (gRFC A6),
 retries are throttled so a dead backend is not hammered, and every unary
 method has a timeout. Its interceptor sends the caller's remaining deadline,
 trace context, request id and credentials downstream.
+
+The timeouts are set per call by the interceptor, not in the service config:
+grpcio's service-config "timeout" fires about 1.5 s early (grpc/grpc#34547,
+#40633; seen with grpcio 1.85), so a 1 s timeout there fails every call at
+once and a 5 s one allows 3.5 s. A per-call timeout covers all retry attempts,
+as the service-config one would.
 """
 
 from __future__ import annotations
@@ -42,23 +48,38 @@ def _streams(method: MethodDescriptor) -> bool:
     return bool(method.client_streaming or method.server_streaming)
 
 
-def service_config(
+def method_timeouts(
     service: ServiceDescriptor,
     *,
     default_timeout_s: float = 5.0,
     timeouts: Mapping[str, float] | None = None,
-) -> dict[str, Any]:
-    """The gRPC service config for calling `service`, from its descriptor."""
+) -> dict[str, float]:
+    """Timeout of each unary method of `service`, by full method path (/pkg.Service/Method)."""
     timeouts = timeouts or {}
+    return {
+        f"/{service.full_name}/{method.name}": timeouts.get(method.name, default_timeout_s)
+        for method in service.methods
+        if not _streams(method)
+    }
+
+
+def service_config(
+    service: ServiceDescriptor,
+    *,
+    retry_throttling: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """The gRPC service config for calling `service`, from its descriptor.
+
+    Timeouts are not in it (see the module docstring): `method_timeouts` gives
+    them to the channel's interceptor.
+    """
     configs = []
     for method in service.methods:
         entry: dict[str, Any] = {"name": [{"service": service.full_name, "method": method.name}]}
-        if not _streams(method):
-            entry["timeout"] = f"{timeouts.get(method.name, default_timeout_s):.3f}s"
-            if method.GetOptions().idempotency_level in SAFE_TO_RETRY:
-                entry["retryPolicy"] = RETRY_POLICY
+        if not _streams(method) and method.GetOptions().idempotency_level in SAFE_TO_RETRY:
+            entry["retryPolicy"] = RETRY_POLICY
         configs.append(entry)
-    return {"methodConfig": configs, "retryThrottling": RETRY_THROTTLING}
+    return {"methodConfig": configs, "retryThrottling": dict(retry_throttling or RETRY_THROTTLING)}
 
 
 class PropagatingInterceptor(
@@ -69,14 +90,20 @@ class PropagatingInterceptor(
 ):
     """Send the remaining deadline, trace context, request id and caller downstream."""
 
-    def __init__(self, tracer_provider: TracerProvider | None = None) -> None:
+    def __init__(
+        self,
+        tracer_provider: TracerProvider | None = None,
+        timeouts: Mapping[str, float] | None = None,
+    ) -> None:
         self._tracer = trace.get_tracer("aimesh.client", tracer_provider=tracer_provider)
+        self._timeouts = dict(timeouts or {})  # by full method path
 
     def _prepare(
         self, details: grpc.aio.ClientCallDetails
     ) -> tuple[grpc.aio.ClientCallDetails, trace.Span]:
         metadata = list(details.metadata or ())
-        timeout = details.timeout
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        timeout = details.timeout if details.timeout is not None else self._timeouts.get(method)
         scope = call_scope()
         if scope is not None:
             present = {key for key, _ in metadata}
@@ -84,7 +111,6 @@ class PropagatingInterceptor(
             if scope.deadline is not None:
                 remaining = max(scope.deadline - time.monotonic(), 0.001)
                 timeout = remaining if timeout is None else min(timeout, remaining)
-        method = details.method.decode() if isinstance(details.method, bytes) else details.method
         span = self._tracer.start_span(method.lstrip("/"), kind=SpanKind.CLIENT)
         carrier: dict[str, str] = {}
         current = otel_context.get_current()
@@ -148,9 +174,15 @@ def connect(
     timeouts: Mapping[str, float] | None = None,
     tracer_provider: TracerProvider | None = None,
     max_message_bytes: int = 4 * 1024 * 1024,
+    retry_throttling: Mapping[str, float] | None = None,
 ) -> grpc.aio.Channel:
-    """An insecure channel to `target`: inside the mesh, Istio's sidecars add mTLS."""
-    config = service_config(service, default_timeout_s=default_timeout_s, timeouts=timeouts)
+    """An insecure channel to `target`: inside the mesh, Istio's sidecars add mTLS.
+
+    `retry_throttling` replaces RETRY_THROTTLING for this dependency (gRFC A6's
+    maxTokens and tokenRatio).
+    """
+    config = service_config(service, retry_throttling=retry_throttling)
+    per_call = method_timeouts(service, default_timeout_s=default_timeout_s, timeouts=timeouts)
     options = [
         ("grpc.service_config", json.dumps(config)),
         ("grpc.enable_retries", 1),
@@ -160,5 +192,5 @@ def connect(
         ("grpc.max_send_message_length", max_message_bytes),
     ]
     return grpc.aio.insecure_channel(
-        target, options=options, interceptors=[PropagatingInterceptor(tracer_provider)]
+        target, options=options, interceptors=[PropagatingInterceptor(tracer_provider, per_call)]
     )

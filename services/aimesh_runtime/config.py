@@ -128,6 +128,25 @@ class RuntimeConfig:
     user_address: str = setting(
         "AIMESH_USER_ADDRESS", "host:port of the user service, to exchange API keys.", ""
     )
+    notify_address: str = setting(
+        "AIMESH_NOTIFY_ADDRESS",
+        "host:port of the notify service; when set, each service relays its outbox there.",
+        "",
+    )
+    service_api_key: str = setting(
+        "AIMESH_SERVICE_API_KEY",
+        "API key of a service account (role service) for calls a service makes on its own "
+        "behalf, such as the outbox relay's Publish; the user service mints its own tokens.",
+        "",
+    )
+    outbox_poll_s: float = setting(
+        "AIMESH_OUTBOX_POLL_S",
+        "How often the outbox relay looks for rows it was not woken for.",
+        2.0,
+    )
+    outbox_batch: int = setting(
+        "AIMESH_OUTBOX_BATCH", "Outbox rows the relay claims and publishes per transaction.", 100
+    )
     rate_limit_rps: float = setting(
         "AIMESH_RATE_LIMIT_RPS", "Sustained requests per second per principal.", 200.0
     )
@@ -180,6 +199,10 @@ class RuntimeConfig:
             raise ConfigError("AIMESH_HEALTH_PROBE_S must be at least 0.1")
         if self.drain_seconds < 0:
             raise ConfigError("AIMESH_DRAIN_SECONDS must not be negative")
+        if self.outbox_poll_s <= 0 or not 1 <= self.outbox_batch <= 10_000:
+            raise ConfigError(
+                "AIMESH_OUTBOX_POLL_S must be positive and AIMESH_OUTBOX_BATCH in 1..10000"
+            )
         if not 60 <= self.jwt_max_lifetime_s <= 86_400:
             raise ConfigError("AIMESH_JWT_MAX_LIFETIME_S must be between 60 and 86400")
 

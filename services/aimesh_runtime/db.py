@@ -1,9 +1,13 @@
 """asyncpg pool per service and versioned SQL migrations applied at start.
 
 Migrations are files `NNNN_description.sql` in the service's migrations
-folder. Each runs once, in its own transaction, under an advisory lock so two
-replicas starting together do not race. A file changed after it was applied
-stops the start: migrations are append-only.
+folder, plus the runtime's own (aimesh_runtime/migrations: the outbox and
+audit tables every service has, from version 0050, so a service's own
+numbering goes on below it). Each runs once, in its own transaction, under an
+advisory lock so two replicas starting together do not race. A file changed
+after it was applied stops the start: migrations are append-only. Versions may
+skip numbers, and a pending version lower than one applied still runs (each
+file must stand on its own).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 MIGRATION_LOCK_ID = 7_361_224_001  # advisory lock key shared by every aimesh service
+SHARED_MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 class MigrationError(RuntimeError):
@@ -47,14 +52,26 @@ def read_migrations(folder: Path) -> list[Migration]:
             raise MigrationError(f"{path.name}: expected NNNN_description.sql")
         found.append(Migration(int(match.group(1)), match.group(2), path.read_text()))
     versions = [m.version for m in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise MigrationError(f"{folder}: migration versions must run 1, 2, 3... without gaps")
+    if len(set(versions)) != len(versions) or 0 in versions:
+        raise MigrationError(f"{folder}: migration versions must be unique and start at 0001")
     return found
 
 
-async def migrate(pool: asyncpg.Pool, folder: Path) -> list[int]:
-    """Apply pending migrations; return the versions applied now."""
+def with_shared(own: list[Migration]) -> list[Migration]:
+    """A service's migrations and the runtime's, in version order."""
+    shared = read_migrations(SHARED_MIGRATIONS)
+    taken = {m.version for m in shared} & {m.version for m in own}
+    if taken:
+        raise MigrationError(f"versions {sorted(taken)} belong to the runtime's shared migrations")
+    return sorted(own + shared, key=lambda m: m.version)
+
+
+async def migrate(pool: asyncpg.Pool, folder: Path, *, shared: bool = True) -> list[int]:
+    """Apply pending migrations of `folder` (and, with `shared`, the runtime's);
+    return the versions applied now."""
     migrations = read_migrations(folder)
+    if shared:
+        migrations = with_shared(migrations)
     applied_now = []
     async with pool.acquire() as connection:
         await connection.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
@@ -101,7 +118,11 @@ async def create_pool(
     while True:
         try:
             pool: asyncpg.Pool = await asyncpg.create_pool(
-                url, min_size=min_size, max_size=max_size, command_timeout=30
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                command_timeout=30,
+                reset=_keep_session,
             )
             return pool
         except (TimeoutError, OSError, asyncpg.PostgresError) as error:
@@ -110,6 +131,13 @@ async def create_pool(
             log.warning("database not ready (%s); retrying", error)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Release a connection without asyncpg's reset query (RESET ALL, UNLISTEN *,
+    advisory unlocks): a second round trip on every release, and our code keeps
+    no session state on pooled connections (locks are transaction-scoped or
+    released in `finally`). asyncpg still rolls back an open transaction."""
 
 
 class DatabaseProbe:

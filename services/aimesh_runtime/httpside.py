@@ -11,13 +11,25 @@ import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
 # path -> () -> (content type, body)
 Route = Callable[[], tuple[str, bytes]]
 
 
 class SideServer:
-    def __init__(self, host: str, port: int, routes: Mapping[str, Route]) -> None:
-        handler = _handler_for(dict(routes))
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        routes: Mapping[str, Route],
+        tracer: trace.Tracer | None = None,
+    ) -> None:
+        # Only a real tracer: a no-op one would cost a span object per scrape for nothing.
+        traced = tracer if tracer is not None and not isinstance(tracer, trace.NoOpTracer) else None
+        handler = _handler_for(dict(routes), traced)
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
@@ -36,10 +48,29 @@ class SideServer:
         self._server.server_close()
 
 
-def _handler_for(routes: dict[str, Route]) -> type[BaseHTTPRequestHandler]:
+def _handler_for(
+    routes: dict[str, Route], tracer: trace.Tracer | None
+) -> type[BaseHTTPRequestHandler]:
+    propagator = TraceContextTextMapPropagator()
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            route = routes.get(self.path.split("?", 1)[0])
+            path = self.path.split("?", 1)[0]
+            if tracer is None or "traceparent" not in self.headers:
+                self._serve(path)
+                return
+            # A caller's trace (the JWKS fetch of a token check) gets this hop's span.
+            parent = propagator.extract({"traceparent": self.headers["traceparent"]})
+            with tracer.start_as_current_span(
+                f"GET {path}",
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes={"http.request.method": "GET", "url.path": path},
+            ):
+                self._serve(path)
+
+        def _serve(self, path: str) -> None:
+            route = routes.get(path)
             if route is None:
                 self.send_error(404)
                 return

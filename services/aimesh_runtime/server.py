@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from aimesh.notify.v1 import notify_service_pb2
 from aimesh.user.v1 import user_service_pb2
 from aimesh_runtime import db
 from aimesh_runtime.apikeys import ExchangedApiKeys
@@ -40,8 +41,10 @@ from aimesh_runtime.auth import (
 )
 from aimesh_runtime.client import connect
 from aimesh_runtime.config import ConfigError, RuntimeConfig, database_url, load
+from aimesh_runtime.faults import fault_interceptors
 from aimesh_runtime.httpside import Route, SideServer
 from aimesh_runtime.metrics import RpcMetrics
+from aimesh_runtime.outbox import OutboxRelay
 from aimesh_runtime.pipeline import ServerPipeline
 from aimesh_runtime.ratelimit import RateLimiter
 from aimesh_runtime.telemetry import configure_logging, tracer_provider
@@ -78,6 +81,9 @@ class Mount:
     background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
     ready: Callable[[], bool] | None = None
     close: Callable[[], Awaitable[None]] | None = None
+    # Metadata for calls made on the service's own behalf (the outbox relay's);
+    # the user service mints tokens, others send AIMESH_SERVICE_API_KEY.
+    credentials: Callable[[], Sequence[tuple[str, str]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,8 @@ class AimeshServer:
             slow_call_s=config.slow_call_s,
         )
         server = grpc.aio.server(
-            interceptors=[pipeline],
+            # Injected faults (AIMESH_FAULT_*) act in front of the pipeline, as a sidecar's do.
+            interceptors=[*fault_interceptors(self.environ), pipeline],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
@@ -185,7 +192,9 @@ class AimeshServer:
         routes: dict[str, Route] = {"/metrics": self._metrics_route}
         for running in self._running:
             routes.update(running.mount.routes)
-        self._side = SideServer(config.host, http_port, routes)
+        self._side = SideServer(
+            config.host, http_port, routes, self.tracer_provider.get_tracer("aimesh.http")
+        )
         self.http_port = self._side.port
         await server.start()
         self._server = server
@@ -195,6 +204,7 @@ class AimeshServer:
         for running in self._running:
             for job in running.mount.background:
                 self._tasks.append(asyncio.create_task(job(), name=f"{running.spec.name}-bg"))
+        self._start_relays()
         log.info(
             "serving %s",
             ", ".join(names),
@@ -204,7 +214,11 @@ class AimeshServer:
     def _auth(self) -> tuple[TokenVerifier | None, ApiKeyAuthenticator | None]:
         config = self.config
         local_jwks = next((r.mount.jwks for r in self._running if r.mount.jwks), None)
-        fetch = local_jwks or (http_jwks_fetcher(config.jwks_url) if config.jwks_url else None)
+        fetch = local_jwks or (
+            http_jwks_fetcher(config.jwks_url, tracer_provider=self.tracer_provider)
+            if config.jwks_url
+            else None
+        )
         if fetch is None:
             raise ConfigError("AIMESH_JWKS_URL is required: where to fetch the user service's JWKS")
         verifier = TokenVerifier(
@@ -225,6 +239,37 @@ class AimeshServer:
             self._channels.append(channel)
             api_keys = ExchangedApiKeys(channel, verifier)
         return verifier, api_keys
+
+    def _start_relays(self) -> None:
+        """One outbox relay per service, when notify's address is configured."""
+        config = self.config
+        if not config.notify_address:
+            return
+        credentials = next(
+            (r.mount.credentials for r in self._running if r.mount.credentials), None
+        )
+        if credentials is None and config.service_api_key:
+            header = (("x-api-key", config.service_api_key),)
+            credentials = lambda: header  # noqa: E731
+        if credentials is None:
+            log.error("AIMESH_SERVICE_API_KEY is not set: outbox events stay queued unpublished")
+            return
+        channel = connect(
+            config.notify_address,
+            notify_service_pb2.DESCRIPTOR.services_by_name["NotifyService"],
+            tracer_provider=self.tracer_provider,
+        )
+        self._channels.append(channel)
+        for running in self._running:
+            relay = OutboxRelay(
+                running.pool,
+                channel,
+                service=running.spec.name,
+                credentials=credentials,
+                batch_size=config.outbox_batch,
+                poll_s=config.outbox_poll_s,
+            )
+            self._tasks.append(asyncio.create_task(relay.run(), name=f"{running.spec.name}-outbox"))
 
     def _metrics_route(self) -> tuple[str, bytes]:
         return CONTENT_TYPE_LATEST, generate_latest(self.metrics_registry)

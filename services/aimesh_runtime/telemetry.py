@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -21,8 +23,30 @@ _STANDARD_ATTRIBUTES = frozenset(
 )
 
 
+def _log_ids() -> tuple[str | None, str | None]:
+    """The trace and span ids a log line carries.
+
+    The current span's when there is one (recording, or the caller's remote
+    context). Inside an RPC with neither (no OTLP endpoint, no traceparent from
+    the caller) the ids are made for the log alone: the trace id is derived from
+    the request id, which every hop forwards, so lines of one request share it
+    across services; the span id is this call's. Outside any RPC (start-up,
+    background jobs) both are null.
+    """
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        return format(span_context.trace_id, "032x"), format(span_context.span_id, "016x")
+    scope = context.call_scope()
+    if scope is None:
+        return None, None
+    if scope.log_ids is None:
+        derived = hashlib.blake2b(scope.request_id.encode(), digest_size=16).hexdigest()
+        scope.log_ids = (derived, os.urandom(8).hex())
+    return scope.log_ids
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line, with trace_id, span_id and request_id when known."""
+    """One JSON object a line; every line has trace_id and span_id (null outside an RPC)."""
 
     def __init__(self, service: str) -> None:
         super().__init__()
@@ -37,10 +61,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        span_context = trace.get_current_span().get_span_context()
-        if span_context.is_valid:
-            entry["trace_id"] = format(span_context.trace_id, "032x")
-            entry["span_id"] = format(span_context.span_id, "016x")
+        entry["trace_id"], entry["span_id"] = _log_ids()
         request_id = context.request_id()
         if request_id:
             entry["request_id"] = request_id

@@ -1,29 +1,22 @@
-"""Dynamic micro-batching of encodes, and an LRU cache of query embeddings.
+"""Batching of query encodes, and an LRU cache of query embeddings.
 
-Concurrent callers put texts on a bounded queue; one worker takes up to
-`max_batch` of them, waiting at most `max_wait_s` for a batch to fill, and
-encodes them together on a single worker thread, so the event loop never
-blocks and the model sees one batch at a time. A full queue refuses at once
-with RESOURCE_EXHAUSTED instead of letting latency grow without bound.
+Concurrent queries are encoded together by the runtime's micro-batcher
+(aimesh_runtime.batching), one lane per copy of the encoder.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
 from collections import OrderedDict
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from aimesh_runtime.errors import ResourceExhausted
+from aimesh_runtime.batching import BATCH_BUCKETS, BatchMetrics, MicroBatcher
 from aimesh_search.encoder import Encoded
 
 EncodeFn = Callable[[list[str]], Encoded]
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+Embedded = tuple[np.ndarray, bool]  # a unit vector, and whether its text was truncated
 
 
 class BatcherMetrics:
@@ -55,11 +48,11 @@ class QueryCache:
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._entries: OrderedDict[tuple[str, str], tuple[np.ndarray, bool]] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str], Embedded] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get(self, model: str, text: str) -> tuple[np.ndarray, bool] | None:
+    def get(self, model: str, text: str) -> Embedded | None:
         entry = self._entries.get((model, text))
         if entry is None:
             self.misses += 1
@@ -82,10 +75,21 @@ class QueryCache:
         return self.hits / total if total else 0.0
 
 
-class MicroBatcher:
+def _per_text(encode: EncodeFn) -> Callable[[list[str]], list[Embedded]]:
+    def run(texts: list[str]) -> list[Embedded]:
+        encoded = encode(texts)
+        return list(zip(encoded.vectors, encoded.truncated, strict=True))
+
+    return run
+
+
+class EncoderBatcher:
+    """Query encodes batched across callers; bulk encodes (upserts, imports) on
+    the same lanes, so each copy of the model runs one batch at a time."""
+
     def __init__(
         self,
-        encode: EncodeFn,
+        encoders: Sequence[EncodeFn],
         *,
         enabled: bool,
         max_batch: int,
@@ -93,95 +97,41 @@ class MicroBatcher:
         queue_size: int,
         metrics: BatcherMetrics,
     ) -> None:
-        self._encode = encode
-        self.enabled = enabled
-        self._max_batch = max_batch
-        self._max_wait_s = max_wait_s
-        self._queue: asyncio.Queue[tuple[str, asyncio.Future[tuple[np.ndarray, bool]]]] = (
-            asyncio.Queue(maxsize=queue_size)
+        self._batcher: MicroBatcher[str, Embedded] = MicroBatcher(
+            [_per_text(encode) for encode in encoders],
+            enabled=enabled,
+            max_batch=max_batch,
+            max_wait_s=max_wait_s,
+            queue_size=queue_size,
+            metrics=BatchMetrics(metrics.batch_size, metrics.queue_depth, metrics.rejected),
+            busy_reason="ENCODER_BUSY",
+            name="encoder",
         )
-        self._metrics = metrics
-        # One thread: the model runs one batch at a time, with torch's own threads inside.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
-        self._worker: asyncio.Task[None] | None = None
-        self._seconds_per_text = 0.005  # refined as batches run; used for RetryInfo
+
+    @property
+    def enabled(self) -> bool:
+        return self._batcher.enabled
+
+    @property
+    def lanes(self) -> int:
+        return self._batcher.lanes
 
     def start(self) -> None:
-        if self.enabled and self._worker is None:
-            self._worker = asyncio.create_task(self._run(), name="encoder-batcher")
+        self._batcher.start()
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        await self._batcher.close()
 
     async def encode(self, texts: list[str]) -> Encoded:
         """Embed texts, batched with whatever else is waiting."""
-        if not texts:
-            return Encoded(np.zeros((0, 0), dtype=np.float32), [])
-        if not self.enabled:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._encode, texts)
-        if self._queue.maxsize - self._queue.qsize() < len(texts):
-            self._metrics.rejected.inc(len(texts))
-            wait = max(self._queue.qsize() * self._seconds_per_text, 0.05)
-            raise ResourceExhausted(
-                "encoder queue is full; retry later", retry_after_s=wait, reason="ENCODER_BUSY"
-            )
-        loop = asyncio.get_running_loop()
-        futures = []
-        for text in texts:
-            future: asyncio.Future[tuple[np.ndarray, bool]] = loop.create_future()
-            self._queue.put_nowait((text, future))
-            futures.append(future)
-        self._metrics.queue_depth.set(self._queue.qsize())
-        results = await asyncio.gather(*futures)
-        return Encoded(
-            np.stack([vector for vector, _ in results]), [truncated for _, truncated in results]
-        )
+        return _stacked(await self._batcher.submit(texts))
 
     async def encode_bulk(self, texts: list[str]) -> Encoded:
-        """Embed a batch the caller already formed (upserts, imports), on the same
-        thread as queries so the model runs one batch at a time."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._encode, texts)
+        """Embed a batch the caller already formed."""
+        return _stacked(await self._batcher.run_alone(texts))
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self._queue.get()]
-            deadline = loop.time() + self._max_wait_s
-            while len(batch) < self._max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
-            live = [(text, future) for text, future in batch if not future.done()]
-            self._metrics.queue_depth.set(self._queue.qsize())
-            if not live:
-                continue
-            self._metrics.batch_size.observe(len(live))
-            started = time.perf_counter()
-            try:
-                encoded = await loop.run_in_executor(
-                    self._executor, self._encode, [text for text, _ in live]
-                )
-            except Exception as error:  # every waiter learns of the failure
-                for _, future in live:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            self._seconds_per_text = (time.perf_counter() - started) / len(live)
-            for index, (_, future) in enumerate(live):
-                if not future.done():
-                    future.set_result((encoded.vectors[index], encoded.truncated[index]))
+
+def _stacked(results: list[Embedded]) -> Encoded:
+    if not results:
+        return Encoded(np.zeros((0, 0), dtype=np.float32), [])
+    return Encoded(np.stack([vector for vector, _ in results]), [t for _, t in results])

@@ -28,7 +28,7 @@ from aimesh_runtime.errors import (
 )
 from aimesh_runtime.pages import bad_page_token, decode_page_token, encode_page_token, page_size
 from aimesh_search import filters
-from aimesh_search.batcher import BatcherMetrics, MicroBatcher, QueryCache
+from aimesh_search.batcher import BatcherMetrics, EncoderBatcher, QueryCache
 from aimesh_search.encoder import Encoder
 from aimesh_search.index import VectorIndex
 from aimesh_search.settings import SearchSettings
@@ -79,7 +79,7 @@ class Catalog:
         self,
         store: SearchStore,
         encoder: Encoder,
-        batcher: MicroBatcher,
+        batcher: EncoderBatcher,
         cache: QueryCache,
         settings: SearchSettings,
         metrics: BatcherMetrics,
@@ -91,6 +91,9 @@ class Catalog:
         self._cache = cache
         self._settings = settings
         self._indexes: dict[str, VectorIndex] = {}
+        # Rows of the collections indexed here. Their model and dimension never
+        # change, so a search checks them without a database round trip.
+        self._served: dict[str, CollectionRow] = {}
         self._write_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
             asyncio.Lock
         )
@@ -121,6 +124,7 @@ class Catalog:
             )
             await asyncio.get_running_loop().run_in_executor(None, index.load, ids, vectors)
             self._indexes[row.id] = index
+            self._served[row.id] = row
             log.info("loaded collection %s: %d vectors", row.id, index.size)
         self.loaded = True
 
@@ -167,6 +171,7 @@ class Catalog:
         except Conflict:
             raise AlreadyExists(f"collections/{collection_id} already exists") from None
         self._indexes[collection_id] = self._new_index(dimension)
+        self._served[collection_id] = row
         return row
 
     async def get_collection(self, collection_id: str) -> CollectionRow:
@@ -184,9 +189,13 @@ class Catalog:
             if not await self._store.delete_collection(collection_id):
                 name = f"collections/{collection_id}"
                 raise NotFound(f"{name} does not exist", metadata={"name": name})
-            index = self._indexes.pop(collection_id, None)
+            index = self._forget(collection_id)
         if index is not None:
             index.close()
+
+    def _forget(self, collection_id: str) -> VectorIndex | None:
+        self._served.pop(collection_id, None)
+        return self._indexes.pop(collection_id, None)
 
     def is_approximate(self, collection_id: str) -> bool:
         index = self._indexes.get(collection_id)
@@ -316,11 +325,11 @@ class Catalog:
                     raise InvalidArgument.field(
                         "filter.conditions.range", f"min {bounds.min} exceeds max {bounds.max}"
                     )
-        row = await self._collection(collection_id)
+        row = self._served.get(collection_id) or await self._collection(collection_id)
         self._check_served(row)
         index = self.index_of(collection_id)
         vectors, truncated = await self.embed_queries([q.text for q in queries])
-        answers = []
+        found = []
         for position, query in enumerate(queries):
             allowed = None
             if query.metadata_filter is not None and query.metadata_filter.conditions:
@@ -329,10 +338,19 @@ class Catalog:
             scores, ids = await index.search(
                 vectors[position : position + 1], query.top_k + OVERFETCH, allowed
             )
-            wanted = [int(i) for i in ids[0] if i >= 0]
-            rows = await self._store.documents_by_vector_ids(collection_id, wanted)
+            found.append((scores[0], ids[0]))
+        # One read for every query's hits; it also sees a collection deleted by
+        # another replica since this one loaded it.
+        wanted = sorted({int(i) for _, ids in found for i in ids if i >= 0})
+        rows = await self._store.documents_by_vector_ids(collection_id, wanted)
+        if rows is None:
+            self._forget(collection_id)  # not closed: concurrent searches may still use it
+            name = f"collections/{collection_id}"
+            raise NotFound(f"{name} does not exist", metadata={"name": name})
+        answers = []
+        for position, (query, (scores, ids)) in enumerate(zip(queries, found, strict=True)):
             hits = []
-            for score, vector_id in zip(scores[0], ids[0], strict=True):
+            for score, vector_id in zip(scores, ids, strict=True):
                 document = rows.get(int(vector_id))
                 if document is None:  # deleted while we searched, or padding
                     continue

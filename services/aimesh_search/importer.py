@@ -20,7 +20,7 @@ from typing import Any
 from aimesh.search.v1 import search_service_pb2 as pb
 from aimesh_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from aimesh_runtime.pages import encode_page_token, page_size
-from aimesh_search.batcher import MicroBatcher
+from aimesh_search.batcher import EncoderBatcher
 from aimesh_search.catalog import Catalog, DocumentInput, decode_after
 from aimesh_search.store import ImportJobRow, SearchStore
 
@@ -61,7 +61,7 @@ def parse_line(raw: bytes, default_owner: str, may_assign_owner: bool = False) -
 
 class Importer:
     def __init__(
-        self, store: SearchStore, catalog: Catalog, batcher: MicroBatcher, batch_lines: int
+        self, store: SearchStore, catalog: Catalog, batcher: EncoderBatcher, batch_lines: int
     ) -> None:
         self._store = store
         self._catalog = catalog

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 from aimesh.search.v1 import search_service_pb2, search_service_pb2_grpc
+from aimesh_runtime.metrics import ModelMetrics
 from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
-from aimesh_search.batcher import BatcherMetrics, MicroBatcher, QueryCache
+from aimesh_search.batcher import BatcherMetrics, EncoderBatcher, QueryCache
 from aimesh_search.catalog import Catalog
 from aimesh_search.encoder import Encoder
 from aimesh_search.importer import Importer
@@ -23,6 +25,25 @@ from aimesh_search.store import SearchStore
 log = logging.getLogger(__name__)
 
 
+def load_encoders(settings: SearchSettings) -> list[Encoder]:
+    """The encoder copies the batcher runs side by side, one per lane (see
+    aimesh_runtime.batching for why copies beat one model on every core)."""
+    first = Encoder(settings.model_path, settings.model_name, settings.device)
+    if first.device != "cpu":
+        return [first]  # a GPU runs one batch at a time best
+    cores = len(os.sched_getaffinity(0))
+    workers = settings.encoder_workers or min(cores, 4)
+    import torch
+
+    torch.set_num_threads(settings.torch_threads or max(1, cores // workers))
+    copies = [first]
+    while len(copies) < workers:
+        # Copies, not one shared model: its tokenizer is not safe across threads.
+        copies.append(Encoder(settings.model_path, settings.model_name, "cpu"))
+    log.info("%d encoder copies, %d torch threads each", workers, torch.get_num_threads())
+    return copies
+
+
 async def mount(context: ServiceContext) -> Mount:
     settings: SearchSettings = context.settings
     store = SearchStore(context.pool)
@@ -30,16 +51,16 @@ async def mount(context: ServiceContext) -> Mount:
     if interrupted:
         log.warning("%d import jobs were left running by a previous process", interrupted)
     loop = asyncio.get_running_loop()
-    encoder = await loop.run_in_executor(
-        None, Encoder, settings.model_path, settings.model_name, settings.device
-    )
+    encoders = await loop.run_in_executor(None, load_encoders, settings)
+    encoder = encoders[0]
     metrics = BatcherMetrics(context.metrics_registry)
+    ModelMetrics.of(context.metrics_registry)  # GPU utilisation and memory, when present
     cache = QueryCache(settings.cache_size)
     metrics.cache.labels("hit")  # both series exist from the first scrape
     metrics.cache.labels("miss")
     metrics.hit_ratio.set_function(lambda: cache.hit_rate)
-    batcher = MicroBatcher(
-        encoder.encode,
+    batcher = EncoderBatcher(
+        [copy.encode for copy in encoders],
         enabled=settings.batching,
         max_batch=settings.max_batch,
         max_wait_s=settings.max_wait_ms / 1000,

@@ -26,6 +26,17 @@ class SearchSettings:
     batching: bool = setting(
         "AIMESH_SEARCH_BATCHING", "Coalesce concurrent encodes into batches.", True
     )
+    encoder_workers: int = setting(
+        "AIMESH_SEARCH_ENCODER_WORKERS",
+        "Copies of the encoder running batches side by side; 0 means one per CPU core"
+        " (at most 4) on a CPU and one on a GPU.",
+        0,
+    )
+    torch_threads: int = setting(
+        "AIMESH_SEARCH_TORCH_THREADS",
+        "Torch threads per encoder copy on a CPU; 0 means the cores divided among the copies.",
+        0,
+    )
     max_batch: int = setting("AIMESH_SEARCH_MAX_BATCH", "Most texts encoded at once.", 64)
     max_wait_ms: float = setting(
         "AIMESH_SEARCH_MAX_WAIT_MS", "Longest a text waits for its batch to fill.", 5.0
@@ -60,6 +71,10 @@ class SearchSettings:
         if self.max_wait_ms < 0 or self.queue_size < 1 or self.cache_size < 0:
             raise ConfigError(
                 "AIMESH_SEARCH_MAX_WAIT_MS, _QUEUE_SIZE and _QUERY_CACHE must be positive"
+            )
+        if self.encoder_workers < 0 or self.torch_threads < 0:
+            raise ConfigError(
+                "AIMESH_SEARCH_ENCODER_WORKERS and _TORCH_THREADS must be 0 (automatic) or more"
             )
         if self.ann_threshold < 1000 or self.ann_ef_search < 1:
             raise ConfigError(

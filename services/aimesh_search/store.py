@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 import numpy as np
 
+from aimesh_runtime import outbox
 from aimesh_search.encoder import Vectors
 
 
@@ -162,13 +163,18 @@ class SearchStore:
 
     async def documents_by_vector_ids(
         self, collection_id: str, vector_ids: Sequence[int]
-    ) -> dict[int, DocumentRow]:
+    ) -> dict[int, DocumentRow] | None:
+        """The documents holding these vectors; None if the collection is gone."""
         rows = await self._pool.fetch(
-            """SELECT * FROM documents
-               WHERE collection_id = $1 AND vector_id = ANY($2::bigint[])""",
+            """SELECT d.* FROM collections c
+               LEFT JOIN documents d
+                 ON d.collection_id = c.id AND d.vector_id = ANY($2::bigint[])
+               WHERE c.id = $1""",
             collection_id, list(vector_ids),
         )  # fmt: skip
-        return {row["vector_id"]: _document(row) for row in rows}
+        if not rows:
+            return None
+        return {row["vector_id"]: _document(row) for row in rows if row["vector_id"] is not None}
 
     async def delete_document(self, collection_id: str, document_id: str) -> int | None:
         vector_id: int | None = await self._pool.fetchval(
@@ -301,14 +307,30 @@ class SearchStore:
     async def finish_import_job(
         self, collection_id: str, job_id: str, state: str, error: str = ""
     ) -> ImportJobRow:
-        row = await self._pool.fetchrow(
-            """UPDATE import_jobs SET state = $3, error_message = $4, feeder = NULL,
-                   update_time = now(),
-                   end_time = CASE WHEN $3 IN ('SUCCEEDED', 'FAILED') THEN now() END
-               WHERE collection_id = $1 AND id = $2 RETURNING *""",
-            collection_id, job_id, state, error,
-        )  # fmt: skip
-        return _job(row)
+        async with self._pool.acquire() as connection, connection.transaction():
+            row = await connection.fetchrow(
+                """UPDATE import_jobs SET state = $3, error_message = $4, feeder = NULL,
+                       update_time = now(),
+                       end_time = CASE WHEN $3 IN ('SUCCEEDED', 'FAILED') THEN now() END
+                   WHERE collection_id = $1 AND id = $2 RETURNING *""",
+                collection_id, job_id, state, error,
+            )  # fmt: skip
+            job = _job(row)
+            if state in ("SUCCEEDED", "FAILED"):
+                name = f"collections/{collection_id}/importJobs/{job_id}"
+                await outbox.emit(
+                    connection,
+                    topic="search.import_finished",
+                    key=name,
+                    payload={
+                        "import_job": name,
+                        "state": state,
+                        "upserted_documents": row["upserted_documents"],
+                        "failed_lines": row["failed_lines"],
+                        "error": error,
+                    },
+                )
+        return job
 
     async def cancel_import_job(self, collection_id: str, job_id: str) -> ImportJobRow | None:
         row = await self._pool.fetchrow(

@@ -27,7 +27,7 @@ from aimesh_runtime.errors import (
 )
 from aimesh_runtime.pages import decode_keyset, encode_keyset, page_size
 from aimesh_user.signing import KeyRing
-from aimesh_user.store import ApiKeyRow, EmailTaken, UserRow, UserStore
+from aimesh_user.store import ApiKeyRow, EmailTaken, KeyTaken, UserRow, UserStore
 
 MEMBER_SCOPES = (
     "user.read",
@@ -139,6 +139,35 @@ class Accounts:
             with contextlib.suppress(AlreadyExists):
                 await self.register(email, password, "admin", roles=("admin",))
 
+    async def ensure_service_key(self, email: str, api_key: str) -> None:
+        """A service account holding `api_key`, created if missing (dev setups hand
+        the same key to the other services as AIMESH_SERVICE_API_KEY)."""
+        marker, _, rest = api_key.partition("_")
+        prefix, _, secret = rest.partition("_")
+        if marker != API_KEY_PREFIX or not prefix or not secret:
+            raise ValueError("a service API key looks like amk_<8 hex>_<secret>")
+        if await self._store.api_key_exists(prefix):
+            return
+        with contextlib.suppress(AlreadyExists):
+            await self.register(email, secrets.token_urlsafe(24), "services", roles=("service",))
+        user = await self._store.user_by_email(email)
+        if user is None:
+            raise RuntimeError(f"service account {email} vanished")
+        row = ApiKeyRow(
+            id=uuid.uuid4().hex,
+            user_id=user.id,
+            display_name="services",
+            prefix=prefix,
+            secret_hash=_digest(secret),
+            scopes=tuple(SERVICE_SCOPES),
+            expire_time=None,
+            create_time=dt.datetime.now(dt.UTC),
+            revoke_time=None,
+            last_use_time=None,
+        )
+        with contextlib.suppress(KeyTaken):  # another replica made it first
+            await self._store.insert_api_key(user.id, row)
+
     async def login(self, email: str, password: str) -> tuple[UserRow, Tokens]:
         user = await self._store.user_by_email(email)
         stored = user.password_hash if user is not None else self._decoy_hash
@@ -148,6 +177,7 @@ class Accounts:
             user = None
         if user is None:
             raise Unauthenticated("wrong email or password", reason="BAD_CREDENTIALS")
+        _refuse_disabled(user)
         if self._hasher.check_needs_rehash(user.password_hash):
             new_hash = await asyncio.to_thread(self._hasher.hash, password)
             await self._store.update_user(user.id, user.id, {"password_hash": new_hash})
@@ -184,6 +214,7 @@ class Accounts:
         user = await self._store.user_by_id(row.user_id)
         if user is None:
             raise rejected
+        _refuse_disabled(user)
         return await self._issue(user)
 
     async def get(self, caller: Principal, name: str) -> UserRow:
@@ -235,11 +266,10 @@ class Accounts:
             raise NotFound(f"users/{user_id} does not exist", metadata={"name": f"users/{user_id}"})
         return updated
 
-    async def delete(self, caller: Principal, name: str) -> None:
+    def authorize_delete(self, caller: Principal, name: str) -> str:
+        """The user id `caller` may delete (the saga in aimesh_user.saga does it)."""
         require_interactive(caller, "delete an account")
-        user_id = self.resolve(caller, name)
-        if not await self._store.delete_user(caller.subject, user_id):
-            raise NotFound(f"users/{user_id} does not exist", metadata={"name": f"users/{user_id}"})
+        return self.resolve(caller, name)
 
     # API keys
 
@@ -317,7 +347,7 @@ class Accounts:
         if row is None or not hmac.compare_digest(row.secret_hash, _digest(secret)):
             raise rejected
         user = await self._store.user_by_id(row.user_id)
-        if user is None:
+        if user is None or user.disable_time is not None:
             raise rejected
         # Roles may have shrunk since the key was made: grant only what is still held.
         return user, sorted(set(row.scopes) & set(scopes_of(user.roles)))
@@ -325,6 +355,11 @@ class Accounts:
     async def exchange_api_key(self, api_key: str) -> str:
         user, scopes = await self.authenticate_api_key(api_key)
         return self._keys.mint(user.id, scopes, {"amr": ["api_key"]})
+
+
+def _refuse_disabled(user: UserRow) -> None:
+    if user.disable_time is not None:
+        raise Unauthenticated("this account is being deleted", reason="ACCOUNT_DISABLED")
 
 
 class LocalApiKeys:

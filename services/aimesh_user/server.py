@@ -1,14 +1,31 @@
-"""Wiring of the user service: store, key ring, accounts, servicer, side routes."""
+"""Wiring of the user service: store, key ring, accounts, the deletion saga and its
+peers, servicer, side routes."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+
+from aimesh.chat.v1 import chat_service_pb2, chat_service_pb2_grpc
+from aimesh.notify.v1 import notify_service_pb2, notify_service_pb2_grpc
+from aimesh.recommend.v1 import recommend_service_pb2, recommend_service_pb2_grpc
+from aimesh.search.v1 import search_service_pb2, search_service_pb2_grpc
 from aimesh.user.v1 import user_service_pb2, user_service_pb2_grpc
+from aimesh_runtime.client import connect
+from aimesh_runtime.config import ConfigError
+from aimesh_runtime.resilience import CircuitBreaker
 from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
 from aimesh_user.accounts import Accounts, LocalApiKeys
+from aimesh_user.saga import PEER_ADDRESS_ENV, Deletions, Purge
+from aimesh_user.saga_store import DeletionStore
 from aimesh_user.servicer import UserServicer
 from aimesh_user.settings import UserSettings
 from aimesh_user.signing import KeyRing
@@ -16,6 +33,36 @@ from aimesh_user.store import UserStore
 
 log = logging.getLogger(__name__)
 KEY_MAINTENANCE_INTERVAL_S = 60.0
+SERVICE_SUBJECT = "service-user"  # the sub of tokens this service mints for itself
+SERVICE_ACCOUNT_EMAIL = "services@aimesh.local"
+SAGA_SCOPES = ["chat.admin", "recommend.admin", "search.admin", "notify.admin"]
+# Each peer's contract: service, stub, PurgeUserData request, the count in its response.
+PURGE_CONTRACTS: dict[str, tuple[ServiceDescriptor, Any, Any, str]] = {
+    "chat": (
+        chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"],
+        chat_service_pb2_grpc.ChatServiceStub,
+        chat_service_pb2.PurgeUserDataRequest,
+        "deleted_conversations",
+    ),
+    "recommend": (
+        recommend_service_pb2.DESCRIPTOR.services_by_name["RecommendService"],
+        recommend_service_pb2_grpc.RecommendServiceStub,
+        recommend_service_pb2.PurgeUserDataRequest,
+        "deleted_interactions",
+    ),
+    "search": (
+        search_service_pb2.DESCRIPTOR.services_by_name["SearchService"],
+        search_service_pb2_grpc.SearchServiceStub,
+        search_service_pb2.PurgeUserDataRequest,
+        "deleted_documents",
+    ),
+    "notify": (
+        notify_service_pb2.DESCRIPTOR.services_by_name["NotifyService"],
+        notify_service_pb2_grpc.NotifyServiceStub,
+        notify_service_pb2.PurgeUserDataRequest,
+        "deleted_subscriptions",
+    ),
+}
 
 
 async def mount(context: ServiceContext) -> Mount:
@@ -37,6 +84,29 @@ async def mount(context: ServiceContext) -> Mount:
             settings.bootstrap_admin_email, settings.bootstrap_admin_password
         )
 
+    if settings.bootstrap_service_api_key:
+        await accounts.ensure_service_key(SERVICE_ACCOUNT_EMAIL, settings.bootstrap_service_api_key)
+
+    def service_metadata(scopes: list[str]) -> Callable[[], Sequence[tuple[str, str]]]:
+        # A fresh token per call: cheap (one Ed25519 signature) and never stale.
+        return lambda: (("authorization", f"Bearer {keys.mint(SERVICE_SUBJECT, scopes)}"),)
+
+    peers, channels = _peers(context, settings, service_metadata(SAGA_SCOPES))
+    deletions = Deletions(
+        DeletionStore(
+            context.pool, f"{socket.gethostname()}:{uuid.uuid4().hex}", settings.deletion_lease_s
+        ),
+        peers,
+        retry_max_s=settings.deletion_retry_max_s,
+        lease_s=settings.deletion_lease_s,
+        resume_interval_s=settings.deletion_resume_s,
+    )
+
+    async def close() -> None:
+        await deletions.close()
+        for channel in channels:
+            await channel.close()
+
     async def maintain_keys() -> None:
         while True:
             await asyncio.sleep(KEY_MAINTENANCE_INTERVAL_S)
@@ -47,13 +117,73 @@ async def mount(context: ServiceContext) -> Mount:
 
     return Mount(
         servicers=[
-            (user_service_pb2_grpc.add_UserServiceServicer_to_server, UserServicer(accounts, keys))
+            (
+                user_service_pb2_grpc.add_UserServiceServicer_to_server,
+                UserServicer(accounts, keys, deletions, settings.deletion_wait_s),
+            )
         ],
         jwks=keys.fetch_jwks,
         api_keys=LocalApiKeys(accounts, keys),
         routes={"/.well-known/jwks.json": lambda: ("application/json", keys.jwks_json())},
-        background=[maintain_keys],
+        background=[maintain_keys, deletions.resume_forever],
+        close=close,
+        credentials=service_metadata(["notify.write"]),
     )
+
+
+def _peers(
+    context: ServiceContext,
+    settings: UserSettings,
+    metadata: Callable[[], Sequence[tuple[str, str]]],
+) -> tuple[dict[str, Purge | None], list[grpc.aio.Channel]]:
+    """A PurgeUserData caller per deployed peer, with a deadline and a breaker."""
+    addresses = {
+        "chat": settings.chat_address,
+        "recommend": settings.recommend_address,
+        "search": settings.search_address,
+        "notify": context.config.notify_address,
+    }
+    missing = [PEER_ADDRESS_ENV[name] for name, address in addresses.items() if not address]
+    if missing and context.config.environment == "prod":
+        raise ConfigError(f"{', '.join(missing)} must be set: deleting a user erases it there")
+    peers: dict[str, Purge | None] = {}
+    channels = []
+    for name, address in addresses.items():
+        if not address:
+            log.warning("%s is not set: user deletions skip %s", PEER_ADDRESS_ENV[name], name)
+            peers[name] = None
+            continue
+        descriptor, stub, request, field = PURGE_CONTRACTS[name]
+        channel = connect(
+            address,
+            descriptor,
+            timeouts={"PurgeUserData": settings.deletion_step_timeout_s},
+            tracer_provider=context.tracer_provider,
+        )
+        channels.append(channel)
+        breaker = CircuitBreaker(f"user.deletion.{name}")
+        peers[name] = _purge(
+            stub(channel).PurgeUserData, request, field, breaker, metadata,
+            settings.deletion_step_timeout_s,
+        )  # fmt: skip
+    return peers, channels
+
+
+def _purge(
+    method: Any,
+    request_type: Any,
+    field: str,
+    breaker: CircuitBreaker,
+    metadata: Callable[[], Sequence[tuple[str, str]]],
+    timeout_s: float,
+) -> Purge:
+    async def purge(user: str) -> int:
+        response = await breaker.call(
+            lambda: method(request_type(user=user), timeout=timeout_s, metadata=tuple(metadata()))
+        )
+        return int(getattr(response, field))
+
+    return purge
 
 
 SPEC = ServiceSpec(

@@ -13,11 +13,24 @@ from aimesh_runtime.context import principal as caller
 from aimesh_runtime.errors import InvalidArgument
 from aimesh_runtime.pages import timestamp
 from aimesh_user.accounts import Accounts, scopes_of
+from aimesh_user.saga import Deletions, deletion_name
+from aimesh_user.saga_store import DeletionRow
 from aimesh_user.signing import KeyRing
 from aimesh_user.store import ApiKeyRow, UserRow
 
 ROLE_NAMES = {pb.ROLE_MEMBER: "member", pb.ROLE_ADMIN: "admin", pb.ROLE_SERVICE: "service"}
 ROLE_VALUES = {name: value for value, name in ROLE_NAMES.items()}
+DELETION_STATES = {
+    "RUNNING": pb.USER_DELETION_STATE_RUNNING,
+    "SUCCEEDED": pb.USER_DELETION_STATE_SUCCEEDED,
+    "ABORTED": pb.USER_DELETION_STATE_ABORTED,
+}
+STEP_STATES = {
+    "PENDING": pb.USER_DELETION_STEP_STATE_PENDING,
+    "SUCCEEDED": pb.USER_DELETION_STEP_STATE_SUCCEEDED,
+    "SKIPPED": pb.USER_DELETION_STEP_STATE_SKIPPED,
+    "FAILED": pb.USER_DELETION_STEP_STATE_FAILED,
+}
 
 
 def _duration(seconds: int) -> duration_pb2.Duration:
@@ -49,10 +62,38 @@ def api_key_proto(row: ApiKeyRow) -> pb.ApiKey:
     )
 
 
+def deletion_proto(row: DeletionRow) -> pb.UserDeletion:
+    return pb.UserDeletion(
+        name=deletion_name(row.id),
+        user=f"users/{row.user_id}",
+        state=DELETION_STATES[row.state],
+        steps=[
+            pb.UserDeletionStep(
+                service=step.service,
+                state=STEP_STATES[step.state],
+                attempts=step.attempts,
+                last_error=step.last_error,
+                deleted_count=step.deleted_count,
+                next_attempt_time=timestamp(step.next_attempt_time),
+                end_time=timestamp(step.end_time),
+            )
+            for step in row.steps
+        ],
+        abort_reason=row.abort_reason,
+        create_time=timestamp(row.create_time),
+        update_time=timestamp(row.update_time),
+        end_time=timestamp(row.end_time),
+    )
+
+
 class UserServicer(user_service_pb2_grpc.UserServiceServicer):
-    def __init__(self, accounts: Accounts, keys: KeyRing) -> None:
+    def __init__(
+        self, accounts: Accounts, keys: KeyRing, deletions: Deletions, wait_s: float
+    ) -> None:
         self._accounts = accounts
         self._keys = keys
+        self._deletions = deletions
+        self._wait_s = wait_s
 
     async def Register(
         self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
@@ -138,8 +179,20 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
     async def DeleteUser(
         self, request: pb.DeleteUserRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteUserResponse:
-        await self._accounts.delete(caller(), request.name)
-        return pb.DeleteUserResponse()
+        who = caller()
+        started = await self._deletions.start(
+            who, self._accounts.authorize_delete(who, request.name)
+        )
+        remaining = context.time_remaining()
+        wait_s = self._wait_s if remaining is None else min(self._wait_s, remaining - 0.5)
+        row = await self._deletions.wait(started.id, wait_s)
+        return pb.DeleteUserResponse(deletion=deletion_proto(row))
+
+    async def GetUserDeletion(
+        self, request: pb.GetUserDeletionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetUserDeletionResponse:
+        row = await self._deletions.get(caller(), request.name)
+        return pb.GetUserDeletionResponse(deletion=deletion_proto(row))
 
     async def CreateApiKey(
         self, request: pb.CreateApiKeyRequest, context: grpc.aio.ServicerContext

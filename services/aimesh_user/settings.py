@@ -37,6 +37,42 @@ class UserSettings:
     bootstrap_admin_password: str = setting(
         "AIMESH_USER_BOOTSTRAP_ADMIN_PASSWORD", "Password of the bootstrap admin.", ""
     )
+    bootstrap_service_api_key: str = setting(
+        "AIMESH_USER_BOOTSTRAP_SERVICE_API_KEY",
+        "Create this API key (amk_<8 hex>_<secret>) for a service account at start if "
+        "missing; dev setups give the other services the same value as AIMESH_SERVICE_API_KEY.",
+        "",
+    )
+    # Peers of the user-deletion saga. Empty means not deployed: the step is
+    # recorded as skipped, which only dev allows (prod refuses to start).
+    chat_address: str = setting(
+        "AIMESH_CHAT_ADDRESS", "host:port of chat, whose PurgeUserData the deletion saga calls.", ""
+    )
+    recommend_address: str = setting(
+        "AIMESH_RECOMMEND_ADDRESS", "host:port of recommend, for the deletion saga.", ""
+    )
+    search_address: str = setting(
+        "AIMESH_SEARCH_ADDRESS", "host:port of search, for the deletion saga.", ""
+    )
+    deletion_step_timeout_s: float = setting(
+        "AIMESH_USER_DELETION_STEP_TIMEOUT_S", "Deadline of each PurgeUserData call.", 10.0
+    )
+    deletion_retry_max_s: float = setting(
+        "AIMESH_USER_DELETION_RETRY_MAX_S", "Longest backoff between retries of a step.", 300.0
+    )
+    deletion_lease_s: float = setting(
+        "AIMESH_USER_DELETION_LEASE_S",
+        "A saga whose runner is silent this long is resumed by another process.",
+        60.0,
+    )
+    deletion_resume_s: float = setting(
+        "AIMESH_USER_DELETION_RESUME_S", "How often unfinished sagas are looked for.", 5.0
+    )
+    deletion_wait_s: float = setting(
+        "AIMESH_USER_DELETION_WAIT_S",
+        "How long DeleteUser waits for its saga before returning it RUNNING.",
+        10.0,
+    )
 
     def check(self) -> None:
         if len(self.kek_bytes()) != 32:
@@ -56,6 +92,17 @@ class UserSettings:
                 "AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL and AIMESH_USER_BOOTSTRAP_ADMIN_PASSWORD "
                 "go together"
             )
+
+        if self.deletion_step_timeout_s <= 0 or self.deletion_retry_max_s <= 0:
+            raise ConfigError(
+                "AIMESH_USER_DELETION_STEP_TIMEOUT_S and _RETRY_MAX_S must be positive"
+            )
+        if self.deletion_lease_s < 2 * self.deletion_step_timeout_s:
+            raise ConfigError(
+                "AIMESH_USER_DELETION_LEASE_S must be at least twice the step timeout"
+            )
+        if self.deletion_resume_s <= 0 or self.deletion_wait_s < 0:
+            raise ConfigError("AIMESH_USER_DELETION_RESUME_S and _WAIT_S must not be negative")
 
     def kek_bytes(self) -> bytes:
         try:

@@ -11,6 +11,8 @@ from typing import Any
 
 import asyncpg
 
+from aimesh_runtime import outbox
+
 
 @dataclass(frozen=True)
 class UserRow:
@@ -21,6 +23,7 @@ class UserRow:
     roles: tuple[str, ...]
     create_time: dt.datetime
     update_time: dt.datetime
+    disable_time: dt.datetime | None = None  # set while the user is being deleted
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ def _user(row: asyncpg.Record) -> UserRow:
         tuple(row["roles"]),
         row["create_time"],
         row["update_time"],
+        row["disable_time"],
     )
 
 
@@ -92,6 +96,10 @@ class EmailTaken(Exception):
     pass
 
 
+class KeyTaken(Exception):
+    """An API key with this prefix exists."""
+
+
 class UserStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -114,6 +122,12 @@ class UserStore:
                     list(roles),
                 )
                 await _audit(connection, user_id, "user.registered", f"users/{user_id}", {})
+                await outbox.emit(
+                    connection,
+                    topic="user.registered",
+                    key=f"users/{user_id}",
+                    payload={"user": f"users/{user_id}", "roles": list(roles)},
+                )
         except asyncpg.UniqueViolationError:
             raise EmailTaken(email) from None
         return _user(row)
@@ -167,18 +181,18 @@ class UserStore:
             raise EmailTaken(str(changes.get("email"))) from None
         return None if row is None else _user(row)
 
-    async def delete_user(self, actor: str, user_id: str) -> bool:
-        async with self._pool.acquire() as connection, connection.transaction():
-            deleted = await connection.fetchval(
-                "DELETE FROM users WHERE id = $1 RETURNING id", user_id
-            )
-            if deleted is not None:
-                await _audit(connection, actor, "user.deleted", f"users/{user_id}", {})
-        return deleted is not None
-
     # API keys
 
+    async def api_key_exists(self, prefix: str) -> bool:
+        return bool(await self._pool.fetchval("SELECT 1 FROM api_keys WHERE prefix = $1", prefix))
+
     async def insert_api_key(self, actor: str, key: ApiKeyRow) -> ApiKeyRow:
+        try:
+            return await self._insert_api_key(actor, key)
+        except asyncpg.UniqueViolationError:
+            raise KeyTaken(key.prefix) from None
+
+    async def _insert_api_key(self, actor: str, key: ApiKeyRow) -> ApiKeyRow:
         async with self._pool.acquire() as connection, connection.transaction():
             row = await connection.fetchrow(
                 """INSERT INTO api_keys

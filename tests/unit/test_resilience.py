@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from aimesh.chat.v1 import chat_service_pb2
 from aimesh.user.v1 import user_service_pb2
-from aimesh_runtime.client import PropagatingInterceptor, service_config
+from aimesh_runtime.client import PropagatingInterceptor, method_timeouts, service_config
 from aimesh_runtime.context import CallScope, current_call
 from aimesh_runtime.ratelimit import RateLimiter
 from aimesh_runtime.resilience import BreakerOpen, BreakerState, CircuitBreaker
@@ -142,23 +142,45 @@ def test_rate_limiter_forgets_oldest_keys_beyond_capacity() -> None:
 
 
 def test_service_config_retries_only_idempotent_unary_methods() -> None:
-    config = service_config(
-        user_service_pb2.DESCRIPTOR.services_by_name["UserService"], timeouts={"Login": 2.0}
-    )
+    service = user_service_pb2.DESCRIPTOR.services_by_name["UserService"]
+    config = service_config(service)
     by_method = {entry["name"][0]["method"]: entry for entry in config["methodConfig"]}
     assert "retryPolicy" in by_method["GetUser"]  # NO_SIDE_EFFECTS
     assert "retryPolicy" in by_method["RevokeApiKey"]  # IDEMPOTENT
     assert "retryPolicy" not in by_method["Register"]  # a create without a key
-    assert by_method["Login"]["timeout"] == "2.000s"
+    # grpcio applies service-config timeouts ~1.5 s early: they are set per call instead.
+    assert all("timeout" not in entry for entry in config["methodConfig"])
+    timeouts = method_timeouts(service, timeouts={"Login": 2.0})
+    assert timeouts["/aimesh.user.v1.UserService/Login"] == 2.0
+    assert timeouts["/aimesh.user.v1.UserService/GetUser"] == 5.0
     assert by_method["GetUser"]["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert config["retryThrottling"] == {"maxTokens": 10, "tokenRatio": 0.1}
+    tuned = service_config(service, retry_throttling={"maxTokens": 10, "tokenRatio": 0.3})
+    assert tuned["retryThrottling"] == {"maxTokens": 10, "tokenRatio": 0.3}
     json.dumps(config)  # grpc takes it as JSON
 
 
 def test_streaming_methods_get_no_timeout_or_retry() -> None:
-    config = service_config(chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"])
+    service = chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"]
+    config = service_config(service)
     stream = next(e for e in config["methodConfig"] if e["name"][0]["method"] == "StreamChat")
     assert "timeout" not in stream and "retryPolicy" not in stream
+    assert "/aimesh.chat.v1.ChatService/StreamChat" not in method_timeouts(service)
+
+
+async def test_interceptor_gives_a_call_without_timeout_its_method_timeout() -> None:
+    seen: dict[str, Any] = {}
+
+    async def continuation(details: grpc.aio.ClientCallDetails, request: object) -> Any:
+        seen[details.method] = details.timeout
+        raise RuntimeError("stop here")
+
+    interceptor = PropagatingInterceptor(TracerProvider(), {"/pkg.S/M": 1.0})
+    for method, timeout in (("/pkg.S/M", None), ("/pkg.S/M2", None), ("/pkg.S/N", 0.2)):
+        details = grpc.aio.ClientCallDetails(method, timeout, grpc.aio.Metadata(), None, None)
+        with pytest.raises(RuntimeError):
+            await interceptor.intercept_unary_unary(continuation, details, object())
+    assert seen == {"/pkg.S/M": 1.0, "/pkg.S/M2": None, "/pkg.S/N": 0.2}
 
 
 async def test_outgoing_call_gets_remaining_deadline_and_caller_metadata() -> None:
@@ -240,4 +262,29 @@ async def test_concurrent_first_tokens_share_one_jwks_fetch() -> None:
     tokens = [signed(claims(sub=f"u{i}")) for i in range(20)]
     principals = await asyncio.gather(*(verifier.verify(token) for token in tokens))
     assert [p.subject for p in principals] == [f"u{i}" for i in range(20)]
+    assert fetches == 1
+
+
+async def test_a_first_caller_giving_up_does_not_cancel_the_jwks_fetch() -> None:
+    """The first request after a (re)start fetches the keys; its deadline passing
+    used to cancel the fetch, and then every token was "signed by an unknown key"
+    for min_refetch_s (10 s), though the issuer was up."""
+    from aimesh_runtime.auth import TokenVerifier
+    from tests.tokens import claims, jwks, signed
+
+    fetches = 0
+
+    async def slow_jwks() -> Any:
+        nonlocal fetches
+        fetches += 1
+        await asyncio.sleep(0.2)
+        return await jwks()
+
+    verifier = TokenVerifier(
+        slow_jwks, issuer="aimesh-user", audience="aimesh", max_lifetime_s=3600
+    )
+    with pytest.raises(TimeoutError):  # the first request's deadline passes mid-fetch
+        await asyncio.wait_for(verifier.verify(signed(claims(sub="first"))), timeout=0.05)
+    principal = await verifier.verify(signed(claims(sub="second")))
+    assert principal.subject == "second"
     assert fetches == 1

@@ -78,6 +78,11 @@ class NotifyServiceStub:
                 request_serializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.PublishRequest.SerializeToString,
                 response_deserializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.PublishResponse.FromString,
                 _registered_method=True)
+        self.PublishBatch = channel.unary_unary(
+                '/aimesh.notify.v1.NotifyService/PublishBatch',
+                request_serializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.PublishBatchRequest.SerializeToString,
+                response_deserializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.PublishBatchResponse.FromString,
+                _registered_method=True)
         self.Subscribe = channel.unary_stream(
                 '/aimesh.notify.v1.NotifyService/Subscribe',
                 request_serializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.SubscribeRequest.SerializeToString,
@@ -173,6 +178,20 @@ class NotifyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishBatch(self, request, context):
+        """Publishes up to 1000 events in one call, each exactly as Publish would,
+        and answers in request order. For producers that send many events at
+        once, such as an outbox relay: one round trip and one commit for the
+        whole batch. A key repeated within the batch, or already known, returns
+        the first event with duplicate set. Fails as a whole, queueing nothing,
+        with the errors of Publish, if any event is invalid or reuses a known key
+        with another topic or payload. The request must fit the 4 MiB message
+        limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Subscribe(self, request, context):
         """Streams the events of a stream subscription, oldest first, starting
         right after cursor, then stays open and streams new events as they come.
@@ -249,6 +268,11 @@ def add_NotifyServiceServicer_to_server(servicer, server):
                     servicer.Publish,
                     request_deserializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.PublishRequest.FromString,
                     response_serializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.PublishResponse.SerializeToString,
+            ),
+            'PublishBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishBatch,
+                    request_deserializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.PublishBatchRequest.FromString,
+                    response_serializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.PublishBatchResponse.SerializeToString,
             ),
             'Subscribe': grpc.unary_stream_rpc_method_handler(
                     servicer.Subscribe,
@@ -469,6 +493,33 @@ class NotifyService:
             '/aimesh.notify.v1.NotifyService/Publish',
             aimesh_dot_notify_dot_v1_dot_notify__service__pb2.PublishRequest.SerializeToString,
             aimesh_dot_notify_dot_v1_dot_notify__service__pb2.PublishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aimesh.notify.v1.NotifyService/PublishBatch',
+            aimesh_dot_notify_dot_v1_dot_notify__service__pb2.PublishBatchRequest.SerializeToString,
+            aimesh_dot_notify_dot_v1_dot_notify__service__pb2.PublishBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,16 @@ class NotifyServiceStub:
     concurrently it is sent. Returns INVALID_ARGUMENT for a payload over
     64 KiB, and ALREADY_EXISTS for a known key with another topic or payload.
     """
+    PublishBatch: _grpc.UnaryUnaryMultiCallable[_notify_service_pb2.PublishBatchRequest, _notify_service_pb2.PublishBatchResponse]
+    """Publishes up to 1000 events in one call, each exactly as Publish would,
+    and answers in request order. For producers that send many events at
+    once, such as an outbox relay: one round trip and one commit for the
+    whole batch. A key repeated within the batch, or already known, returns
+    the first event with duplicate set. Fails as a whole, queueing nothing,
+    with the errors of Publish, if any event is invalid or reuses a known key
+    with another topic or payload. The request must fit the 4 MiB message
+    limit.
+    """
     Subscribe: _grpc.UnaryStreamMultiCallable[_notify_service_pb2.SubscribeRequest, _notify_service_pb2.SubscribeResponse]
     """Streams the events of a stream subscription, oldest first, starting
     right after cursor, then stays open and streams new events as they come.
@@ -141,6 +151,16 @@ class NotifyServiceAsyncStub(NotifyServiceStub):
     first event and queues nothing more, however many times and however
     concurrently it is sent. Returns INVALID_ARGUMENT for a payload over
     64 KiB, and ALREADY_EXISTS for a known key with another topic or payload.
+    """
+    PublishBatch: _aio.UnaryUnaryMultiCallable[_notify_service_pb2.PublishBatchRequest, _notify_service_pb2.PublishBatchResponse]  # type: ignore[assignment]
+    """Publishes up to 1000 events in one call, each exactly as Publish would,
+    and answers in request order. For producers that send many events at
+    once, such as an outbox relay: one round trip and one commit for the
+    whole batch. A key repeated within the batch, or already known, returns
+    the first event with duplicate set. Fails as a whole, queueing nothing,
+    with the errors of Publish, if any event is invalid or reuses a known key
+    with another topic or payload. The request must fit the 4 MiB message
+    limit.
     """
     Subscribe: _aio.UnaryStreamMultiCallable[_notify_service_pb2.SubscribeRequest, _notify_service_pb2.SubscribeResponse]  # type: ignore[assignment]
     """Streams the events of a stream subscription, oldest first, starting
@@ -249,6 +269,22 @@ class NotifyServiceServicer(metaclass=_abc_1.ABCMeta):
         first event and queues nothing more, however many times and however
         concurrently it is sent. Returns INVALID_ARGUMENT for a payload over
         64 KiB, and ALREADY_EXISTS for a known key with another topic or payload.
+        """
+
+    @_abc_1.abstractmethod
+    def PublishBatch(
+        self,
+        request: _notify_service_pb2.PublishBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notify_service_pb2.PublishBatchResponse, _abc.Awaitable[_notify_service_pb2.PublishBatchResponse]]:
+        """Publishes up to 1000 events in one call, each exactly as Publish would,
+        and answers in request order. For producers that send many events at
+        once, such as an outbox relay: one round trip and one commit for the
+        whole batch. A key repeated within the batch, or already known, returns
+        the first event with duplicate set. Fails as a whole, queueing nothing,
+        with the errors of Publish, if any event is invalid or reuses a known key
+        with another topic or payload. The request must fit the 4 MiB message
+        limit.
         """
 
     @_abc_1.abstractmethod

@@ -50,6 +50,76 @@ ROLE_SERVICE: Role.ValueType  # 3
 """A workload calling other services on its own behalf."""
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
+class _UserDeletionState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UserDeletionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UserDeletionState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USER_DELETION_STATE_UNSPECIFIED: _UserDeletionState.ValueType  # 0
+    """Not set."""
+    USER_DELETION_STATE_RUNNING: _UserDeletionState.ValueType  # 1
+    """Steps are running or waiting to retry; the account is disabled."""
+    USER_DELETION_STATE_SUCCEEDED: _UserDeletionState.ValueType  # 2
+    """Every step succeeded or was skipped: the user is gone."""
+    USER_DELETION_STATE_ABORTED: _UserDeletionState.ValueType  # 3
+    """Stopped before any data was erased (a step was refused for good, as when
+    this service's credentials are not accepted); the account was enabled
+    again. See abort_reason.
+    """
+
+class UserDeletionState(_UserDeletionState, metaclass=_UserDeletionStateEnumTypeWrapper):
+    """Where a user deletion stands."""
+
+USER_DELETION_STATE_UNSPECIFIED: UserDeletionState.ValueType  # 0
+"""Not set."""
+USER_DELETION_STATE_RUNNING: UserDeletionState.ValueType  # 1
+"""Steps are running or waiting to retry; the account is disabled."""
+USER_DELETION_STATE_SUCCEEDED: UserDeletionState.ValueType  # 2
+"""Every step succeeded or was skipped: the user is gone."""
+USER_DELETION_STATE_ABORTED: UserDeletionState.ValueType  # 3
+"""Stopped before any data was erased (a step was refused for good, as when
+this service's credentials are not accepted); the account was enabled
+again. See abort_reason.
+"""
+Global___UserDeletionState: _TypeAlias = UserDeletionState  # noqa: Y015
+
+class _UserDeletionStepState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UserDeletionStepStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UserDeletionStepState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USER_DELETION_STEP_STATE_UNSPECIFIED: _UserDeletionStepState.ValueType  # 0
+    """Not set."""
+    USER_DELETION_STEP_STATE_PENDING: _UserDeletionStepState.ValueType  # 1
+    """Not started, or waiting to retry after a failure (see last_error)."""
+    USER_DELETION_STEP_STATE_SUCCEEDED: _UserDeletionStepState.ValueType  # 2
+    """Done: the service holds nothing more of the user."""
+    USER_DELETION_STEP_STATE_SKIPPED: _UserDeletionStepState.ValueType  # 3
+    """Not run: the service is not deployed here (its address is not
+    configured, which only a dev setup allows).
+    """
+    USER_DELETION_STEP_STATE_FAILED: _UserDeletionStepState.ValueType  # 4
+    """Refused for good; the deletion was aborted at this step."""
+
+class UserDeletionStepState(_UserDeletionStepState, metaclass=_UserDeletionStepStateEnumTypeWrapper):
+    """Where one step of a user deletion stands."""
+
+USER_DELETION_STEP_STATE_UNSPECIFIED: UserDeletionStepState.ValueType  # 0
+"""Not set."""
+USER_DELETION_STEP_STATE_PENDING: UserDeletionStepState.ValueType  # 1
+"""Not started, or waiting to retry after a failure (see last_error)."""
+USER_DELETION_STEP_STATE_SUCCEEDED: UserDeletionStepState.ValueType  # 2
+"""Done: the service holds nothing more of the user."""
+USER_DELETION_STEP_STATE_SKIPPED: UserDeletionStepState.ValueType  # 3
+"""Not run: the service is not deployed here (its address is not
+configured, which only a dev setup allows).
+"""
+USER_DELETION_STEP_STATE_FAILED: UserDeletionStepState.ValueType  # 4
+"""Refused for good; the deletion was aborted at this step."""
+Global___UserDeletionStepState: _TypeAlias = UserDeletionStepState  # noqa: Y015
+
 @_typing.final
 class User(_message.Message):
     """An account."""
@@ -207,6 +277,116 @@ class JsonWebKey(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JsonWebKey: _TypeAlias = JsonWebKey  # noqa: Y015
+
+@_typing.final
+class UserDeletion(_message.Message):
+    """The deletion of a user across every service (a saga)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    ABORT_REASON_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, "userDeletions/{user_deletion}"."""
+    user: _builtins.str
+    """The user being deleted, "users/{user}"."""
+    state: Global___UserDeletionState.ValueType
+    """Where the deletion stands."""
+    abort_reason: _builtins.str
+    """Why the deletion was aborted; empty otherwise."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___UserDeletionStep]:
+        """The steps, in the order they run."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the deletion was requested."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When it succeeded or was aborted; unset while it runs."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        user: _builtins.str = ...,
+        state: Global___UserDeletionState.ValueType = ...,
+        steps: _abc.Iterable[Global___UserDeletionStep] | None = ...,
+        abort_reason: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abort_reason", b"abort_reason", "create_time", b"create_time", "end_time", b"end_time", "name", b"name", "state", b"state", "steps", b"steps", "update_time", b"update_time", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserDeletion: _TypeAlias = UserDeletion  # noqa: Y015
+
+@_typing.final
+class UserDeletionStep(_message.Message):
+    """One step of a user deletion: a PurgeUserData call, or the account itself."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    DELETED_COUNT_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    """The service erasing data: "chat", "recommend", "search", "notify", or
+    "user" for the account.
+    """
+    state: Global___UserDeletionStepState.ValueType
+    """Where the step stands."""
+    attempts: _builtins.int
+    """Calls made so far."""
+    last_error: _builtins.str
+    """The last failure, or why the step was skipped; empty otherwise."""
+    deleted_count: _builtins.int
+    """Records the service reported deleted, summed over attempts."""
+    @_builtins.property
+    def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """When the next attempt is due; unset unless the step is waiting to retry."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When the step ended; unset until then."""
+
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        state: Global___UserDeletionStepState.ValueType = ...,
+        attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        deleted_count: _builtins.int = ...,
+        next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "next_attempt_time", b"next_attempt_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "deleted_count", b"deleted_count", "end_time", b"end_time", "last_error", b"last_error", "next_attempt_time", b"next_attempt_time", "service", b"service", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserDeletionStep: _TypeAlias = UserDeletionStep  # noqa: Y015
 
 @_typing.final
 class RegisterRequest(_message.Message):
@@ -720,12 +900,21 @@ class DeleteUserResponse(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    DELETION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deletion(self) -> Global___UserDeletion:
+        """The deletion: SUCCEEDED if it finished while the call waited, else
+        RUNNING (poll GetUserDeletion).
+        """
+
     def __init__(
         self,
+        *,
+        deletion: Global___UserDeletion | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deletion", b"deletion"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletion", b"deletion"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -890,3 +1079,49 @@ class RevokeApiKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeApiKeyResponse: _TypeAlias = RevokeApiKeyResponse  # noqa: Y015
+
+@_typing.final
+class GetUserDeletionRequest(_message.Message):
+    """Request of UserService.GetUserDeletion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, "userDeletions/{user_deletion}"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUserDeletionRequest: _TypeAlias = GetUserDeletionRequest  # noqa: Y015
+
+@_typing.final
+class GetUserDeletionResponse(_message.Message):
+    """Response of UserService.GetUserDeletion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deletion(self) -> Global___UserDeletion:
+        """The deletion."""
+
+    def __init__(
+        self,
+        *,
+        deletion: Global___UserDeletion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deletion", b"deletion"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletion", b"deletion"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUserDeletionResponse: _TypeAlias = GetUserDeletionResponse  # noqa: Y015

@@ -104,6 +104,11 @@ class UserServiceStub:
                 request_serializer=aimesh_dot_user_dot_v1_dot_user__service__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=aimesh_dot_user_dot_v1_dot_user__service__pb2.RevokeApiKeyResponse.FromString,
                 _registered_method=True)
+        self.GetUserDeletion = channel.unary_unary(
+                '/aimesh.user.v1.UserService/GetUserDeletion',
+                request_serializer=aimesh_dot_user_dot_v1_dot_user__service__pb2.GetUserDeletionRequest.SerializeToString,
+                response_deserializer=aimesh_dot_user_dot_v1_dot_user__service__pb2.GetUserDeletionResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -194,8 +199,14 @@ class UserServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteUser(self, request, context):
-        """Deletes a user and everything the user service holds for it (API keys,
-        refresh tokens). Returns NOT_FOUND or PERMISSION_DENIED.
+        """Deletes a user everywhere, as a saga kept in the user service's database:
+        the account is disabled at once (no login, refresh or API key), then the
+        user's conversations (chat), interactions (recommend), owned documents
+        (search) and subscriptions (notify) are erased in that order, each step
+        retried until it succeeds, and then the account with its API keys and
+        refresh tokens. Waits a few seconds for the saga and returns it; read it
+        later with GetUserDeletion. Repeating the call while a deletion runs
+        returns that deletion. Returns NOT_FOUND or PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -220,6 +231,15 @@ class UserServiceServicer:
     def RevokeApiKey(self, request, context):
         """Revokes an API key at once. Revoking a revoked key returns it unchanged.
         Returns NOT_FOUND or PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUserDeletion(self, request, context):
+        """Returns a user deletion and where each of its steps stands. The user
+        being deleted and admins may read it. Returns NOT_FOUND if it does not
+        exist or belongs to someone else.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -292,6 +312,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.RevokeApiKey,
                     request_deserializer=aimesh_dot_user_dot_v1_dot_user__service__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=aimesh_dot_user_dot_v1_dot_user__service__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'GetUserDeletion': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUserDeletion,
+                    request_deserializer=aimesh_dot_user_dot_v1_dot_user__service__pb2.GetUserDeletionRequest.FromString,
+                    response_serializer=aimesh_dot_user_dot_v1_dot_user__service__pb2.GetUserDeletionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -650,6 +675,33 @@ class UserService:
             '/aimesh.user.v1.UserService/RevokeApiKey',
             aimesh_dot_user_dot_v1_dot_user__service__pb2.RevokeApiKeyRequest.SerializeToString,
             aimesh_dot_user_dot_v1_dot_user__service__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUserDeletion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aimesh.user.v1.UserService/GetUserDeletion',
+            aimesh_dot_user_dot_v1_dot_user__service__pb2.GetUserDeletionRequest.SerializeToString,
+            aimesh_dot_user_dot_v1_dot_user__service__pb2.GetUserDeletionResponse.FromString,
             options,
             channel_credentials,
             insecure,

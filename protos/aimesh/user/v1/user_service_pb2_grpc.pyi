@@ -81,8 +81,14 @@ class UserServiceStub:
     and INVALID_ARGUMENT for an unknown mask path.
     """
     DeleteUser: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _user_service_pb2.DeleteUserResponse]
-    """Deletes a user and everything the user service holds for it (API keys,
-    refresh tokens). Returns NOT_FOUND or PERMISSION_DENIED.
+    """Deletes a user everywhere, as a saga kept in the user service's database:
+    the account is disabled at once (no login, refresh or API key), then the
+    user's conversations (chat), interactions (recommend), owned documents
+    (search) and subscriptions (notify) are erased in that order, each step
+    retried until it succeeds, and then the account with its API keys and
+    refresh tokens. Waits a few seconds for the saga and returns it; read it
+    later with GetUserDeletion. Repeating the call while a deletion runs
+    returns that deletion. Returns NOT_FOUND or PERMISSION_DENIED.
     """
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.CreateApiKeyRequest, _user_service_pb2.CreateApiKeyResponse]
     """Creates an API key for a user. The secret is returned once, in this
@@ -94,6 +100,11 @@ class UserServiceStub:
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.RevokeApiKeyRequest, _user_service_pb2.RevokeApiKeyResponse]
     """Revokes an API key at once. Revoking a revoked key returns it unchanged.
     Returns NOT_FOUND or PERMISSION_DENIED.
+    """
+    GetUserDeletion: _grpc.UnaryUnaryMultiCallable[_user_service_pb2.GetUserDeletionRequest, _user_service_pb2.GetUserDeletionResponse]
+    """Returns a user deletion and where each of its steps stands. The user
+    being deleted and admins may read it. Returns NOT_FOUND if it does not
+    exist or belongs to someone else.
     """
 
 @_typing.type_check_only
@@ -149,8 +160,14 @@ class UserServiceAsyncStub(UserServiceStub):
     and INVALID_ARGUMENT for an unknown mask path.
     """
     DeleteUser: _aio.UnaryUnaryMultiCallable[_user_service_pb2.DeleteUserRequest, _user_service_pb2.DeleteUserResponse]  # type: ignore[assignment]
-    """Deletes a user and everything the user service holds for it (API keys,
-    refresh tokens). Returns NOT_FOUND or PERMISSION_DENIED.
+    """Deletes a user everywhere, as a saga kept in the user service's database:
+    the account is disabled at once (no login, refresh or API key), then the
+    user's conversations (chat), interactions (recommend), owned documents
+    (search) and subscriptions (notify) are erased in that order, each step
+    retried until it succeeds, and then the account with its API keys and
+    refresh tokens. Waits a few seconds for the saga and returns it; read it
+    later with GetUserDeletion. Repeating the call while a deletion runs
+    returns that deletion. Returns NOT_FOUND or PERMISSION_DENIED.
     """
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_user_service_pb2.CreateApiKeyRequest, _user_service_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
     """Creates an API key for a user. The secret is returned once, in this
@@ -162,6 +179,11 @@ class UserServiceAsyncStub(UserServiceStub):
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_user_service_pb2.RevokeApiKeyRequest, _user_service_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
     """Revokes an API key at once. Revoking a revoked key returns it unchanged.
     Returns NOT_FOUND or PERMISSION_DENIED.
+    """
+    GetUserDeletion: _aio.UnaryUnaryMultiCallable[_user_service_pb2.GetUserDeletionRequest, _user_service_pb2.GetUserDeletionResponse]  # type: ignore[assignment]
+    """Returns a user deletion and where each of its steps stands. The user
+    being deleted and admins may read it. Returns NOT_FOUND if it does not
+    exist or belongs to someone else.
     """
 
 class UserServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -274,8 +296,14 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _user_service_pb2.DeleteUserRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_user_service_pb2.DeleteUserResponse, _abc.Awaitable[_user_service_pb2.DeleteUserResponse]]:
-        """Deletes a user and everything the user service holds for it (API keys,
-        refresh tokens). Returns NOT_FOUND or PERMISSION_DENIED.
+        """Deletes a user everywhere, as a saga kept in the user service's database:
+        the account is disabled at once (no login, refresh or API key), then the
+        user's conversations (chat), interactions (recommend), owned documents
+        (search) and subscriptions (notify) are erased in that order, each step
+        retried until it succeeds, and then the account with its API keys and
+        refresh tokens. Waits a few seconds for the saga and returns it; read it
+        later with GetUserDeletion. Repeating the call while a deletion runs
+        returns that deletion. Returns NOT_FOUND or PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
@@ -305,6 +333,17 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_user_service_pb2.RevokeApiKeyResponse, _abc.Awaitable[_user_service_pb2.RevokeApiKeyResponse]]:
         """Revokes an API key at once. Revoking a revoked key returns it unchanged.
         Returns NOT_FOUND or PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def GetUserDeletion(
+        self,
+        request: _user_service_pb2.GetUserDeletionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_user_service_pb2.GetUserDeletionResponse, _abc.Awaitable[_user_service_pb2.GetUserDeletionResponse]]:
+        """Returns a user deletion and where each of its steps stands. The user
+        being deleted and admins may read it. Returns NOT_FOUND if it does not
+        exist or belongs to someone else.
         """
 
 def add_UserServiceServicer_to_server(servicer: UserServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

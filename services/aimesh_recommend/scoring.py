@@ -1,0 +1,117 @@
+"""A loaded model version, scoring users against every item.
+
+Scoring is one matmul of the batch's user vectors with all item vectors, then
+items outside the catalogue and items each user has seen are set to -inf, then
+top-k. Everything stays on the model's device (CUDA when present).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MAX_K = 100  # RecommendRequest.k's limit: one top-k serves every k from the cache
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    model: ServingModel
+    user_row: int
+    exclude: tuple[int, ...]  # item rows to leave out (seen)
+
+
+Ranked = list[tuple[int, float]]  # (item row, score), best first
+
+
+class ServingModel:
+    def __init__(
+        self,
+        version: str,
+        state: dict[str, torch.Tensor],
+        user_ids: list[str],
+        item_ids: list[str],
+        seen_pairs: Sequence[tuple[str, str]],
+        device: torch.device,
+    ) -> None:
+        self.version = version
+        self.device = device
+        self.user_ids = user_ids
+        self.item_ids = item_ids
+        self.user_index = {name: row for row, name in enumerate(user_ids)}
+        self.item_index = {name: row for row, name in enumerate(item_ids)}
+        self.users = state["user.weight"].to(device)
+        self.items = state["item.weight"].to(device)
+        self.bias = state["item_bias.weight"].squeeze(-1).to(device)
+        self.item_units = torch.nn.functional.normalize(self.items, dim=1)
+        seen: dict[int, list[int]] = {}
+        for user, item in seen_pairs:
+            u, i = self.user_index.get(user), self.item_index.get(item)
+            if u is not None and i is not None:
+                seen.setdefault(u, []).append(i)
+        self.seen = seen
+        # Items the catalogue holds; others are never recommended.
+        self.active = torch.ones(len(item_ids), dtype=torch.bool, device=device)
+
+    def set_catalogue(self, names: set[str]) -> None:
+        mask = np.fromiter((name in names for name in self.item_ids), bool, len(self.item_ids))
+        self.active = torch.from_numpy(mask).to(self.device)
+
+    def set_active(self, name: str, active: bool) -> None:
+        row = self.item_index.get(name)
+        if row is not None:
+            self.active[row] = active
+
+    def add_seen(self, user: str, item: str) -> None:
+        u, i = self.user_index.get(user), self.item_index.get(item)
+        if u is not None and i is not None and i not in self.seen.setdefault(u, []):
+            self.seen[u].append(i)
+
+    def score(self, requests: Sequence[ScoreRequest], k: int = MAX_K) -> list[Ranked]:
+        """Top-k items for each request, as one batch."""
+        rows = torch.tensor([r.user_row for r in requests], device=self.device)
+        with torch.inference_mode():
+            scores = self.users[rows] @ self.items.T + self.bias
+            scores.masked_fill_(~self.active, -math.inf)
+            pairs = [(n, item) for n, r in enumerate(requests) for item in r.exclude]
+            if pairs:
+                index = torch.tensor(pairs, device=self.device)
+                scores[index[:, 0], index[:, 1]] = -math.inf
+            top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        return _ranked(top.values, top.indices)
+
+    def similar(self, item_row: int, k: int) -> Ranked:
+        with torch.inference_mode():
+            scores = self.item_units @ self.item_units[item_row]
+            scores.masked_fill_(~self.active, -math.inf)
+            scores[item_row] = -math.inf
+            top = torch.topk(scores, min(k, scores.shape[0]))
+        return _ranked(top.values.unsqueeze(0), top.indices.unsqueeze(0))[0]
+
+
+def _ranked(values: torch.Tensor, indices: torch.Tensor) -> list[Ranked]:
+    values_list = values.cpu().tolist()
+    indices_list = indices.cpu().tolist()
+    return [
+        [(i, s) for i, s in zip(row_i, row_v, strict=True) if s != -math.inf]
+        for row_i, row_v in zip(indices_list, values_list, strict=True)
+    ]
+
+
+def score_batch(requests: Sequence[ScoreRequest]) -> list[Ranked]:
+    """The batcher's function: requests grouped by the model they were made against
+    (a reload between submit and run leaves a few on the old one)."""
+    results: list[Ranked | None] = [None] * len(requests)
+    groups: dict[int, list[int]] = {}
+    for position, request in enumerate(requests):
+        groups.setdefault(id(request.model), []).append(position)
+    for positions in groups.values():
+        model = requests[positions[0]].model
+        for position, ranked in zip(
+            positions, model.score([requests[p] for p in positions]), strict=True
+        ):
+            results[position] = ranked
+    return [r if r is not None else [] for r in results]

@@ -1,0 +1,239 @@
+"""RecommendService: proto in, domain call, proto out."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from aimesh.recommend.v1 import recommend_service_pb2 as pb
+from aimesh.recommend.v1 import recommend_service_pb2_grpc
+from aimesh_recommend import stats
+from aimesh_recommend.experiments import experiment
+from aimesh_recommend.recommender import Recommender
+from aimesh_recommend.store import ItemRow, JobRow, NewInteraction, RecommendStore, VersionRow
+from aimesh_recommend.training import Trainer
+from aimesh_runtime.errors import InvalidArgument
+from aimesh_runtime.pages import decode_page_token, encode_page_token, page_size, timestamp
+
+
+def _item_id(name: str) -> str:
+    return name.removeprefix("items/")
+
+
+def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(values)
+    return message
+
+
+def item_proto(row: ItemRow) -> pb.Item:
+    return pb.Item(
+        name=f"items/{row.id}",
+        text=row.text,
+        metadata=_struct(row.metadata),
+        content_embedded=row.content_embedded,
+        create_time=timestamp(row.create_time),
+        update_time=timestamp(row.update_time),
+    )
+
+
+def job_proto(row: JobRow) -> pb.TrainingJob:
+    return pb.TrainingJob(
+        name=f"trainingJobs/{row.id}",
+        model_version=row.model_version,
+        epochs=row.epochs,
+        state=pb.TrainingJobState.Value(f"TRAINING_JOB_STATE_{row.state}"),
+        completed_epochs=row.completed_epochs,
+        progress=row.progress,
+        loss=row.loss,
+        training_interactions=row.training_interactions,
+        error_message=row.error_message,
+        create_time=timestamp(row.create_time),
+        update_time=timestamp(row.update_time),
+        end_time=timestamp(row.end_time),
+    )
+
+
+def version_proto(row: VersionRow) -> pb.ModelVersion:
+    ready = row.status == "READY"
+    return pb.ModelVersion(
+        name=f"modelVersions/{row.version}",
+        version=row.version,
+        status=pb.ModelVersionStatus.Value(f"MODEL_VERSION_STATUS_{row.status}"),
+        metrics=row.metrics,
+        # The state dict lives in the registry row itself (bytea), not in a file.
+        artifact_uri=f"postgresql:model_versions/{row.version}#artifact" if ready else "",
+        training_job=row.training_job,
+        create_time=timestamp(row.create_time),
+        update_time=timestamp(row.update_time),
+    )
+
+
+def _interaction(index: int, message: pb.Interaction, now: dt.datetime) -> NewInteraction:
+    event_time = message.event_time.ToDatetime(dt.UTC) if message.HasField("event_time") else now
+    if event_time > now + dt.timedelta(hours=1):  # also checked by protovalidate
+        raise InvalidArgument.field(
+            f"interactions[{index}].event_time", "must not be more than an hour in the future"
+        )
+    weight = message.weight
+    if not weight >= 0 or weight == float("inf"):  # NaN fails every comparison
+        raise InvalidArgument.field(
+            f"interactions[{index}].weight", "must be finite and not negative"
+        )
+    return NewInteraction(
+        id=message.interaction_id,
+        user=message.user,
+        item=_item_id(message.item),
+        kind=message.kind,
+        weight=weight or 1.0,
+        event_time=event_time,
+        serving_id=message.serving_id,
+    )
+
+
+class RecommendServicer(recommend_service_pb2_grpc.RecommendServiceServicer):
+    def __init__(self, recommender: Recommender, trainer: Trainer, store: RecommendStore) -> None:
+        self._recommender = recommender
+        self._trainer = trainer
+        self._store = store
+
+    async def RecordInteractions(
+        self, request: pb.RecordInteractionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecordInteractionsResponse:
+        now = dt.datetime.now(dt.UTC)
+        interactions = [_interaction(n, i, now) for n, i in enumerate(request.interactions)]
+        recorded, duplicates = await self._recommender.record(interactions)
+        return pb.RecordInteractionsResponse(recorded_count=recorded, duplicate_count=duplicates)
+
+    async def UpsertItems(
+        self, request: pb.UpsertItemsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpsertItemsResponse:
+        items = [
+            (_item_id(i.name), i.text, json_format.MessageToDict(i.metadata)) for i in request.items
+        ]
+        rows = await self._recommender.upsert_items(items)
+        return pb.UpsertItemsResponse(items=[item_proto(r) for r in rows])
+
+    async def GetItem(
+        self, request: pb.GetItemRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetItemResponse:
+        row = await self._recommender.item(_item_id(request.name))
+        return pb.GetItemResponse(item=item_proto(row))
+
+    async def ListItems(
+        self, request: pb.ListItemsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListItemsResponse:
+        rows, token = await self._recommender.list_items(request.page_size, request.page_token)
+        return pb.ListItemsResponse(items=[item_proto(r) for r in rows], next_page_token=token)
+
+    async def DeleteItem(
+        self, request: pb.DeleteItemRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteItemResponse:
+        await self._recommender.delete_item(_item_id(request.name))
+        return pb.DeleteItemResponse()
+
+    async def Recommend(
+        self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RecommendResponse:
+        if not 1 <= request.k <= 100:  # also checked by protovalidate
+            raise InvalidArgument.field("k", "must be between 1 and 100")
+        found = await self._recommender.recommend(request.user, request.k, request.include_seen)
+        return pb.RecommendResponse(
+            items=[pb.ScoredItem(item=f"items/{i}", score=s) for i, s in found.items],
+            model_version=found.model_version,
+            fallback=found.fallback_reason != 0,
+            fallback_reason=found.fallback_reason,  # type: ignore[arg-type]
+            serving_id=found.serving_id,
+        )
+
+    async def SimilarItems(
+        self, request: pb.SimilarItemsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SimilarItemsResponse:
+        if not 1 <= request.k <= 100:
+            raise InvalidArgument.field("k", "must be between 1 and 100")
+        items, reason = await self._recommender.similar(_item_id(request.item), request.k)
+        return pb.SimilarItemsResponse(
+            items=[pb.ScoredItem(item=f"items/{i}", score=s) for i, s in items],
+            model_version=self._recommender.version,
+            fallback=reason != 0,
+            fallback_reason=reason,  # type: ignore[arg-type]
+        )
+
+    async def TrainModel(
+        self, request: pb.TrainModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TrainModelResponse:
+        job = request.training_job
+        row = await self._trainer.start(request.training_job_id, job.model_version, job.epochs)
+        return pb.TrainModelResponse(training_job=job_proto(row))
+
+    async def GetTrainingJob(
+        self, request: pb.GetTrainingJobRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetTrainingJobResponse:
+        row = await self._trainer.get(request.name.removeprefix("trainingJobs/"))
+        return pb.GetTrainingJobResponse(training_job=job_proto(row))
+
+    async def CancelTrainingJob(
+        self, request: pb.CancelTrainingJobRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CancelTrainingJobResponse:
+        row = await self._trainer.cancel(request.name.removeprefix("trainingJobs/"))
+        return pb.CancelTrainingJobResponse(training_job=job_proto(row))
+
+    async def ListModelVersions(
+        self, request: pb.ListModelVersionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelVersionsResponse:
+        limit = page_size(request.page_size)
+        position = decode_page_token(request.page_token)
+        if position is not None and not isinstance(position, int):
+            raise InvalidArgument.field("page_token", "not a token from a previous page")
+        rows = await self._store.versions(position, limit + 1)
+        token = encode_page_token(rows[limit - 1].seq) if len(rows) > limit else ""
+        return pb.ListModelVersionsResponse(
+            model_versions=[version_proto(r) for r in rows[:limit]],
+            next_page_token=token,
+            serving_version=self._recommender.version,
+        )
+
+    async def GetExperimentResults(
+        self, request: pb.GetExperimentResultsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetExperimentResultsResponse:
+        found = await experiment(
+            self._store,
+            request.control_version,
+            request.treatment_version,
+            list(request.conversion_kinds),
+            request.start_time.ToDatetime(dt.UTC) if request.HasField("start_time") else None,
+            request.end_time.ToDatetime(dt.UTC) if request.HasField("end_time") else None,
+        )
+        variants = []
+        for variant, (low, high) in zip(
+            (found.control, found.treatment), found.comparison.intervals, strict=True
+        ):
+            variants.append(
+                pb.VariantResult(
+                    model_version=variant.version,
+                    exposures=variant.exposures,
+                    conversions=variant.conversions,
+                    rate=variant.rate,
+                    rate_ci_low=low,
+                    rate_ci_high=high,
+                )
+            )
+        return pb.GetExperimentResultsResponse(
+            variants=variants,
+            test=stats.TEST_NAME,
+            p_value=found.comparison.p_value,
+            confidence_level=stats.LEVEL,
+            verdict=found.comparison.verdict,
+            winner=found.comparison.winner,
+            required_exposures=found.comparison.required_exposures,
+        )
+
+    async def PurgeUserData(
+        self, request: pb.PurgeUserDataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PurgeUserDataResponse:
+        return pb.PurgeUserDataResponse(
+            deleted_interactions=await self._recommender.purge(request.user)
+        )

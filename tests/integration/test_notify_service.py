@@ -1,0 +1,587 @@
+"""The notify service over real gRPC, its own PostgreSQL, and a real HTTP
+receiver on 127.0.0.1 that checks signatures and dedupes deliveries."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2, field_mask_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aimesh.notify.v1 import notify_service_pb2 as pb
+from aimesh.notify.v1 import notify_service_pb2_grpc
+from aimesh.user.v1 import user_service_pb2 as user_pb
+from aimesh_notify.server import SPEC
+from tests.conftest import Running, admin_token, bearer, register_and_login, start_server
+from tests.fakes.webhook_receiver import Received, WebhookReceiver
+
+Stub = notify_service_pb2_grpc.NotifyServiceStub
+FAST = {
+    "AIMESH_NOTIFY_MAX_ATTEMPTS": "3",
+    "AIMESH_NOTIFY_BACKOFF_BASE_S": "0.05",
+    "AIMESH_NOTIFY_BACKOFF_CAP_S": "0.2",
+    "AIMESH_NOTIFY_VISIBILITY_TIMEOUT_S": "1",
+    "AIMESH_NOTIFY_POLL_S": "0.2",
+}
+
+
+async def start_notify(new_database: Any, user_server: Running, **env: str) -> Running:
+    return await start_server(
+        [SPEC],
+        new_database,
+        extra_env={
+            "AIMESH_JWKS_URL": f"http://127.0.0.1:{user_server.http_port}/.well-known/jwks.json",
+            "AIMESH_USER_ADDRESS": user_server.address,
+            **FAST,
+            **env,
+        },
+        rate_limit_rps=100_000.0,
+        rate_limit_burst=100_000,
+    )
+
+
+def poison(request: Received) -> int | None:
+    return 500 if request.body == b'"poison"' else None
+
+
+@pytest.fixture(scope="module")
+async def receiver() -> AsyncIterator[WebhookReceiver]:
+    server = await WebhookReceiver(answer=poison).start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(scope="module")
+async def notify(new_database: Any, user_server: Running) -> AsyncIterator[Running]:
+    running = await start_notify(
+        new_database, user_server, AIMESH_NOTIFY_ALLOW_PRIVATE_WEBHOOKS="1"
+    )
+    yield running
+    await running.server.stop(0.5)
+
+
+@pytest.fixture(scope="module")
+async def stub(notify: Running) -> AsyncIterator[Stub]:
+    async with notify.channel() as channel:
+        yield Stub(channel)
+
+
+@pytest.fixture
+async def md(users: Any) -> Any:
+    _, token = await register_and_login(users)
+    return bearer(token)
+
+
+@pytest.fixture
+async def admin(users: Any) -> Any:
+    return bearer(await admin_token(users))
+
+
+def topic() -> str:
+    """A topic of the test's own, so tests sharing the server do not see each other."""
+    return f"t{uuid.uuid4().hex[:10]}.happened"
+
+
+async def webhook(
+    stub: Stub, md: Any, receiver: WebhookReceiver, topics: list[str], **fields: Any
+) -> tuple[pb.Subscription, str, str]:
+    path = f"/{uuid.uuid4().hex}"
+    created = await stub.CreateSubscription(
+        pb.CreateSubscriptionRequest(
+            subscription=pb.Subscription(
+                display_name="hook",
+                topics=topics,
+                webhook=pb.WebhookChannel(url=receiver.url(path), **fields),
+            )
+        ),
+        metadata=md,
+    )
+    receiver.secrets[path] = [created.secret]
+    return created.subscription, created.secret, path
+
+
+async def publish(stub: Stub, md: Any, topic: str, payload: bytes, key: str = "") -> pb.Event:
+    reply = await stub.Publish(
+        pb.PublishRequest(topic=topic, idempotency_key=key or uuid.uuid4().hex, payload=payload),
+        metadata=md,
+    )
+    return reply.event
+
+
+def on(receiver: WebhookReceiver, path: str) -> list[Received]:
+    return [r for r in receiver.requests if r.path == path]
+
+
+async def settled(stub: Stub, md: Any, parent: str, count: int) -> list[pb.Delivery]:
+    """The subscription's deliveries once `count` of them are no longer in flight
+    (outcomes are written in batches, just after the receiver answers)."""
+    async with asyncio.timeout(10):
+        while True:
+            listed = await stub.ListDeliveries(pb.ListDeliveriesRequest(parent=parent), metadata=md)
+            done = [
+                d for d in listed.deliveries
+                if d.status in (pb.DELIVERY_STATUS_SUCCEEDED, pb.DELIVERY_STATUS_DEAD_LETTER)
+            ]  # fmt: skip
+            if len(done) >= count:
+                return list(listed.deliveries)
+            await asyncio.sleep(0.05)
+
+
+async def code_of(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value.code()
+
+
+async def test_serving_and_api_keys_are_exchanged(notify: Running, stub: Stub, users: Any) -> None:
+    async with notify.channel() as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(
+            health_pb2.HealthCheckRequest(service=SPEC.services[0].full_name)
+        )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    _, token = await register_and_login(users)
+    created = await users.CreateApiKey(
+        user_pb.CreateApiKeyRequest(parent="users/me", api_key=user_pb.ApiKey(display_name="k")),
+        metadata=bearer(token),
+    )
+    listed = await stub.ListSubscriptions(
+        pb.ListSubscriptionsRequest(), metadata=(("x-api-key", created.key),)
+    )
+    assert not listed.subscriptions
+    assert await code_of(stub.ListSubscriptions(pb.ListSubscriptionsRequest())) == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+
+
+async def test_webhook_delivery_is_signed_and_listed(
+    stub: Stub, md: Any, receiver: WebhookReceiver
+) -> None:
+    name = topic()
+    subscription, secret, path = await webhook(stub, md, receiver, [name])
+    assert secret.startswith("whsec_") and subscription.webhook.timeout.seconds == 10
+    got = await stub.GetSubscription(pb.GetSubscriptionRequest(name=subscription.name), metadata=md)
+    assert got.subscription == subscription  # the secret is never shown again
+    event = await publish(stub, md, name, b'{"n": 12345678901234567890}')
+    await receiver.wait_for(lambda: len(on(receiver, path)) == 1)
+    request = on(receiver, path)[0]
+    assert request.signed_by == (secret,) and request.body == b'{"n": 12345678901234567890}'
+    assert request.headers["aimesh-event-id"] == event.id
+    assert request.headers["aimesh-topic"] == name
+    assert request.headers["content-type"] == "application/json"
+    [delivery] = await settled(stub, md, subscription.name, 1)
+    assert delivery.name.endswith("/deliveries/" + request.delivery)
+    assert delivery.status == pb.DELIVERY_STATUS_SUCCEEDED and delivery.event_id == event.id
+    assert [(a.attempt, a.http_status, a.error) for a in delivery.attempts] == [(1, 200, "")]
+
+
+async def test_a_prefix_filter_matches_its_topics_only(
+    stub: Stub, md: Any, receiver: WebhookReceiver
+) -> None:
+    prefix = f"p{uuid.uuid4().hex[:8]}"
+    _, _, path = await webhook(stub, md, receiver, [f"{prefix}.*"])
+    await publish(stub, md, f"{prefix}.import.finished", b"1")
+    await publish(stub, md, f"x{prefix}.import.finished", b"2")
+    await publish(stub, md, f"{prefix}x.done", b"3")
+    await receiver.wait_for(lambda: len(on(receiver, path)) >= 1)
+    await asyncio.sleep(0.3)
+    assert [r.body for r in on(receiver, path)] == [b"1"]
+
+
+async def test_rotation_signs_with_both_secrets_until_the_old_one_expires(
+    stub: Stub, md: Any, receiver: WebhookReceiver
+) -> None:
+    name = topic()
+    subscription, old, path = await webhook(stub, md, receiver, [name])
+    rotated = await stub.RotateSubscriptionSecret(
+        pb.RotateSubscriptionSecretRequest(
+            name=subscription.name, grace_period=duration_pb2.Duration(seconds=1)
+        ),
+        metadata=md,
+    )
+    new = rotated.secret
+    assert new != old and rotated.subscription.webhook.HasField("previous_secret_expire_time")
+    receiver.secrets[path] = [old, new]
+    await publish(stub, md, name, b"during")
+    await receiver.wait_for(lambda: len(on(receiver, path)) == 1)
+    assert set(on(receiver, path)[0].signed_by) == {old, new}
+    await asyncio.sleep(1.2)
+    await publish(stub, md, name, b"after")
+    await receiver.wait_for(lambda: len(on(receiver, path)) == 2)
+    assert on(receiver, path)[1].signed_by == (new,)
+    stream = await stub.CreateSubscription(
+        pb.CreateSubscriptionRequest(
+            subscription=pb.Subscription(topics=[name], stream=pb.StreamChannel())
+        ),
+        metadata=md,
+    )
+    assert not stream.secret
+    assert (
+        await code_of(
+            stub.RotateSubscriptionSecret(
+                pb.RotateSubscriptionSecretRequest(name=stream.subscription.name), metadata=md
+            )
+        )
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
+
+
+async def test_same_key_published_100_times_concurrently_delivers_once(
+    stub: Stub, md: Any, receiver: WebhookReceiver
+) -> None:
+    name = topic()
+    subscription, _, path = await webhook(stub, md, receiver, [name])
+    key = f"test:{uuid.uuid4().hex}"
+    replies = await asyncio.gather(
+        *(
+            stub.Publish(
+                pb.PublishRequest(topic=name, idempotency_key=key, payload=b"once"), metadata=md
+            )
+            for _ in range(100)
+        )
+    )
+    assert len({r.event.id for r in replies}) == 1
+    assert sum(not r.duplicate for r in replies) == 1
+    await receiver.wait_for(lambda: len(on(receiver, path)) == 1)
+    await asyncio.sleep(0.5)  # room for a second delivery, were there one
+    assert len(on(receiver, path)) == 1
+    listed = await stub.ListDeliveries(
+        pb.ListDeliveriesRequest(parent=subscription.name), metadata=md
+    )
+    assert len(listed.deliveries) == 1
+    assert (
+        await code_of(
+            stub.Publish(
+                pb.PublishRequest(topic=name, idempotency_key=key, payload=b"other"), metadata=md
+            )
+        )
+        == grpc.StatusCode.ALREADY_EXISTS
+    )
+
+
+async def test_publish_batch_publishes_each_once_and_fails_as_a_whole(
+    stub: Stub, md: Any, receiver: WebhookReceiver
+) -> None:
+    name = topic()
+    subscription, _, path = await webhook(stub, md, receiver, [name])
+    known = await publish(stub, md, name, b"known", key=f"known:{name}")
+
+    def request(key: str, payload: bytes) -> pb.PublishRequest:
+        return pb.PublishRequest(topic=name, idempotency_key=key, payload=payload)
+
+    batch = [request(f"{name}:{n}", b"%d" % n) for n in range(20)]
+    batch += [request(f"{name}:3", b"3"), request(f"known:{name}", b"known")]
+    replies = await asyncio.gather(
+        *(stub.PublishBatch(pb.PublishBatchRequest(requests=batch), metadata=md) for _ in range(5))
+    )
+    for reply in replies:
+        assert [r.event.idempotency_key for r in reply.responses] == [
+            r.idempotency_key for r in batch
+        ]
+        assert reply.responses[3].event.id == reply.responses[20].event.id
+        assert reply.responses[20].duplicate and reply.responses[21].duplicate
+        assert reply.responses[21].event.id == known.id
+    # Each new key is new in exactly one of the five concurrent calls.
+    assert sum(not r.duplicate for reply in replies for r in reply.responses) == 20
+    await receiver.wait_for(lambda: len(on(receiver, path)) == 21)
+    await asyncio.sleep(0.5)  # room for a second delivery, were there one
+    assert len(on(receiver, path)) == 21
+    assert sorted(r.body for r in on(receiver, path)) == sorted(
+        [b"known"] + [b"%d" % n for n in range(20)]
+    )
+    # A known key with another payload, or one key twice with two payloads:
+    # ALREADY_EXISTS, and nothing of the batch is stored.
+    fresh = f"{name}:fresh"
+    for bad in (
+        [request(fresh, b"new"), request(f"known:{name}", b"changed")],
+        [request(fresh, b"new"), request(fresh, b"other")],
+    ):
+        assert (
+            await code_of(stub.PublishBatch(pb.PublishBatchRequest(requests=bad), metadata=md))
+            == grpc.StatusCode.ALREADY_EXISTS
+        )
+    again = await stub.PublishBatch(
+        pb.PublishBatchRequest(requests=[request(fresh, b"new")]), metadata=md
+    )
+    assert not again.responses[0].duplicate
+    too_many = [request(f"{name}:many:{n}", b"") for n in range(1001)]
+    assert (
+        await code_of(stub.PublishBatch(pb.PublishBatchRequest(requests=too_many), metadata=md))
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert (
+        await code_of(
+            stub.PublishBatch(pb.PublishBatchRequest(requests=[request("", b"x")]), metadata=md)
+        )
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    listed = await stub.ListDeliveries(
+        pb.ListDeliveriesRequest(parent=subscription.name, page_size=100), metadata=md
+    )
+    assert len(listed.deliveries) == 22
+
+
+async def test_poison_dead_letters_without_blocking_and_redrives(
+    stub: Stub, md: Any, admin: Any, receiver: WebhookReceiver
+) -> None:
+    name = topic()
+    subscription, _, path = await webhook(stub, md, receiver, [name])
+    await publish(stub, md, name, b'"poison"')
+    for n in range(20):
+        await publish(stub, md, name, str(n).encode())
+    accepted = lambda: {r.body for r in on(receiver, path) if r.body != b'"poison"'}  # noqa: E731
+    await receiver.wait_for(lambda: len(accepted()) == 20)
+
+    async def dead() -> list[pb.Delivery]:
+        listed = await stub.ListDeliveries(
+            pb.ListDeliveriesRequest(
+                parent=subscription.name, status=pb.DELIVERY_STATUS_DEAD_LETTER
+            ),
+            metadata=md,
+        )
+        return list(listed.deliveries)
+
+    async with asyncio.timeout(10):
+        while not await dead():
+            await asyncio.sleep(0.1)
+    [letter] = await dead()
+    assert [(a.attempt, a.http_status) for a in letter.attempts] == [(1, 500), (2, 500), (3, 500)]
+    assert not letter.HasField("next_attempt_time")
+    request = pb.RedriveDeadLettersRequest(parent=subscription.name)
+    assert await code_of(stub.RedriveDeadLetters(request, metadata=md)) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    previous = receiver.answer
+    receiver.answer = lambda r: None  # the receiver now accepts the poison
+    try:
+        redriven = await stub.RedriveDeadLetters(request, metadata=admin)
+        assert redriven.redriven_count == 1
+        await receiver.wait_for(lambda: receiver.deliveries[letter.name.rsplit("/", 1)[1]] == 1)
+    finally:
+        receiver.answer = previous
+    assert (await stub.RedriveDeadLetters(request, metadata=admin)).redriven_count == 0
+    missing = pb.RedriveDeadLettersRequest(parent="subscriptions/nope")
+    assert await code_of(stub.RedriveDeadLetters(missing, metadata=admin)) == (
+        grpc.StatusCode.NOT_FOUND
+    )
+
+
+async def stream_sub(stub: Stub, md: Any, topics: list[str]) -> str:
+    created = await stub.CreateSubscription(
+        pb.CreateSubscriptionRequest(
+            subscription=pb.Subscription(topics=topics, stream=pb.StreamChannel())
+        ),
+        metadata=md,
+    )
+    return str(created.subscription.name)
+
+
+async def read(
+    stub: Stub, md: Any, name: str, cursor: str, count: int
+) -> list[pb.SubscribeResponse]:
+    got: list[pb.SubscribeResponse] = []
+    call = stub.Subscribe(pb.SubscribeRequest(subscription=name, cursor=cursor), metadata=md)
+    async with asyncio.timeout(20):
+        async for item in call:
+            got.append(item)
+            if len(got) == count:
+                call.cancel()
+                break
+    return got
+
+
+async def test_stream_replays_then_tails_and_resumes_with_no_gap(stub: Stub, md: Any) -> None:
+    name = topic()
+    before = await publish(stub, md, name, b"before the subscription")
+    subscription = await stream_sub(stub, md, [name])
+    published: list[str] = []
+
+    async def publisher() -> None:
+        for n in range(300):
+            published.append((await publish(stub, md, name, str(n).encode())).id)
+            if n % 50 == 0:
+                await asyncio.sleep(0.05)
+
+    task = asyncio.create_task(publisher())
+    seen: list[str] = []
+    cursor = ""
+    while len(seen) < 300:  # read in slices, reconnecting from the cursor each time
+        batch = await read(stub, md, subscription, cursor, min(37, 300 - len(seen)))
+        seen.extend(item.event.id for item in batch)
+        cursor = batch[-1].cursor
+    await task
+    assert seen == published and before.id not in seen
+    assert (
+        await code_of(
+            stub.Subscribe(
+                pb.SubscribeRequest(subscription=subscription, cursor="garbage"), metadata=md
+            ).read()
+        )
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+
+
+async def test_bad_input_gets_clear_statuses(
+    stub: Stub, md: Any, users: Any, receiver: WebhookReceiver
+) -> None:
+    name = topic()
+    subscription, _, _ = await webhook(stub, md, receiver, [name])
+    _, other_token = await register_and_login(users)
+    other = bearer(other_token)
+    for who in (md, other):
+        missing = "subscriptions/nope" if who is md else subscription.name
+        assert (
+            await code_of(
+                stub.GetSubscription(pb.GetSubscriptionRequest(name=missing), metadata=who)
+            )
+            == grpc.StatusCode.NOT_FOUND
+        )
+        assert (
+            await code_of(
+                stub.ListDeliveries(pb.ListDeliveriesRequest(parent=missing), metadata=who)
+            )
+            == grpc.StatusCode.NOT_FOUND
+        )
+        assert (
+            await code_of(
+                stub.DeleteSubscription(pb.DeleteSubscriptionRequest(name=missing), metadata=who)
+            )
+            == grpc.StatusCode.NOT_FOUND
+        )
+        assert (
+            await code_of(
+                stub.Subscribe(pb.SubscribeRequest(subscription=missing), metadata=who).read()
+            )
+            == grpc.StatusCode.NOT_FOUND
+        )
+    assert (
+        await code_of(
+            stub.Subscribe(pb.SubscribeRequest(subscription=subscription.name), metadata=md).read()
+        )
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert (
+        await code_of(
+            stub.Publish(
+                pb.PublishRequest(topic=name, idempotency_key="k", payload=b"x" * 65537),
+                metadata=md,
+            )
+        )
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert (
+        await code_of(
+            stub.CreateSubscription(
+                pb.CreateSubscriptionRequest(subscription=pb.Subscription(topics=[name])),
+                metadata=md,
+            )
+        )
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    # Updates: a field, the kind (fixed), an unknown path.
+    update = pb.UpdateSubscriptionRequest(
+        subscription=pb.Subscription(name=subscription.name, display_name="renamed"),
+        update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+    )
+    updated = await stub.UpdateSubscription(update, metadata=md)
+    assert updated.subscription.display_name == "renamed"
+    assert updated.subscription.webhook.url == subscription.webhook.url
+    update.subscription.stream.SetInParent()
+    assert await code_of(stub.UpdateSubscription(update, metadata=md)) == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    update = pb.UpdateSubscriptionRequest(
+        subscription=pb.Subscription(name=subscription.name),
+        update_mask=field_mask_pb2.FieldMask(paths=["owner"]),
+    )
+    assert await code_of(stub.UpdateSubscription(update, metadata=md)) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+
+
+async def test_list_pages_and_purge_is_idempotent(
+    stub: Stub, users: Any, admin: Any, receiver: WebhookReceiver
+) -> None:
+    user, token = await register_and_login(users)
+    md = bearer(token)
+    names = [(await webhook(stub, md, receiver, [topic()]))[0].name for _ in range(3)]
+    names.append(await stream_sub(stub, md, [topic()]))
+    first = await stub.ListSubscriptions(pb.ListSubscriptionsRequest(page_size=3), metadata=md)
+    rest = await stub.ListSubscriptions(
+        pb.ListSubscriptionsRequest(page_size=3, page_token=first.next_page_token), metadata=md
+    )
+    assert [s.name for s in [*first.subscriptions, *rest.subscriptions]] == names
+    assert not rest.next_page_token
+    purge = pb.PurgeUserDataRequest(user=user.name)
+    assert await code_of(stub.PurgeUserData(purge, metadata=md)) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    assert (await stub.PurgeUserData(purge, metadata=admin)).deleted_subscriptions == 4
+    assert (await stub.PurgeUserData(purge, metadata=admin)).deleted_subscriptions == 0
+    left = await stub.ListSubscriptions(pb.ListSubscriptionsRequest(), metadata=md)
+    assert not left.subscriptions
+
+
+DENIED_URLS = [
+    "http://127.0.0.1:8080/hook",
+    "http://localhost/hook",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://10.1.2.3/",
+    "http://172.16.0.1/",
+    "http://192.168.1.1/",
+    "http://100.64.0.1/",
+    "http://0.0.0.0/",
+    "http://224.0.0.1/",
+    "http://[::1]/",
+    "http://[::ffff:127.0.0.1]/",
+    "http://[fd00:ec2::254]/",
+    "http://[fe80::1]/",
+    "https://user:pass@93.184.216.34/",
+    "ftp://93.184.216.34/",
+    "file:///etc/passwd",
+]
+
+
+async def test_webhooks_to_denied_networks_are_invalid(
+    new_database: Any, user_server: Running, users: Any
+) -> None:
+    strict = await start_notify(new_database, user_server)
+    try:
+        _, token = await register_and_login(users)
+        md = bearer(token)
+        async with strict.channel() as channel:
+            stub = Stub(channel)
+            for url in DENIED_URLS:
+                request = pb.CreateSubscriptionRequest(
+                    subscription=pb.Subscription(
+                        topics=["user.deleted"], webhook=pb.WebhookChannel(url=url)
+                    )
+                )
+                code = await code_of(stub.CreateSubscription(request, metadata=md))
+                assert code == grpc.StatusCode.INVALID_ARGUMENT, url
+            # A public address is fine (nothing is sent until an event comes).
+            allowed = await stub.CreateSubscription(
+                pb.CreateSubscriptionRequest(
+                    subscription=pb.Subscription(
+                        topics=[topic()], webhook=pb.WebhookChannel(url="https://93.184.216.34/h")
+                    )
+                ),
+                metadata=md,
+            )
+            update = pb.UpdateSubscriptionRequest(
+                subscription=pb.Subscription(
+                    name=allowed.subscription.name,
+                    webhook=pb.WebhookChannel(url="http://169.254.169.254/"),
+                ),
+                update_mask=field_mask_pb2.FieldMask(paths=["webhook.url"]),
+            )
+            assert await code_of(stub.UpdateSubscription(update, metadata=md)) == (
+                grpc.StatusCode.INVALID_ARGUMENT
+            )
+    finally:
+        await strict.server.stop(0.5)

@@ -1,0 +1,170 @@
+"""Units of the notify service: the SSRF guard, backoff, signatures, cursors, and
+the webhook HTTP client."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import uuid
+from typing import Any
+
+import pytest
+
+from aimesh_notify import netguard
+from aimesh_notify.events import decode_cursor, encode_cursor
+from aimesh_notify.netguard import DeniedUrl, NetworkGuard, denial
+from aimesh_notify.queue import WebhookSender, backoff_s
+from aimesh_notify.signing import signature_header, verify
+from aimesh_notify.store import Claimed
+from aimesh_runtime.errors import InvalidArgument
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "10.0.0.1", "172.31.255.255", "192.168.0.1", "169.254.169.254", "100.64.0.1",
+     "0.0.0.0", "224.0.0.251", "255.255.255.255", "::1", "::", "fe80::1", "fd00:ec2::254",
+     "fc00::1", "ff02::1", "::ffff:10.0.0.1", "64:ff9b::a00:1"],
+)  # fmt: skip
+def test_denied_addresses(address: str) -> None:
+    assert denial(ipaddress.ip_address(address)) is not None
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700::1111"])
+def test_public_addresses_pass(address: str) -> None:
+    assert denial(ipaddress.ip_address(address)) is None
+
+
+async def test_guard_refuses_schemes_credentials_and_denied_names() -> None:
+    guard = NetworkGuard(allow_private=False)
+    for url in ("ftp://93.184.216.34/", "http://u:p@93.184.216.34/", "http:///x", "http://[::1/"):
+        with pytest.raises(DeniedUrl):
+            await guard.check(url)
+    with pytest.raises(DeniedUrl, match="loopback"):
+        await guard.check("http://localhost:8080/")
+    target = await guard.check("https://93.184.216.34:8443/hook")
+    assert (target.host, target.port, target.address) == ("93.184.216.34", 8443, "93.184.216.34")
+    relaxed = await NetworkGuard(allow_private=True).check("http://127.0.0.1:9/")
+    assert relaxed.address is None
+
+
+async def test_a_name_rebound_to_a_denied_address_is_refused_at_delivery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    answers = iter([[ipaddress.ip_address("93.184.216.34")], [ipaddress.ip_address("127.0.0.1")]])
+
+    async def rebinding(host: str, port: int) -> Any:
+        return next(answers)
+
+    monkeypatch.setattr(netguard, "resolve", rebinding)
+    guard = NetworkGuard(allow_private=False)
+    await guard.check("http://hooks.example.com/x")  # at creation: public
+    sender = WebhookSender(guard, 1)
+    claimed = Claimed(1, uuid.uuid4(), 1, False, "http://hooks.example.com/x",
+                      1000, ("s",), "e", "t.x", b"{}", "application/json")  # fmt: skip
+    try:
+        status, error = await sender.send(claimed)  # at delivery: loopback, nothing sent
+    finally:
+        await sender.close()
+    assert status == 0 and error.startswith("denied:") and "loopback" in error
+
+
+def test_backoff_is_exponential_with_full_jitter() -> None:
+    assert [backoff_s(n, 2.0, 60.0, lambda: 1.0) for n in (1, 2, 3, 5, 9)] == [
+        2.0, 4.0, 8.0, 32.0, 60.0]  # fmt: skip
+    assert backoff_s(3, 2.0, 60.0, lambda: 0.0) == 0.0
+    assert backoff_s(10_000, 2.0, 60.0, lambda: 0.5) == 30.0
+
+
+def test_signatures_cover_timestamp_and_body() -> None:
+    header = signature_header(["old", "new"], 1700000000, b'{"a":1}')
+    assert header.count("v1=") == 2
+    assert verify("old", 1700000000, b'{"a":1}', header)
+    assert verify("new", 1700000000, b'{"a":1}', header)
+    assert not verify("other", 1700000000, b'{"a":1}', header)
+    assert not verify("new", 1700000001, b'{"a":1}', header)
+    assert not verify("new", 1700000000, b'{"a":2}', header)
+
+
+def test_cursors_round_trip_and_garbage_is_invalid() -> None:
+    assert decode_cursor(encode_cursor(42)) == 42 and decode_cursor("") is None
+    for bad in ("garbage", encode_cursor(-1), "W10"):
+        with pytest.raises(InvalidArgument):
+            decode_cursor(bad)
+
+
+# Answers of a scripted HTTP server, one per request on a connection; after
+# the list the connection is closed.
+SCRIPTS: dict[str, list[bytes]] = {
+    "/length": [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"] * 3,
+    "/chunked": [
+        b"HTTP/1.1 202 Accepted\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"3;x=1\r\nabc\r\n2\r\nde\r\n0\r\nx-trailer: 1\r\n\r\n"
+    ]
+    * 3,
+    "/interim": [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"] * 3,
+    "/until-close": [b"HTTP/1.0 200 OK\r\n\r\nthe whole answer"],
+    "/once": [b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"],  # then closes, idle
+    "/huge": [b"HTTP/1.1 500 Oops\r\ncontent-length: 100000\r\n\r\n" + b"x" * 100_000],
+    "/garbage": [b"SMTP ready\r\n\r\n"],
+    "/silent": [],
+}
+
+
+async def scripted_server() -> tuple[Any, list[int]]:
+    connections: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        try:
+            for index in range(10):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                script = SCRIPTS[head.split(b" ")[1].decode().split("?")[0]]
+                if index >= len(script):
+                    break
+                writer.write(script[index])
+                await writer.drain()
+                if index == len(script) - 1:
+                    break  # the script is over: close
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, connections
+
+
+def claimed_for(url: str) -> Claimed:
+    return Claimed(1, uuid.uuid4(), 1, False, url, 2000, ("s",), "e", "t.x", b"{}",
+                   "application/json")  # fmt: skip
+
+
+async def test_the_webhook_client_reads_every_kind_of_answer_and_reuses_connections() -> None:
+    server, connections = await scripted_server()
+    port = server.sockets[0].getsockname()[1]
+    sender = WebhookSender(NetworkGuard(allow_private=True), 4)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for path, expected in [("/length", 200), ("/chunked", 202), ("/interim", 204)]:
+            before = len(connections)
+            for _ in range(3):
+                assert await sender.send(claimed_for(base + path)) == (expected, "")
+            assert len(connections) - before == 1  # one keep-alive connection for all three
+        assert await sender.send(claimed_for(base + "/until-close")) == (200, "")
+        # The server closes this one once idle: the next request must not fail for it.
+        assert await sender.send(claimed_for(base + "/once")) == (200, "")
+        await asyncio.sleep(0.05)
+        assert await sender.send(claimed_for(base + "/length?a=b c")) == (200, "")
+        assert await sender.send(claimed_for(base + "/huge")) == (500, "HTTP 500")
+        status, error = await sender.send(claimed_for(base + "/garbage"))
+        assert status == 0 and "ProtocolError" in error
+        status, error = await sender.send(claimed_for(base + "/silent"))
+        assert status == 0 and "closed the connection" in error
+        status, error = await sender.send(claimed_for("http://127.0.0.1:9/refused"))
+        assert status == 0 and error
+    finally:
+        await sender.close()
+        server.close()
+        await server.wait_closed()
