@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import grpc
 import protovalidate
 from google.protobuf.message import DecodeError
@@ -58,6 +59,12 @@ SERVER_FAULT_CODES = frozenset(
     {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
 )
 MAX_VIOLATIONS = 20
+# PostgreSQL text cannot hold NUL (or bytes invalid in the database encoding);
+# protobuf strings can. Such input is the caller's error, wherever it is stored.
+UNSTORABLE_TEXT = (
+    asyncpg.exceptions.CharacterNotInRepertoireError,
+    asyncpg.exceptions.UntranslatableCharacterError,
+)
 
 
 def render_field_path(violation: protovalidate.Violation) -> str:
@@ -348,6 +355,12 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
     async def _fail(
         self, call: _Call, error: BaseException, context: grpc.aio.ServicerContext
     ) -> None:
+        if isinstance(error, UNSTORABLE_TEXT):
+            error = InvalidArgument(
+                "a text field holds a character that cannot be stored (such as NUL)",
+                [FieldViolation("request", str(error).splitlines()[0])],
+                reason="UNSTORABLE_CHARACTER",
+            )
         if isinstance(error, ServiceError):
             call.finish(error.code.name, context, error)
             await context.abort_with_status(_with_request_id(error.to_status(), call.scope))

@@ -30,6 +30,7 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from aimesh.user.v1 import user_service_pb2_grpc
 from tests.conftest import Running, bearer, register_and_login, start_server
 from tests.integration.test_interop import PROBES
 
@@ -255,7 +256,9 @@ async def run_fuzz(service: tuple[str, Running], users: Any, count: int) -> dict
         for index, method in enumerate(methods_of(PROBES[name].module)):
             # A fresh caller per RPC: a fuzzed DeleteUser("users/me") or a
             # revocation may end the last one, and a long run outlives a token.
-            _, token = await register_and_login(users)
+            # The user service under test signs its own tokens: log in there.
+            issuer = user_service_pb2_grpc.UserServiceStub(channel) if name == "user" else users
+            _, token = await register_and_login(issuer)
             results[method.name] = await fuzz_method(
                 channel, method, bearer(token), count, seed=index
             )
@@ -267,6 +270,7 @@ async def run_fuzz(service: tuple[str, Running], users: Any, count: int) -> dict
 def check(results: dict[str, Counter[str]]) -> None:
     for method, codes in results.items():
         assert codes.get("UNKNOWN", 0) == 0, (method, codes)
+        assert codes.get("INTERNAL", 0) == 0, (method, codes)  # a handler crashed
         assert codes.get("oversized:RESOURCE_EXHAUSTED") == 1, (method, codes)
 
 

@@ -81,6 +81,14 @@ async def test_wrong_password_and_unknown_email_look_the_same(users: Stub) -> No
     assert errors[0].details() == errors[1].details() == "wrong email or password"
 
 
+async def test_text_the_database_cannot_store_is_invalid_argument(users: Stub) -> None:
+    # Found by fuzzing: PostgreSQL text holds no NUL, and the store's error was INTERNAL.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await users.Login(pb.LoginRequest(email="a\x00b@example.com", password="whatever-pass"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cannot be stored" in (caught.value.details() or "")
+
+
 async def test_unknown_user_is_not_found_for_admin(users: Stub) -> None:
     token = await admin_token(users)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
