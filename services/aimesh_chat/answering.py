@@ -18,13 +18,14 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from aimesh_chat.budgets import Budgets
 from aimesh_chat.conversations import (
     Conversations,
     message_name,
     new_id,
+    not_found,
     parse_conversation,
 )
 from aimesh_chat.prompting import (
@@ -46,8 +47,8 @@ from aimesh_chat.providers import (
     TextDelta,
     replay_key,
 )
-from aimesh_chat.retrieval import Retrieval, SearchRetriever
-from aimesh_chat.store import AnswerOutcome, ChatStore, ConversationRow, MessageRow
+from aimesh_chat.retrieval import SearchRetriever
+from aimesh_chat.store import AnswerOutcome, ChatStore, MessageRow
 from aimesh_runtime.errors import FieldViolation, InvalidArgument
 from aimesh_runtime.metrics import ModelMetrics
 from aimesh_runtime.resilience import BreakerOpen, CircuitBreaker
@@ -222,24 +223,27 @@ class Answering:
                 [FieldViolation("message", description)],
                 reason="MESSAGE_TOO_LONG",
             )
-        # The checks and retrieval are independent round trips: run them together,
-        # then report failures in a fixed order (the conversation first, so nobody
-        # learns anything about someone else's conversation).
-        looked_up = await asyncio.gather(
-            self._conversations.get(owner_id, conversation, "conversation"),
-            self._budgets.check(owner_id, estimate),
-            self._retriever.retrieve(collection, message, top_k),
-            self._store.recent_messages(
-                parse_conversation(conversation, "conversation"), self._limits.history_messages
+        # The checks are one round trip, run beside retrieval; failures are then
+        # reported in a fixed order (the conversation first, so nobody learns
+        # anything about someone else's conversation).
+        context, retrieved = await asyncio.gather(
+            self._store.turn_context(
+                parse_conversation(conversation, "conversation"),
+                owner_id,
+                self._budgets.today(),
+                self._limits.history_messages,
             ),
+            self._retriever.retrieve(collection, message, top_k),
             return_exceptions=True,
         )
-        for outcome in looked_up:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        row = cast(ConversationRow, looked_up[0])
-        retrieval = cast(Retrieval, looked_up[2])
-        history = cast(list[MessageRow], looked_up[3])
+        if isinstance(context, BaseException):
+            raise context
+        if context.conversation is None:
+            raise not_found(conversation)
+        self._budgets.enforce(context.used_tokens, estimate)
+        if isinstance(retrieved, BaseException):
+            raise retrieved
+        row, retrieval, history = context.conversation, retrieved, context.history
         user_id, answer_id = new_id(), new_id()
         model = self._limits.model
         # Stored while the model thinks: it is off the time to first token.

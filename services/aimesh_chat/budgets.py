@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 
-from aimesh_chat.store import ChatStore
 from aimesh_runtime.errors import ResourceExhausted
 
 
@@ -14,10 +13,7 @@ def utc_now() -> dt.datetime:
 
 
 class Budgets:
-    def __init__(
-        self, store: ChatStore, daily_tokens: int, clock: Callable[[], dt.datetime] = utc_now
-    ) -> None:
-        self._store = store
+    def __init__(self, daily_tokens: int, clock: Callable[[], dt.datetime] = utc_now) -> None:
         self._daily = daily_tokens
         self._clock = clock
 
@@ -34,13 +30,12 @@ class Budgets:
         midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), dt.UTC)
         return (midnight - now).total_seconds()
 
-    async def check(self, owner_id: str, estimate: int) -> None:
+    def enforce(self, used: int, estimate: int) -> None:
         """Refuse when today's usage plus this message's estimate exceeds the budget.
 
         Concurrent answers of one principal may each pass and overshoot by one
         answer's worth: usage is known only when an answer ends.
         """
-        used = await self._store.tokens_used(owner_id, self.today())
         if used + estimate > self._daily:
             retry = self.seconds_to_reset()
             raise ResourceExhausted(

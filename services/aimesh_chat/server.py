@@ -84,7 +84,7 @@ async def mount(context: ServiceContext) -> Mount:
     answers = Answering(
         store,
         conversations,
-        Budgets(store, settings.daily_token_budget),
+        Budgets(settings.daily_token_budget),
         retriever,
         provider,
         CircuitBreaker(

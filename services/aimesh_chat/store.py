@@ -53,6 +53,13 @@ class AnswerOutcome:
     sources: Sequence[str] = ()  # documents of the passages the model was given
 
 
+@dataclass(frozen=True)
+class TurnContext:
+    conversation: ConversationRow | None
+    used_tokens: int
+    history: list[MessageRow]
+
+
 def _conversation(row: asyncpg.Record) -> ConversationRow:
     return ConversationRow(
         row["id"], row["owner_id"], row["display_name"], row["create_time"], row["update_time"]
@@ -133,19 +140,6 @@ class ChatStore:
                ORDER BY seq LIMIT $3""",
             conversation_id,
             after_seq,
-            limit,
-        )
-        return [_message(row) for row in rows]
-
-    async def recent_messages(self, conversation_id: str, limit: int) -> list[MessageRow]:
-        """The last `limit` finished messages, oldest first: the model's context."""
-        rows = await self._pool.fetch(
-            """SELECT * FROM (
-                   SELECT * FROM messages
-                   WHERE conversation_id = $1 AND (role = 'user' OR stop_reason IS NOT NULL)
-                   ORDER BY seq DESC LIMIT $2) recent
-               ORDER BY seq""",
-            conversation_id,
             limit,
         )
         return [_message(row) for row in rows]
@@ -243,14 +237,43 @@ class ChatStore:
                 },
             )
 
-    async def tokens_used(self, owner_id: str, day: dt.date) -> int:
-        used = await self._pool.fetchval(
-            """SELECT coalesce(sum(input_tokens + output_tokens), 0) FROM token_usage
-               WHERE owner_id = $1 AND day = $2""",
+    async def turn_context(
+        self, conversation_id: str, owner_id: str, day: dt.date, history: int
+    ) -> TurnContext:
+        """What a new turn needs before the model is called, in one round trip:
+        the conversation (None unless `owner_id` owns it), the owner's tokens used
+        on `day`, and the last `history` finished messages, oldest first."""
+        rows = await self._pool.fetch(
+            """SELECT c.id AS c_id, c.owner_id AS c_owner_id,
+                      c.display_name AS c_display_name, c.create_time AS c_create_time,
+                      c.update_time AS c_update_time,
+                      (SELECT coalesce(sum(input_tokens + output_tokens), 0) FROM token_usage
+                       WHERE owner_id = $2 AND day = $3) AS used_tokens,
+                      m.*
+               FROM (SELECT 1) AS always
+               LEFT JOIN conversations c ON c.id = $1 AND c.owner_id = $2
+               LEFT JOIN LATERAL (
+                   SELECT * FROM messages
+                   WHERE conversation_id = c.id AND (role = 'user' OR stop_reason IS NOT NULL)
+                   ORDER BY seq DESC LIMIT $4) m ON true
+               ORDER BY m.seq""",
+            conversation_id,
             owner_id,
             day,
+            history,
         )
-        return int(used)
+        first = rows[0]
+        conversation = None
+        if first["c_id"] is not None:
+            conversation = ConversationRow(
+                first["c_id"],
+                first["c_owner_id"],
+                first["c_display_name"],
+                first["c_create_time"],
+                first["c_update_time"],
+            )
+        messages = [_message(row) for row in rows if row["id"] is not None]
+        return TurnContext(conversation, int(first["used_tokens"]), messages)
 
     async def purge_owner(self, owner_id: str) -> int:
         deleted = await self._pool.fetchval(

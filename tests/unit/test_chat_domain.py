@@ -96,20 +96,12 @@ def test_turns_alternate_and_start_with_the_user() -> None:
     ]
 
 
-class _Usage:
-    def __init__(self, used: int) -> None:
-        self.used = used
-
-    async def tokens_used(self, owner_id: str, day: dt.date) -> int:
-        return self.used
-
-
-async def test_budget_refuses_past_the_limit_until_utc_midnight() -> None:
+def test_budget_refuses_past_the_limit_until_utc_midnight() -> None:
     clock = lambda: dt.datetime(2025, 3, 1, 23, 0, tzinfo=dt.UTC)  # noqa: E731
-    budgets = Budgets(_Usage(90), 100, clock)  # type: ignore[arg-type]
-    await budgets.check("u", 10)
+    budgets = Budgets(100, clock)
+    budgets.enforce(90, 10)
     with pytest.raises(ResourceExhausted) as caught:
-        await budgets.check("u", 11)
+        budgets.enforce(90, 11)
     assert caught.value.retry_after_s == 3600
     assert caught.value.reason == "TOKEN_BUDGET_EXHAUSTED"
 
