@@ -7,7 +7,9 @@ cache never answers):
   batch_qps_ratio   QPS with batching on ÷ off.
   batch_p99_ratio   p99 latency on ÷ off.
   feed_efficiency   service QPS (on) ÷ in-process encode+search QPS at the mean
-                    batch size the service formed (read from its /metrics).
+                    batch size the service formed (read from its /metrics),
+                    the better of one encoder copy on every core and the
+                    service's layout (a copy per core, one torch thread each).
 Then, on real embeddings of the standard library's docstrings:
   recall_at_10      recall@10 of the index the service deploys at this size
                     (HNSW) against exact search (IndexFlatIP), on held-out queries.
@@ -28,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -35,6 +38,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -104,17 +108,53 @@ def mean_batch(http_port: int) -> float:
 
 
 def raw_qps(
-    encoder: Encoder, index: VectorIndex, texts: list[str], batch: int, seconds: float
+    encoders: list[Encoder], index: VectorIndex, texts: list[str], batch: int, seconds: float
 ) -> float:
-    """In-process encode + search of `batch` queries at a time: the ceiling for the service."""
-    done, started, position = 0, time.perf_counter(), 0
-    while time.perf_counter() - started < seconds:
-        chunk = texts[position : position + batch]
-        position += batch
-        vectors = encoder.encode(chunk).vectors
-        index._search(vectors, 10, None)
-        done += len(chunk)
-    return done / (time.perf_counter() - started)
+    """In-process encode + search of `batch` queries at a time, one stream per
+    encoder copy, each on its own thread: the ceiling for the service."""
+    position = 0
+    lock = threading.Lock()
+    done = [0]
+    stop_at = time.perf_counter() + seconds
+
+    def stream(encoder: Encoder) -> None:
+        nonlocal position
+        while time.perf_counter() < stop_at:
+            with lock:
+                chunk = texts[position : position + batch]
+                position += batch
+            vectors = encoder.encode(chunk).vectors
+            index._search(vectors, 10, None)
+            with lock:
+                done[0] += len(chunk)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=stream, args=(encoder,)) for encoder in encoders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return done[0] / (time.perf_counter() - started)
+
+
+def best_raw_qps(documents: list[str], texts: list[str], batch: int, seconds: float) -> float:
+    """The better of the two ways to run the model in-process on this CPU: one
+    copy with every core, or the service's layout (one copy per core, one
+    torch thread each). The service is held to whichever is faster."""
+    cores = len(os.sched_getaffinity(0))
+    encoders = [Encoder("", "all-MiniLM-L6-v2", "cpu") for _ in range(min(cores, 4))]
+    index = VectorIndex(encoders[0].dimension, ann_threshold=20_000, ef_search=64)
+    index.load(np.arange(len(documents), dtype=np.int64), encoders[0].encode(documents).vectors)
+    torch.set_num_threads(cores)
+    one_copy = raw_qps(encoders[:1], index, texts[: len(texts) // 2], batch, seconds)
+    torch.set_num_threads(1)
+    copies = raw_qps(encoders, index, texts[len(texts) // 2 :], batch, seconds)
+    torch.set_num_threads(cores)
+    print(
+        f"  in-process encode+search at batch {batch}: one copy with {cores} threads"
+        f" {one_copy:.0f} q/s, {len(encoders)} copies with one thread {copies:.0f} q/s"
+    )
+    return max(one_copy, copies)
 
 
 async def measure_batching(
@@ -171,12 +211,7 @@ async def measure_batching(
         f" off {off_qps:.0f} q/s p99 {p99['off'] * 1000:.1f} ms"
     )
     print(f"  mean batch formed by the service: {batch:.1f}")
-    encoder = Encoder("", "all-MiniLM-L6-v2", "cpu")
-    index = VectorIndex(encoder.dimension, ann_threshold=20_000, ef_search=64)
-    vectors = encoder.encode(documents).vectors
-    index.load(np.arange(len(documents), dtype=np.int64), vectors)
-    raw = raw_qps(encoder, index, queries[-20000:], max(1, round(batch)), seconds)
-    print(f"  in-process encode+search at batch {round(batch)}: {raw:.0f} q/s")
+    raw = best_raw_qps(documents, queries[-20000:], max(1, round(batch)), seconds)
     return {
         "batch_qps_ratio": on_qps / off_qps,
         "batch_p99_ratio": p99["on"] / p99["off"],
