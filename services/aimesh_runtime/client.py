@@ -67,17 +67,19 @@ def service_config(
     service: ServiceDescriptor,
     *,
     retry_throttling: Mapping[str, float] | None = None,
+    max_attempts: int | None = None,
 ) -> dict[str, Any]:
     """The gRPC service config for calling `service`, from its descriptor.
 
     Timeouts are not in it (see the module docstring): `method_timeouts` gives
     them to the channel's interceptor.
     """
+    policy = RETRY_POLICY if max_attempts is None else {**RETRY_POLICY, "maxAttempts": max_attempts}
     configs = []
     for method in service.methods:
         entry: dict[str, Any] = {"name": [{"service": service.full_name, "method": method.name}]}
         if not _streams(method) and method.GetOptions().idempotency_level in SAFE_TO_RETRY:
-            entry["retryPolicy"] = RETRY_POLICY
+            entry["retryPolicy"] = policy
         configs.append(entry)
     return {"methodConfig": configs, "retryThrottling": dict(retry_throttling or RETRY_THROTTLING)}
 
@@ -175,12 +177,14 @@ def connect(
     tracer_provider: TracerProvider | None = None,
     max_message_bytes: int = 4 * 1024 * 1024,
     retry_throttling: Mapping[str, float] | None = None,
+    max_attempts: int | None = None,
     max_reconnect_backoff_s: float | None = None,
 ) -> grpc.aio.Channel:
     """An insecure channel to `target`: inside the mesh, Istio's sidecars add mTLS.
 
     `retry_throttling` replaces RETRY_THROTTLING for this dependency (gRFC A6's
-    maxTokens and tokenRatio). `max_reconnect_backoff_s` caps the wait between
+    maxTokens and tokenRatio), `max_attempts` the retry policy's (gRPC allows at
+    most 5). `max_reconnect_backoff_s` caps the wait between
     connection attempts to a backend that is down (gRPC's default grows to
     120 s: after a 15 s outage the next attempt can be 6 s away); set it near a
     circuit breaker's reset timeout, or the breaker's half-open trial fails on
@@ -188,7 +192,7 @@ def connect(
     the mesh the channel's peer is the local sidecar, so this matters for
     direct connections (local runs, compose).
     """
-    config = service_config(service, retry_throttling=retry_throttling)
+    config = service_config(service, retry_throttling=retry_throttling, max_attempts=max_attempts)
     per_call = method_timeouts(service, default_timeout_s=default_timeout_s, timeouts=timeouts)
     options = [
         ("grpc.service_config", json.dumps(config)),

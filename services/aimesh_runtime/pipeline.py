@@ -124,6 +124,8 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        """As an interceptor (for servers whose handlers were not wrapped when
+        they were registered: see `wrap_handlers`)."""
         method = handler_call_details.method
         wrapped = self._wrapped.get(method)
         if wrapped is not None:
@@ -131,9 +133,23 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
             return handler
-        wrapped = self._wrap(method, handler)
-        self._wrapped[method] = wrapped
+        return self.wrapped(method, handler)
+
+    def wrapped(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler` of `method` (/package.Service/Method) with every step in front."""
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = self._wrapped[method] = self._wrap(method, handler)
         return wrapped
+
+    def wrap_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> dict[str, grpc.RpcMethodHandler]:
+        """A service's handlers (by method name) with the pipeline built in, for
+        registering them on the server: then no interceptor runs per call."""
+        return {
+            name: self.wrapped(f"/{service}/{name}", handler) for name, handler in handlers.items()
+        }
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         service, _, name = method.lstrip("/").partition("/")

@@ -24,7 +24,8 @@ import asyncpg
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import _async as reflection_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -99,6 +100,36 @@ class ServiceSpec:
         return None if self.settings is None else load(self.settings, environ)
 
 
+class PipelinedServer:
+    """The server as the generated `add_*_to_server` functions see it: each
+    service's handlers are wrapped in the pipeline once, as they are
+    registered, so nothing runs per call that a grpc.aio interceptor would add
+    (a coroutine and a handler lookup on every call)."""
+
+    def __init__(self, server: grpc.aio.Server, pipeline: ServerPipeline) -> None:
+        self._server = server
+        self._pipeline = pipeline
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        for handler in handlers:
+            service = getattr(handler, "_name", None)
+            by_path = getattr(handler, "_method_handlers", None)
+            if not isinstance(service, str) or not isinstance(by_path, dict):
+                raise TypeError(f"cannot put the pipeline in front of {handler!r}")
+            by_name = {path.rsplit("/", 1)[1]: h for path, h in by_path.items()}
+            wrapped = self._pipeline.wrap_handlers(service, by_name)
+            self._server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(service, wrapped),)
+            )
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self._server.add_registered_method_handlers(
+            service, self._pipeline.wrap_handlers(service, handlers)
+        )
+
+
 @dataclass
 class _Running:
     spec: ServiceSpec
@@ -165,15 +196,16 @@ class AimeshServer:
             trust_forwarded_for=config.trust_forwarded_for,
             slow_call_s=config.slow_call_s,
         )
-        server = grpc.aio.server(
+        grpc_server = grpc.aio.server(
             # Injected faults (AIMESH_FAULT_*) act in front of the pipeline, as a sidecar's do.
-            interceptors=[*fault_interceptors(self.environ), pipeline],
+            interceptors=fault_interceptors(self.environ),
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
+        server = PipelinedServer(grpc_server, pipeline)
         for running in self._running:
             for add, servicer in running.mount.servicers:
                 add(servicer, server)
@@ -182,11 +214,14 @@ class AimeshServer:
         for name in ["", *names]:
             await self.health.set(name, NOT_SERVING)
         if config.reflection_enabled:
-            reflection.enable_server_reflection(
-                [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                reflection_aio.ReflectionServicer(
+                    [*names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+                ),
+                server,
             )
         grpc_port, http_port = config.ports_for(self.label)
-        self.grpc_port = server.add_insecure_port(f"{config.host}:{grpc_port}")
+        self.grpc_port = grpc_server.add_insecure_port(f"{config.host}:{grpc_port}")
         if self.grpc_port == 0:
             raise OSError(f"cannot listen on {config.host}:{grpc_port}")
         routes: dict[str, Route] = {"/metrics": self._metrics_route}
@@ -196,8 +231,8 @@ class AimeshServer:
             config.host, http_port, routes, self.tracer_provider.get_tracer("aimesh.http")
         )
         self.http_port = self._side.port
-        await server.start()
-        self._server = server
+        await grpc_server.start()
+        self._server = grpc_server
         self._side.start()
         await self._probe_once()
         self._tasks.append(asyncio.create_task(self._probe_forever(), name="health-probe"))

@@ -48,6 +48,7 @@ from aimesh_runtime.auth import TokenVerifier, policies_for
 from aimesh_runtime.metrics import RpcMetrics
 from aimesh_runtime.pipeline import ServerPipeline
 from aimesh_runtime.ratelimit import RateLimiter
+from aimesh_runtime.server import PipelinedServer
 from aimesh_runtime.telemetry import tracer_provider
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -126,8 +127,10 @@ async def serve(mode: str) -> None:
     registry = CollectorRegistry()
     pipeline = PIPELINES[mode](registry)
     handler = CountingUsers()
-    server = grpc.aio.server(interceptors=[pipeline] if pipeline else [])
-    user_service_pb2_grpc.add_UserServiceServicer_to_server(handler, server)
+    server = grpc.aio.server()
+    # As AimeshServer does: the pipeline is put in front of each handler as it is registered.
+    target = PipelinedServer(server, pipeline) if pipeline else server
+    user_service_pb2_grpc.add_UserServiceServicer_to_server(handler, target)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     print(json.dumps({"port": port, "token": signed(claims(scope="user.read"))}), flush=True)

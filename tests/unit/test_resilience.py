@@ -157,6 +157,11 @@ def test_service_config_retries_only_idempotent_unary_methods() -> None:
     assert config["retryThrottling"] == {"maxTokens": 10, "tokenRatio": 0.1}
     tuned = service_config(service, retry_throttling={"maxTokens": 10, "tokenRatio": 0.3})
     assert tuned["retryThrottling"] == {"maxTokens": 10, "tokenRatio": 0.3}
+    more = service_config(service, max_attempts=5)
+    assert {e["name"][0]["method"]: e for e in more["methodConfig"]}["GetUser"]["retryPolicy"][
+        "maxAttempts"
+    ] == 5
+    assert by_method["GetUser"]["retryPolicy"]["maxAttempts"] == 4  # the default is untouched
     json.dumps(config)  # grpc takes it as JSON
 
 
