@@ -195,6 +195,12 @@ class Caller:
         except grpc.aio.AioRpcError as error:
             self.counts[f"search:{error.code().name}"] += 1
             self.counts["user_visible_failures"] += 1
+            attempts = dict(error.initial_metadata() or ()).get("grpc-previous-rpc-attempts", "0")
+            print(
+                f"search failed for the user: {error.code().name} {error.details()!r}"
+                f" after {int(attempts) + 1} attempt(s)",
+                file=sys.stderr,
+            )
             return
         self.counts["search:ok"] += 1
 
