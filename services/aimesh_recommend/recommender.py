@@ -30,12 +30,13 @@ from aimesh_recommend.settings import RecommendSettings
 from aimesh_recommend.store import ItemRow, NewInteraction, RecommendStore, Serving
 from aimesh_runtime import audit
 from aimesh_runtime.batching import MicroBatcher
-from aimesh_runtime.errors import InvalidArgument, NotFound, ResourceExhausted
+from aimesh_runtime.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from aimesh_runtime.pages import decode_page_token, encode_page_token, page_size
 from aimesh_runtime.resilience import BreakerOpen, CircuitBreaker
 
 log = logging.getLogger(__name__)
 POPULAR_KEPT = 1000
+FIRST_LOAD_WAIT_S = 10.0
 REASON_NAMES: dict[int, str] = {int(value): name for name, value in pb.FallbackReason.items()}
 
 
@@ -119,6 +120,7 @@ class Recommender:
         self._popular: list[tuple[str, float]] = []
         self._catalogue: set[str] = set()
         self.loaded = False  # catalogue and popularity read once: ready to serve
+        self._first_load = asyncio.Event()
 
     # loading
 
@@ -131,6 +133,20 @@ class Recommender:
         if self.model is not None:
             self.model.set_catalogue(self._catalogue)
         self.loaded = True
+        self._first_load.set()
+
+    async def until_loaded(self) -> None:
+        """A call that arrives before the first load (a client that does not wait
+        for SERVING) waits for it, rather than answering, and caching, an empty
+        fallback."""
+        if self.loaded:
+            return
+        try:
+            await asyncio.wait_for(self._first_load.wait(), FIRST_LOAD_WAIT_S)
+        except TimeoutError:
+            raise Unavailable(
+                "recommendations are still loading; retry shortly", reason="LOADING"
+            ) from None
 
     async def _load(self) -> None:
         artifact = await self._store.artifact(self.version)
@@ -241,6 +257,7 @@ class Recommender:
     # recommendations
 
     async def recommend(self, user: str, k: int, include_seen: bool) -> Recommendation:
+        await self.until_loaded()
         model = self.model
         key = f"{self.version}:{'m' if model else '-'}:{int(include_seen)}"
         cached = await self._cache.get(user, key)
@@ -287,6 +304,7 @@ class Recommender:
 
     async def similar(self, item_id: str, k: int) -> tuple[list[tuple[str, float]], int]:
         """Similar items and the fallback reason (0 when the model's embeddings answered)."""
+        await self.until_loaded()
         row = await self.item(item_id)
         model = self.model
         if model is not None and item_id in model.item_index:

@@ -112,6 +112,12 @@ class RuntimeConfig:
     max_message_bytes: int = setting(
         "AIMESH_MAX_MESSAGE_BYTES", "Largest request or response message.", 4 * 1024 * 1024
     )
+    lame_duck_seconds: float = setting(
+        "AIMESH_LAME_DUCK_SECONDS",
+        "After SIGTERM, health says NOT_SERVING but new RPCs are still answered this"
+        " long, so callers and load balancers move away before the port closes.",
+        1.0,
+    )
     drain_seconds: float = setting(
         "AIMESH_DRAIN_SECONDS", "Grace for in-flight RPCs on SIGTERM.", 10.0
     )
@@ -197,6 +203,8 @@ class RuntimeConfig:
             raise ConfigError("AIMESH_MAX_MESSAGE_BYTES must be at least 1024")
         if self.health_probe_s < 0.1:
             raise ConfigError("AIMESH_HEALTH_PROBE_S must be at least 0.1")
+        if self.lame_duck_seconds < 0:
+            raise ConfigError("AIMESH_LAME_DUCK_SECONDS must not be negative")
         if self.drain_seconds < 0:
             raise ConfigError("AIMESH_DRAIN_SECONDS must not be negative")
         if self.outbox_poll_s <= 0 or not 1 <= self.outbox_batch <= 10_000:

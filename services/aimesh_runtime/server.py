@@ -360,6 +360,13 @@ async def serve_until_signalled(server: AimeshServer) -> None:
         loop.add_signal_handler(signum, stop.set)
     await server.start()
     await stop.wait()
+    lame_duck = server.config.lame_duck_seconds
+    if lame_duck > 0:
+        # A call sent just before the signal may not have arrived yet: keep
+        # answering while health tells callers to go elsewhere.
+        await server.health.enter_graceful_shutdown()
+        log.info("NOT_SERVING; still answering for %.1f s", lame_duck)
+        await asyncio.sleep(lame_duck)
     log.info("draining for up to %.1f s", server.config.drain_seconds)
     await server.stop()
 
