@@ -25,14 +25,11 @@ import asyncio
 import hashlib
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -49,26 +46,9 @@ from aimesh_cli import local  # noqa: E402
 from aimesh_search.encoder import Encoder  # noqa: E402
 from aimesh_search.index import VectorIndex, faiss  # noqa: E402
 from tests.load.corpus import passages  # noqa: E402
+from tests.load.servers import mean_of_histogram, start_process, wait_serving  # noqa: E402
 
 IN_FLIGHT = 64
-
-
-def start_process(
-    module: str, env: dict[str, str], port: int, log: Path
-) -> subprocess.Popen[bytes]:
-    child = {**env, "AIMESH_GRPC_PORT": str(port), "AIMESH_HTTP_PORT": str(port + 1000)}
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", module], env=child, stdout=out, stderr=subprocess.STDOUT
-        )
-
-
-async def wait_serving(port: int, process: subprocess.Popen[bytes], timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while await local.check_health(f"127.0.0.1:{port}", 1.0) != "SERVING":
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"server on {port} did not start")
-        await asyncio.sleep(0.2)
 
 
 async def load_round(
@@ -96,15 +76,6 @@ async def load_round(
     if not queries:
         raise RuntimeError("ran out of distinct queries; lower --seconds")
     return len(latencies) / elapsed, latencies
-
-
-def mean_batch(http_port: int) -> float:
-    text = (
-        urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5).read().decode()
-    )
-    total = float(re.search(r"^aimesh_search_encoder_batch_size_sum (\S+)", text, re.M).group(1))  # type: ignore[union-attr]
-    count = float(re.search(r"^aimesh_search_encoder_batch_size_count (\S+)", text, re.M).group(1))  # type: ignore[union-attr]
-    return total / count
 
 
 def raw_qps(
@@ -199,7 +170,7 @@ async def measure_batching(
                     f" off {results['off'][-1]:.0f} q/s",
                     flush=True,
                 )
-            batch = mean_batch(ports["on"] + 1000)
+            batch = mean_of_histogram(ports["on"] + 1000, "aimesh_search_encoder_batch_size")
         finally:
             for process in processes:
                 process.terminate()
