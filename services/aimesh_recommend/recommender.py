@@ -157,7 +157,7 @@ class Recommender:
         except Exception:
             log.exception("artifact of %s failed to load; serving the fallback", self.version)
             return
-        pairs = await self._store.pool.fetch("SELECT DISTINCT user_id, item_id FROM interactions")
+        pairs = await self._store.seen_pairs()
         loop = asyncio.get_running_loop()
         self.model = await loop.run_in_executor(
             None,
@@ -166,7 +166,7 @@ class Recommender:
             state,
             artifact.user_ids,
             artifact.item_ids,
-            [(row["user_id"], row["item_id"]) for row in pairs],
+            pairs,
             self.device,
         )
         log.info(

@@ -143,6 +143,11 @@ class RecommendStore:
         )
         return [row["item_id"] for row in rows]
 
+    async def seen_pairs(self) -> list[tuple[str, str]]:
+        """Every (user, item) pair with an interaction: what serving masks."""
+        rows = await self.pool.fetch("SELECT DISTINCT user_id, item_id FROM interactions")
+        return [(row["user_id"], row["item_id"]) for row in rows]
+
     async def popularity(self, limit: int) -> list[tuple[str, float]]:
         """Catalogue items by distinct users who interacted, most first."""
         rows = await self.pool.fetch(

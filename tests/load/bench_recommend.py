@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -47,7 +46,7 @@ from aimesh_recommend import evaluation, stats  # noqa: E402
 from aimesh_recommend import model as mf  # noqa: E402
 from aimesh_recommend.scoring import MAX_K, ScoreRequest, ServingModel  # noqa: E402
 from aimesh_recommend.training import evaluate  # noqa: E402
-from tests.load.servers import mean_of_histogram, start_process, wait_serving  # noqa: E402
+from tests.load.servers import mean_of_histogram, on_off_rounds, start_process, wait_serving  # noqa: E402
 
 IN_FLIGHT = 64
 SEEN_PER_USER = 20
@@ -179,29 +178,15 @@ async def measure_serving(args: argparse.Namespace) -> dict[str, float]:
                 await wait_serving(port, processes[-1])
             await load_round(ports["on"], token, user_ids, 1.0)  # warm up both
             await load_round(ports["off"], token, user_ids, 1.0)
-            results: dict[str, list[float]] = {"on": [], "off": []}
-            latencies: dict[str, list[float]] = {"on": [], "off": []}
-            for number in range(args.rounds):
-                for mode in ("on", "off") if number % 2 == 0 else ("off", "on"):
-                    qps, taken = await load_round(ports[mode], token, user_ids, args.seconds)
-                    results[mode].append(qps)
-                    latencies[mode].extend(taken)
-                print(
-                    f"  round {number + 1}: on {results['on'][-1]:.0f} q/s,"
-                    f" off {results['off'][-1]:.0f} q/s",
-                    flush=True,
-                )
+            summary = await on_off_rounds(
+                ports, args.rounds, lambda port: load_round(port, token, user_ids, args.seconds)
+            )
             batch = mean_of_histogram(ports["on"] + 1000, "aimesh_recommend_batch_size")
         finally:
             for process in processes:
                 process.terminate()
                 process.wait()
-    on_qps, off_qps = statistics.median(results["on"]), statistics.median(results["off"])
-    p99 = {mode: float(np.percentile(values, 99)) for mode, values in latencies.items()}
-    print(
-        f"  batching on {on_qps:.0f} q/s p99 {p99['on'] * 1000:.1f} ms;"
-        f" off {off_qps:.0f} q/s p99 {p99['off'] * 1000:.1f} ms"
-    )
+    on_qps, off_qps = summary["on"][0], summary["off"][0]
     print(f"  mean batch formed by the service: {batch:.1f}")
     raw = raw_qps(blob, user_ids, item_ids, max(1, round(batch)), args.seconds)
     print(f"  in-process batched torch scoring at batch {round(batch)}: {raw:.0f} q/s")

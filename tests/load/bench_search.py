@@ -25,7 +25,6 @@ import asyncio
 import hashlib
 import json
 import os
-import statistics
 import sys
 import tempfile
 import threading
@@ -46,7 +45,7 @@ from aimesh_cli import local  # noqa: E402
 from aimesh_search.encoder import Encoder  # noqa: E402
 from aimesh_search.index import VectorIndex, faiss  # noqa: E402
 from tests.load.corpus import passages  # noqa: E402
-from tests.load.servers import mean_of_histogram, start_process, wait_serving  # noqa: E402
+from tests.load.servers import mean_of_histogram, on_off_rounds, start_process, wait_serving  # noqa: E402
 
 IN_FLIGHT = 64
 
@@ -157,35 +156,21 @@ async def measure_batching(
                 await wait_serving(port, processes[-1])
                 if mode == "on":
                     await seed(port, token, documents)
-            results: dict[str, list[float]] = {"on": [], "off": []}
-            latencies: dict[str, list[float]] = {"on": [], "off": []}
             pool = list(reversed(queries))
-            for number in range(rounds):
-                for mode in ("on", "off") if number % 2 == 0 else ("off", "on"):
-                    qps, taken = await load_round(ports[mode], token, pool, seconds)
-                    results[mode].append(qps)
-                    latencies[mode].extend(taken)
-                print(
-                    f"  round {number + 1}: on {results['on'][-1]:.0f} q/s,"
-                    f" off {results['off'][-1]:.0f} q/s",
-                    flush=True,
-                )
+            summary = await on_off_rounds(
+                ports, rounds, lambda port: load_round(port, token, pool, seconds)
+            )
             batch = mean_of_histogram(ports["on"] + 1000, "aimesh_search_encoder_batch_size")
         finally:
             for process in processes:
                 process.terminate()
                 process.wait()
-    on_qps, off_qps = statistics.median(results["on"]), statistics.median(results["off"])
-    p99 = {mode: float(np.percentile(values, 99)) for mode, values in latencies.items()}
-    print(
-        f"  batching on {on_qps:.0f} q/s p99 {p99['on'] * 1000:.1f} ms;"
-        f" off {off_qps:.0f} q/s p99 {p99['off'] * 1000:.1f} ms"
-    )
+    (on_qps, on_p99), (off_qps, off_p99) = summary["on"], summary["off"]
     print(f"  mean batch formed by the service: {batch:.1f}")
     raw = best_raw_qps(documents, queries[-20000:], max(1, round(batch)), seconds)
     return {
         "batch_qps_ratio": on_qps / off_qps,
-        "batch_p99_ratio": p99["on"] / p99["off"],
+        "batch_p99_ratio": on_p99 / off_p99,
         "feed_efficiency": on_qps / raw,
     }
 

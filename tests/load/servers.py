@@ -1,15 +1,19 @@
 """Server processes for the benchmarks: start one, wait for SERVING, read a
-batch-size histogram's mean from its /metrics."""
+batch-size histogram's mean from its /metrics, load two of them side by side."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import statistics
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+import numpy as np
 
 from aimesh_cli import local
 
@@ -44,3 +48,34 @@ def mean_of_histogram(http_port: int, name: str) -> float:
             raise RuntimeError(f"{name}_{part} is not in {url}")
         values[part] = float(found.group(1))
     return values["sum"] / values["count"]
+
+
+async def on_off_rounds(
+    ports: dict[str, int],
+    rounds: int,
+    load_round: Callable[[int], Awaitable[tuple[float, list[float]]]],
+) -> dict[str, tuple[float, float]]:
+    """Alternating rounds of `load_round(port)` against the "on" and "off"
+    servers (which goes first alternates, so drift in the machine's speed
+    cancels out); per mode, the median QPS and the p99 latency in seconds."""
+    results: dict[str, list[float]] = {"on": [], "off": []}
+    latencies: dict[str, list[float]] = {"on": [], "off": []}
+    for number in range(rounds):
+        for mode in ("on", "off") if number % 2 == 0 else ("off", "on"):
+            qps, taken = await load_round(ports[mode])
+            results[mode].append(qps)
+            latencies[mode].extend(taken)
+        print(
+            f"  round {number + 1}: on {results['on'][-1]:.0f} q/s,"
+            f" off {results['off'][-1]:.0f} q/s",
+            flush=True,
+        )
+    summary = {
+        mode: (statistics.median(results[mode]), float(np.percentile(latencies[mode], 99)))
+        for mode in ("on", "off")
+    }
+    print(
+        f"  batching on {summary['on'][0]:.0f} q/s p99 {summary['on'][1] * 1000:.1f} ms;"
+        f" off {summary['off'][0]:.0f} q/s p99 {summary['off'][1] * 1000:.1f} ms"
+    )
+    return summary
