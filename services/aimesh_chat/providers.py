@@ -148,10 +148,13 @@ class AnthropicProvider:
                 stream=True,
             )
             # Leaving this block any way, a cancel included, closes the HTTP response.
+            finished: ModelFinished | None = None
             async with stream:
                 output_tokens = 0
                 stop_reason = "end_turn"
                 async for event in stream:
+                    if finished is not None:
+                        continue  # nothing follows message_stop but the end of the body
                     if isinstance(event, RawContentBlockDeltaEvent):
                         if isinstance(event.delta, types.TextDelta):
                             yield TextDelta(event.delta.text)
@@ -161,9 +164,13 @@ class AnthropicProvider:
                         output_tokens = event.usage.output_tokens
                         stop_reason = event.delta.stop_reason or stop_reason
                     elif isinstance(event, RawMessageStopEvent):
-                        yield ModelFinished(stop_reason, output_tokens)
-                        return
-            raise ModelError("model stream ended without message_stop")
+                        # Read to the end of the body before saying so: a response
+                        # closed half-read takes its keep-alive connection with it,
+                        # and the next answer would pay for a new one.
+                        finished = ModelFinished(stop_reason, output_tokens)
+            if finished is None:
+                raise ModelError("model stream ended without message_stop")
+            yield finished
         except ModelError:
             raise
         except Exception as error:

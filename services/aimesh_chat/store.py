@@ -159,25 +159,20 @@ class ChatStore:
     async def start_turn(
         self, conversation_id: str, user_message_id: str, text: str, answer_id: str, model: str
     ) -> None:
-        """Store the user's message and an empty answer, and touch the conversation."""
-        async with self._pool.acquire() as connection, connection.transaction():
-            await connection.execute(
-                """INSERT INTO messages (id, conversation_id, role, text)
-                   VALUES ($1, $2, 'user', $3)""",
-                user_message_id,
-                conversation_id,
-                text,
-            )
-            await connection.execute(
-                """INSERT INTO messages (id, conversation_id, role, model)
-                   VALUES ($1, $2, 'assistant', $3)""",
-                answer_id,
-                conversation_id,
-                model,
-            )
-            await connection.execute(
-                "UPDATE conversations SET update_time = now() WHERE id = $1", conversation_id
-            )
+        """Store the user's message and an empty answer, and touch the conversation:
+        one statement (so one round trip, atomic without a transaction block), as
+        it runs beside the model call and competes with it for the machine."""
+        await self._pool.execute(
+            """WITH touched AS (
+                   UPDATE conversations SET update_time = now() WHERE id = $2)
+               INSERT INTO messages (id, conversation_id, role, text, model)
+               VALUES ($1, $2, 'user', $3, ''), ($4, $2, 'assistant', '', $5)""",
+            user_message_id,
+            conversation_id,
+            text,
+            answer_id,
+            model,
+        )
 
     async def finish_answer(
         self,

@@ -52,6 +52,7 @@ class FakeAnthropic:
         self.scenario = Scenario()
         self.requests: list[dict[str, Any]] = []
         self.streams: list[StreamLog] = []
+        self.connections = 0  # TCP connections accepted: keep-alive reuse shows here
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self.port = 0
@@ -82,6 +83,7 @@ class FakeAnthropic:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        self.connections += 1
         try:
             while True:
                 try:

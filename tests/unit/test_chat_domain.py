@@ -21,11 +21,19 @@ from aimesh_chat.prompting import (
     extractive_answer,
     system_prompt,
 )
-from aimesh_chat.providers import _classify, replay_key
+from aimesh_chat.providers import (
+    AnthropicProvider,
+    ModelFinished,
+    ModelRequest,
+    TextDelta,
+    _classify,
+    replay_key,
+)
 from aimesh_chat.settings import ChatSettings
 from aimesh_chat.store import MessageRow
 from aimesh_runtime.config import ConfigError, load
 from aimesh_runtime.errors import ResourceExhausted
+from tests.fakes.anthropic_server import FakeAnthropic
 
 CANARY = "CANARY-0123456789abcdef"
 PASSAGES = [Passage(f"collections/c/documents/d{i}", f"text {i}", 1.0) for i in range(1, 4)]
@@ -143,3 +151,28 @@ def test_model_errors_are_classified(error: Any, overloaded: bool, transient: bo
 def test_bad_settings_name_their_variable(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match=next(iter(env))):
         load(ChatSettings, env)
+
+
+async def test_answers_share_one_keep_alive_connection_to_the_model() -> None:
+    """The provider reads each body to its end, so its connection goes back to
+    the pool: a new TCP connection per answer would add to every first token."""
+    fake = await FakeAnthropic().start()
+    provider = AnthropicProvider(
+        "sk-test", fake.base_url, connect_timeout_s=5.0, read_timeout_s=5.0
+    )
+    request = ModelRequest("claude-test", "system", [{"role": "user", "content": "hi"}], 64, "k")
+    try:
+        for _ in range(3):
+            stream = provider.stream(request)
+            text = ""
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    text += event.text
+                if isinstance(event, ModelFinished):
+                    break  # as the service does: it closes the stream at the end
+            await stream.aclose()
+            assert text == "Hello from the fake model."
+        assert fake.connections == 1
+    finally:
+        await provider.close()
+        await fake.stop()
