@@ -47,8 +47,8 @@ from aimesh_chat.providers import (
     TextDelta,
     replay_key,
 )
-from aimesh_chat.retrieval import SearchRetriever
-from aimesh_chat.store import AnswerOutcome, ChatStore, MessageRow
+from aimesh_chat.retrieval import Retrieval, SearchRetriever
+from aimesh_chat.store import AnswerOutcome, ChatStore, MessageRow, Said, TurnContext
 from aimesh_runtime.errors import FieldViolation, InvalidArgument
 from aimesh_runtime.metrics import ModelMetrics
 from aimesh_runtime.resilience import BreakerOpen, BreakerState, CircuitBreaker
@@ -202,7 +202,7 @@ class _Answer:
         )
 
 
-def conversation_turns(history: Sequence[MessageRow], message: str) -> list[dict[str, str]]:
+def conversation_turns(history: Sequence[Said | MessageRow], message: str) -> list[dict[str, str]]:
     """Earlier messages plus the new one, as the alternating turns the API wants."""
     turns: list[dict[str, str]] = []
     for row in [*history, None]:
@@ -262,16 +262,20 @@ class Answering:
         # The checks are one round trip, run beside retrieval; failures are then
         # reported in a fixed order (the conversation first, so nobody learns
         # anything about someone else's conversation).
-        context, retrieved = await asyncio.gather(
-            self._store.turn_context(
-                parse_conversation(conversation, "conversation"),
-                owner_id,
-                self._budgets.today(),
-                self._limits.history_messages,
-            ),
-            self._retriever.retrieve(collection, message, top_k),
-            return_exceptions=True,
+        checks = self._store.turn_context(
+            parse_conversation(conversation, "conversation"),
+            owner_id,
+            self._budgets.today(),
+            self._limits.history_messages,
         )
+        context: TurnContext | BaseException
+        retrieved: Retrieval | BaseException
+        if collection:
+            context, retrieved = await asyncio.gather(
+                checks, self._retriever.retrieve(collection, message, top_k), return_exceptions=True
+            )
+        else:  # nothing to retrieve: no tasks to schedule on the way to the first token
+            context, retrieved = await checks, Retrieval()
         if isinstance(context, BaseException):
             raise context
         if context.conversation is None:

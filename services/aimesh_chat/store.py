@@ -53,11 +53,19 @@ class AnswerOutcome:
     sources: Sequence[str] = ()  # documents of the passages the model was given
 
 
+@dataclass(frozen=True, slots=True)
+class Said:
+    """A finished message as the model's history needs it."""
+
+    role: str  # "user" or "assistant"
+    text: str
+
+
 @dataclass(frozen=True)
 class TurnContext:
     conversation: ConversationRow | None
     used_tokens: int
-    history: list[MessageRow]
+    history: list[Said]
 
 
 def _conversation(row: asyncpg.Record) -> ConversationRow:
@@ -242,13 +250,13 @@ class ChatStore:
             """SELECT c.id AS c_id, c.owner_id AS c_owner_id,
                       c.display_name AS c_display_name, c.create_time AS c_create_time,
                       c.update_time AS c_update_time,
-                      (SELECT coalesce(sum(input_tokens + output_tokens), 0) FROM token_usage
+                      (SELECT used_tokens FROM token_budget_days
                        WHERE owner_id = $2 AND day = $3) AS used_tokens,
-                      m.*
+                      m.role, m.text
                FROM (SELECT 1) AS always
                LEFT JOIN conversations c ON c.id = $1 AND c.owner_id = $2
                LEFT JOIN LATERAL (
-                   SELECT * FROM messages
+                   SELECT seq, role, text FROM messages
                    WHERE conversation_id = c.id AND (role = 'user' OR stop_reason IS NOT NULL)
                    ORDER BY seq DESC LIMIT $4) m ON true
                ORDER BY m.seq""",
@@ -267,8 +275,8 @@ class ChatStore:
                 first["c_create_time"],
                 first["c_update_time"],
             )
-        messages = [_message(row) for row in rows if row["id"] is not None]
-        return TurnContext(conversation, int(first["used_tokens"]), messages)
+        said = [Said(row["role"], row["text"]) for row in rows if row["role"] is not None]
+        return TurnContext(conversation, int(first["used_tokens"] or 0), said)
 
     async def purge_owner(self, owner_id: str) -> int:
         deleted = await self._pool.fetchval(
@@ -282,15 +290,14 @@ class ChatStore:
 async def _note_budget_spent(
     connection: asyncpg.Connection, owner_id: str, day: dt.date, spent: int, budget: int
 ) -> None:
-    """Emit chat.budget_exhausted once per owner and day: when usage crosses it."""
-    # Answers of one owner finishing together queue here, so exactly one sees the crossing.
-    await connection.execute(
-        "SELECT pg_advisory_xact_lock(hashtext('chat.budget:' || $1))", owner_id
-    )
+    """Emit chat.budget_exhausted once per owner and day: when usage crosses it.
+
+    Called after this answer's token_usage row is inserted: its trigger holds
+    the day's counter row locked until commit, so answers of one owner finishing
+    together queue there and each reads a total that includes its own tokens."""
     used = int(
         await connection.fetchval(
-            """SELECT coalesce(sum(input_tokens + output_tokens), 0) FROM token_usage
-               WHERE owner_id = $1 AND day = $2""",
+            "SELECT used_tokens FROM token_budget_days WHERE owner_id = $1 AND day = $2",
             owner_id,
             day,
         )

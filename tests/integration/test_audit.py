@@ -4,6 +4,7 @@ chat's audit row per answer."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -186,3 +187,33 @@ async def test_each_chat_answer_appends_an_audit_row_and_a_spent_budget_emits(
             "used_tokens": usage.input_tokens + usage.output_tokens,
         }
     ]
+
+
+async def test_answers_finishing_together_cross_the_budget_exactly_once(new_database: Any) -> None:
+    """Twenty answers of one owner stored at once: the day's counter adds them
+    all up, and only the answer whose tokens cross the budget emits the event."""
+    from aimesh_chat.server import SPEC
+    from aimesh_chat.store import AnswerOutcome, ChatStore
+
+    pool = await db.create_pool(await new_database("budget"), max_size=20)
+    try:
+        await db.migrate(pool, SPEC.migrations)
+        store = ChatStore(pool)
+        day = dt.date(2026, 12, 1)
+        await store.create_conversation("c1", "owner", "")
+        outcome = AnswerOutcome("answer", [], 60, 40, "m", "END_TURN", False, [])
+        ids = [f"a{n}" for n in range(20)]
+        for answer in ids:
+            await store.start_turn("c1", f"u-{answer}", "question", answer, "m")
+        await asyncio.gather(
+            *(store.finish_answer(answer, "owner", day, outcome, 1050) for answer in ids)
+        )
+        context = await store.turn_context("c1", "owner", day, 0)
+        other_day = await store.turn_context("c1", "owner", day + dt.timedelta(days=1), 0)
+        events = await pool.fetch(
+            "SELECT payload FROM outbox WHERE topic = 'chat.budget_exhausted'"
+        )
+    finally:
+        await pool.close()
+    assert context.used_tokens == 2000 and other_day.used_tokens == 0
+    assert [json.loads(e["payload"])["used_tokens"] for e in events] == [1100]
