@@ -144,6 +144,9 @@ class MicroBatcher(Generic[Item, Result]):
 
     async def _next_batch(self) -> list[tuple[Item, asyncio.Future[Result]]]:
         loop = asyncio.get_running_loop()
+        # Items that queued while the lane was busy have waited a whole batch
+        # already: they go at once, and the lane never idles beside a backlog.
+        backlog = not self._queue.empty()
         batch = [await self._queue.get()]
         deadline = loop.time() + self._max_wait_s
         while len(batch) < self._max_batch:
@@ -152,6 +155,8 @@ class MicroBatcher(Generic[Item, Result]):
                 continue
             except asyncio.QueueEmpty:
                 pass
+            if backlog:
+                break
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break

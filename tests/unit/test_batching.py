@@ -37,14 +37,19 @@ class Lane:
 
 
 def make(
-    lanes: Sequence[Callable[[list[int]], list[int]]], *, enabled: bool = True, queue: int = 1000
+    lanes: Sequence[Callable[[list[int]], list[int]]],
+    *,
+    enabled: bool = True,
+    queue: int = 1000,
+    max_batch: int = 64,
+    max_wait_s: float = 0.02,
 ) -> MicroBatcher[int, int]:
     registry = CollectorRegistry()
     return MicroBatcher(
         lanes,
         enabled=enabled,
-        max_batch=64,
-        max_wait_s=0.02,
+        max_batch=max_batch,
+        max_wait_s=max_wait_s,
         queue_size=queue,
         metrics=BatchMetrics(
             Histogram("batch", "", registry=registry),
@@ -65,6 +70,33 @@ async def test_concurrent_items_form_one_batch_and_answer_in_order() -> None:
         await batcher.close()
     assert results == [[n * 2] for n in range(32)]
     assert lane.batches == [32]
+
+
+async def test_items_queued_behind_a_busy_lane_go_next_without_waiting_to_fill() -> None:
+    """The wait for a batch to fill is for a quiet service; a backlog has waited enough."""
+    release = threading.Event()
+    batches: list[list[int]] = []
+
+    def lane(items: list[int]) -> list[int]:
+        batches.append(items)
+        release.wait(10)
+        return items
+
+    batcher = make([lane], max_batch=4, max_wait_s=30.0)
+    batcher.start()
+    try:
+        first = asyncio.gather(*(batcher.submit([n]) for n in range(4)))  # full: runs at once
+        while not batches:
+            await asyncio.sleep(0.01)
+        second = asyncio.gather(*(batcher.submit([n]) for n in (4, 5)))  # queued behind it
+        await asyncio.sleep(0.05)
+        release.set()
+        assert await asyncio.wait_for(first, 5) == [[0], [1], [2], [3]]
+        assert await asyncio.wait_for(second, 5) == [[4], [5]]  # not after max_wait's 30 s
+    finally:
+        release.set()
+        await batcher.close()
+    assert batches == [[0, 1, 2, 3], [4, 5]]
 
 
 async def test_two_lanes_run_batches_side_by_side_on_their_own_threads() -> None:
