@@ -66,7 +66,8 @@ class MicroBatcher(Generic[Item, Result]):
         self.enabled = enabled
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
-        self._queue: asyncio.Queue[tuple[Item, asyncio.Future[Result]]] = asyncio.Queue(
+        # Each entry: the item, its caller's future, and when it was queued.
+        self._queue: asyncio.Queue[tuple[Item, asyncio.Future[Result], float]] = asyncio.Queue(
             maxsize=queue_size
         )
         self._metrics = metrics
@@ -115,9 +116,10 @@ class MicroBatcher(Generic[Item, Result]):
             )
         loop = asyncio.get_running_loop()
         futures = []
+        queued_at = loop.time()
         for item in items:
             future: asyncio.Future[Result] = loop.create_future()
-            self._queue.put_nowait((item, future))
+            self._queue.put_nowait((item, future, queued_at))
             futures.append(future)
         self._metrics.queue_depth.set(self._queue.qsize())
         return list(await asyncio.gather(*futures))
@@ -142,21 +144,18 @@ class MicroBatcher(Generic[Item, Result]):
         finally:
             chosen.busy -= 1
 
-    async def _next_batch(self) -> list[tuple[Item, asyncio.Future[Result]]]:
+    async def _next_batch(self) -> list[tuple[Item, asyncio.Future[Result], float]]:
         loop = asyncio.get_running_loop()
-        # Items that queued while the lane was busy have waited a whole batch
-        # already: they go at once, and the lane never idles beside a backlog.
-        backlog = not self._queue.empty()
         batch = [await self._queue.get()]
-        deadline = loop.time() + self._max_wait_s
+        # The wait to fill counts from when the oldest item was queued: items
+        # that queued behind a busy lane have waited already, and go at once.
+        deadline = batch[0][2] + self._max_wait_s
         while len(batch) < self._max_batch:
             try:
                 batch.append(self._queue.get_nowait())
                 continue
             except asyncio.QueueEmpty:
                 pass
-            if backlog:
-                break
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -170,7 +169,7 @@ class MicroBatcher(Generic[Item, Result]):
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
-            live = [(item, future) for item, future in batch if not future.done()]
+            live = [(item, future) for item, future, _ in batch if not future.done()]
             self._metrics.queue_depth.set(self._queue.qsize())
             if not live:
                 continue

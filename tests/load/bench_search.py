@@ -157,6 +157,8 @@ async def measure_batching(
                 if mode == "on":
                     await seed(port, token, documents)
             pool = list(reversed(queries))
+            for port in ports.values():  # first calls pay one-time costs: not measured
+                await load_round(port, token, pool, 1.0)
             summary = await on_off_rounds(
                 ports, rounds, lambda port: load_round(port, token, pool, seconds)
             )
@@ -251,6 +253,11 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="seconds of load per round")
     parser.add_argument("--corpus-size", type=int, default=100_000)
     parser.add_argument("--cache", type=Path, default=ROOT / ".aimesh" / "bench-cache")
+    parser.add_argument(
+        "--batching-only",
+        action="store_true",
+        help="skip the index figures (their first run embeds the whole corpus)",
+    )
     args = parser.parse_args()
     # Passages of up to 80 characters (about 20 tokens): a 2-core CPU embeds about
     # 5,000 tokens a second, so 100,000 longer passages would take an hour.
@@ -261,21 +268,19 @@ async def main() -> None:
         f" {IN_FLIGHT} in flight, distinct queries"
     )
     batching = await measure_batching(args.rounds, args.seconds, corpus, short_queries)
-    print("index: the deployed HNSW index against exact search")
-    index = measure_index(corpus, args.corpus_size, args.cache)
-    print(
-        json.dumps(
-            {
-                "bench": "search",
-                "batch_qps_ratio": round(batching["batch_qps_ratio"], 3),
-                "batch_p99_ratio": round(batching["batch_p99_ratio"], 3),
-                "feed_efficiency": round(batching["feed_efficiency"], 3),
-                "recall_at_10": round(index["recall_at_10"], 4),
-                "ann_qps_ratio": round(index["ann_qps_ratio"], 2),
-                "corpus_size": index["corpus_size"],
-            }
-        )
-    )
+    result: dict[str, Any] = {
+        "bench": "search",
+        "batch_qps_ratio": round(batching["batch_qps_ratio"], 3),
+        "batch_p99_ratio": round(batching["batch_p99_ratio"], 3),
+        "feed_efficiency": round(batching["feed_efficiency"], 3),
+    }
+    if not args.batching_only:
+        print("index: the deployed HNSW index against exact search")
+        index = measure_index(corpus, args.corpus_size, args.cache)
+        result["recall_at_10"] = round(index["recall_at_10"], 4)
+        result["ann_qps_ratio"] = round(index["ann_qps_ratio"], 2)
+        result["corpus_size"] = index["corpus_size"]
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
