@@ -51,7 +51,7 @@ from aimesh_chat.retrieval import Retrieval, SearchRetriever
 from aimesh_chat.store import AnswerOutcome, ChatStore, MessageRow, Said, TurnContext
 from aimesh_runtime.errors import FieldViolation, InvalidArgument
 from aimesh_runtime.metrics import ModelMetrics
-from aimesh_runtime.resilience import BreakerOpen, BreakerState, CircuitBreaker
+from aimesh_runtime.resilience import BreakerOpen, CircuitBreaker
 
 log = logging.getLogger(__name__)
 
@@ -131,42 +131,6 @@ class _Running:
         self.cancel_requested = True
         if self.reading and self.task is not None:
             self.task.cancel()
-
-
-class _Prefetched:
-    """A model stream whose request is already on its way.
-
-    The first event is fetched by a task started before Started is written to
-    the client, so that write and the model's time to first token overlap
-    instead of adding up. A cancel of the reader reaches that task (awaiting a
-    task forwards cancellation), so the upstream still closes at once. With
-    `start` false (the breaker is not closed) nothing is sent before the
-    breaker has been asked.
-    """
-
-    def __init__(self, upstream: AsyncGenerator[ModelEvent, None], *, start: bool) -> None:
-        self._upstream = upstream
-        self._first: asyncio.Future[ModelEvent] | None = (
-            asyncio.ensure_future(anext(upstream)) if start else None
-        )
-
-    def __aiter__(self) -> _Prefetched:
-        return self
-
-    async def __anext__(self) -> ModelEvent:
-        first, self._first = self._first, None
-        if first is not None:
-            return await first
-        return await anext(self._upstream)
-
-    async def aclose(self) -> None:
-        first, self._first = self._first, None
-        if first is not None:
-            first.cancel()
-            await asyncio.wait({first})  # a generator cannot be closed while it runs
-            if not first.cancelled():
-                first.exception()  # retrieved: it was never wanted
-        await self._upstream.aclose()
 
 
 @dataclass
@@ -300,12 +264,6 @@ class Answering:
         answer = _Answer(model=model, sources=[p.document for p in retrieval.passages])
         running = _Running(asyncio.current_task())
         self._running[answer_id] = running
-        upstream = None
-        if self._provider is not None:
-            upstream = _Prefetched(
-                self._provider.stream(request),
-                start=self._breaker.state is BreakerState.CLOSED,
-            )
         finished = False
         try:
             yield Started(message_name(row.id, user_id), message_name(row.id, answer_id), model)
@@ -316,7 +274,7 @@ class Answering:
                     f"{retrieval.unavailable}; answering without your documents",
                 )
             async with contextlib.aclosing(
-                self._generate(answer, running, upstream, retrieval.passages)
+                self._generate(answer, running, request, retrieval.passages)
             ) as events:
                 async for event in events:
                     yield event
@@ -337,11 +295,6 @@ class Answering:
             yield Finished(answer.stop_reason, answer.partial)
         finally:
             self._running.pop(answer_id, None)
-            if upstream is not None:
-                try:
-                    await upstream.aclose()  # when no event was ever read from it
-                except Exception:
-                    log.exception("could not close the model stream of %s", answer_id)
             if finished:
                 running.done.set()
             else:
@@ -419,20 +372,16 @@ class Answering:
             return event
 
     async def _generate(
-        self,
-        answer: _Answer,
-        running: _Running,
-        upstream: _Prefetched | None,
-        passages: Sequence[Passage],
+        self, answer: _Answer, running: _Running, request: ModelRequest, passages: Sequence[Passage]
     ) -> AsyncGenerator[ChatEvent, None]:
         provider = self._provider
-        if provider is None or upstream is None:
+        if provider is None:
             async for item in self._extractive(
                 answer, passages, "NO_API_KEY", "no Anthropic API key is configured"
             ):
                 yield item
             return
-        async with contextlib.aclosing(upstream):
+        async with contextlib.aclosing(provider.stream(request)) as upstream:
             fallback: tuple[str, str] | None = None
             try:
                 event = await self._breaker.call(lambda: self._first(upstream, running, answer))

@@ -1,15 +1,16 @@
 """Dynamic micro-batching, shared by the services that run a model.
 
 Callers submit items to a bounded queue. A worker per lane takes up to
-`max_batch` of them, waiting at most `max_wait_s` after the first for the batch
-to fill, and runs the whole batch on that lane's own thread, so the event loop
-never blocks and each lane runs one batch at a time. A lane is one copy of the
-model: on a CPU, copies with one torch thread each beat one copy using every
-core, because torch's threads wait for each other at every layer while the
-event loop, the database and the clients keep taking cores from them. A full
-queue refuses at once with RESOURCE_EXHAUSTED (with RetryInfo) rather than
-letting latency grow without bound. Switched off, each call runs alone on the
-least busy lane: the baseline the benchmarks compare against.
+`max_batch` of them, waiting for the batch to fill until `max_wait_s` after
+the oldest was queued (a backlog goes at once), and runs the whole batch on
+that lane's own thread, so the event loop never blocks and each lane runs one
+batch at a time. A lane is one copy of the model: on a CPU, copies with one
+torch thread each beat one copy using every core, because torch's threads wait
+for each other at every layer while the event loop, the database and the
+clients keep taking cores from them. A full queue refuses at once with
+RESOURCE_EXHAUSTED (with RetryInfo) rather than letting latency grow without
+bound. Switched off, each call runs alone on the least busy lane: the baseline
+the benchmarks compare against.
 """
 
 from __future__ import annotations
