@@ -139,6 +139,7 @@ class AnthropicProvider:
         await self._client.close()
 
     async def stream(self, request: ModelRequest) -> AsyncGenerator[ModelEvent, None]:
+        finished: ModelFinished | None = None
         try:
             stream = await self._client.messages.create(
                 model=request.model,
@@ -148,7 +149,6 @@ class AnthropicProvider:
                 stream=True,
             )
             # Leaving this block any way, a cancel included, closes the HTTP response.
-            finished: ModelFinished | None = None
             async with stream:
                 output_tokens = 0
                 stop_reason = "end_turn"
@@ -168,13 +168,16 @@ class AnthropicProvider:
                         # closed half-read takes its keep-alive connection with it,
                         # and the next answer would pay for a new one.
                         finished = ModelFinished(stop_reason, output_tokens)
-            if finished is None:
-                raise ModelError("model stream ended without message_stop")
-            yield finished
         except ModelError:
             raise
         except Exception as error:
-            raise _classify(error) from error
+            if finished is None:
+                raise _classify(error) from error
+            # The answer was whole; only the end of its body was lost.
+            log.info("model stream broke after message_stop: %s", type(error).__name__)
+        if finished is None:
+            raise ModelError("model stream ended without message_stop")
+        yield finished
 
 
 class RecordingProvider:

@@ -35,6 +35,7 @@ class Scenario:
     fail_after: int | None = None  # break the stream after this many chunks
     drop: bool = False  # break it by dropping the connection, not with an error event
     obey_injections: bool = False  # a naive model: repeats its system prompt when told to
+    drop_after_stop: bool = False  # hang up after message_stop, before the body's end
     stop_reason: str = "end_turn"
 
 
@@ -188,6 +189,9 @@ class FakeAnthropic:
                 },
             )
             await _event(writer, "message_stop", {"type": "message_stop"})
+            if scenario.drop_after_stop:
+                writer.transport.abort()
+                return False
             await _end(writer)
             log.completed = True
             return True

@@ -33,7 +33,7 @@ from aimesh_chat.settings import ChatSettings
 from aimesh_chat.store import MessageRow
 from aimesh_runtime.config import ConfigError, load
 from aimesh_runtime.errors import ResourceExhausted
-from tests.fakes.anthropic_server import FakeAnthropic
+from tests.fakes.anthropic_server import FakeAnthropic, Scenario
 
 CANARY = "CANARY-0123456789abcdef"
 PASSAGES = [Passage(f"collections/c/documents/d{i}", f"text {i}", 1.0) for i in range(1, 4)]
@@ -176,3 +176,22 @@ async def test_answers_share_one_keep_alive_connection_to_the_model() -> None:
     finally:
         await provider.close()
         await fake.stop()
+
+
+async def test_an_answer_whole_before_its_body_broke_still_finishes() -> None:
+    """Reading on past message_stop must not turn a complete answer into a
+    failure when the connection drops before the body's last chunk."""
+    fake = await FakeAnthropic().start()
+    fake.reset(Scenario(drop_after_stop=True))
+    provider = AnthropicProvider(
+        "sk-test", fake.base_url, connect_timeout_s=5.0, read_timeout_s=5.0
+    )
+    request = ModelRequest("claude-test", "system", [{"role": "user", "content": "hi"}], 64, "k")
+    try:
+        events = [event async for event in provider.stream(request)]
+    finally:
+        await provider.close()
+        await fake.stop()
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert text == "Hello from the fake model."
+    assert events[-1] == ModelFinished("end_turn", 6)
