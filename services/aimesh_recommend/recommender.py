@@ -294,7 +294,7 @@ class Recommender:
             log.exception("model %s could not score", self.version)
             return await self._popularity(user, include_seen, pb.FALLBACK_REASON_MODEL_MISSING)
         names = model.item_ids
-        return Cached([names[i] for i, _ in ranked], [s for _, s in ranked], 0)
+        return Cached([names[i] for i in ranked.rows], ranked.scores, 0)
 
     async def _popularity(self, user: str, include_seen: bool, reason: int) -> Cached:
         seen = set() if include_seen else set(await self._store.seen_items(user))
@@ -309,7 +309,8 @@ class Recommender:
         model = self.model
         if model is not None and item_id in model.item_index:
             ranked = await self._batcher.on_lane(model.similar, model.item_index[item_id], k)
-            return [(model.item_ids[i], s) for i, s in ranked], 0
+            names = model.item_ids
+            return [(names[i], s) for i, s in zip(ranked.rows, ranked.scores, strict=True)], 0
         reason: int = pb.FALLBACK_REASON_ITEM_UNKNOWN
         if model is None:
             reason = pb.FALLBACK_REASON_MODEL_MISSING

@@ -1,8 +1,9 @@
 """A loaded model version, scoring users against every item.
 
-Scoring is one matmul of the batch's user vectors with all item vectors, then
-items outside the catalogue and items each user has seen are set to -inf, then
-top-k. Everything stays on the model's device (CUDA when present).
+Scoring is one fused matmul-and-add of the batch's user vectors with all item
+vectors and the item biases (the bias of an item outside the catalogue is -inf,
+so the catalogue costs no extra pass), then items each user has seen are set to
+-inf, then top-k. Everything stays on the model's device (CUDA when present).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,7 +26,11 @@ class ScoreRequest:
     exclude: tuple[int, ...]  # item rows to leave out (seen)
 
 
-Ranked = list[tuple[int, float]]  # (item row, score), best first
+class Ranked(NamedTuple):
+    """Items for one request, best first."""
+
+    rows: list[int]  # item rows
+    scores: list[float]
 
 
 class ServingModel:
@@ -55,15 +61,19 @@ class ServingModel:
         self.seen = seen
         # Items the catalogue holds; others are never recommended.
         self.active = torch.ones(len(item_ids), dtype=torch.bool, device=device)
+        self._scoring_bias = self.bias.clone()  # -inf where not active
 
     def set_catalogue(self, names: set[str]) -> None:
         mask = np.fromiter((name in names for name in self.item_ids), bool, len(self.item_ids))
-        self.active = torch.from_numpy(mask).to(self.device)
+        active = torch.from_numpy(mask).to(self.device)
+        self.active = active
+        self._scoring_bias = self.bias.masked_fill(~active, -math.inf)
 
     def set_active(self, name: str, active: bool) -> None:
         row = self.item_index.get(name)
         if row is not None:
             self.active[row] = active
+            self._scoring_bias[row] = self.bias[row] if active else -math.inf
 
     def add_seen(self, user: str, item: str) -> None:
         u, i = self.user_index.get(user), self.item_index.get(item)
@@ -74,8 +84,7 @@ class ServingModel:
         """Top-k items for each request, as one batch."""
         rows = torch.tensor([r.user_row for r in requests], device=self.device)
         with torch.inference_mode():
-            scores = self.users[rows] @ self.items.T + self.bias
-            scores.masked_fill_(~self.active, -math.inf)
+            scores = torch.addmm(self._scoring_bias, self.users[rows], self.items.T)
             pairs = [(n, item) for n, r in enumerate(requests) for item in r.exclude]
             if pairs:
                 index = torch.tensor(pairs, device=self.device)
@@ -93,12 +102,13 @@ class ServingModel:
 
 
 def _ranked(values: torch.Tensor, indices: torch.Tensor) -> list[Ranked]:
-    values_list = values.cpu().tolist()
-    indices_list = indices.cpu().tolist()
-    return [
-        [(i, s) for i, s in zip(row_i, row_v, strict=True) if s != -math.inf]
-        for row_i, row_v in zip(indices_list, values_list, strict=True)
-    ]
+    """Per row, the items scored above -inf (top-k sorts those last), as plain
+    lists made in C: no Python object per item on the scoring thread."""
+    values_array = values.cpu().numpy()
+    kept = np.isfinite(values_array).sum(axis=1).tolist()
+    values_list = values_array.tolist()
+    indices_list = indices.cpu().numpy().tolist()
+    return [Ranked(indices_list[n][:count], values_list[n][:count]) for n, count in enumerate(kept)]
 
 
 def score_batch(requests: Sequence[ScoreRequest]) -> list[Ranked]:
@@ -114,4 +124,4 @@ def score_batch(requests: Sequence[ScoreRequest]) -> list[Ranked]:
             positions, model.score([requests[p] for p in positions]), strict=True
         ):
             results[position] = ranked
-    return [r if r is not None else [] for r in results]
+    return [r if r is not None else Ranked([], []) for r in results]

@@ -78,14 +78,19 @@ def test_scoring_leaves_out_seen_and_deleted_items() -> None:
     serving.set_catalogue({"a", "b", "c", "d"})
     exclude = tuple(serving.seen[0])
     first, second = score_batch([ScoreRequest(serving, 0, exclude), ScoreRequest(serving, 1, ())])
-    assert [serving.item_ids[i] for i, _ in first] == ["b", "c", "d"]
-    assert serving.item_ids[second[0][0]] == "d"
+    assert [serving.item_ids[i] for i in first.rows] == ["b", "c", "d"]
+    assert serving.item_ids[second.rows[0]] == "d"
     serving.set_active("b", False)
     (again,) = serving.score([ScoreRequest(serving, 0, exclude)])
-    assert [serving.item_ids[i] for i, _ in again] == ["c", "d"]
+    assert [serving.item_ids[i] for i in again.rows] == ["c", "d"]
+    assert again.scores == [1.0, 0.0]
+    serving.set_active("b", True)
+    (back,) = serving.score([ScoreRequest(serving, 0, exclude)])
+    assert [serving.item_ids[i] for i in back.rows] == ["b", "c", "d"]
+    serving.set_active("b", False)
     similar = serving.similar(0, 2)
-    assert [serving.item_ids[i] for i, _ in similar] == ["c", "d"]  # b inactive, d orthogonal
-    assert math.isclose(similar[0][1], 1.0, rel_tol=1e-6)
+    assert [serving.item_ids[i] for i in similar.rows] == ["c", "d"]  # b inactive, d orthogonal
+    assert math.isclose(similar.scores[0], 1.0, rel_tol=1e-6)
 
 
 def test_reads_movielens_formats(tmp_path: Path) -> None:
