@@ -81,6 +81,7 @@ async def start_server(
 ) -> Running:
     environ = {
         "AIMESH_USER_KEY_ENCRYPTION_KEY": kek(),
+        "AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY": kek(),
         "AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL": ADMIN_EMAIL,
         "AIMESH_USER_BOOTSTRAP_ADMIN_PASSWORD": ADMIN_PASSWORD,
         **(extra_env or {}),

@@ -3,8 +3,9 @@
 The database is the embedded PostgreSQL from the pgserver package, unless
 AIMESH_DATABASE_URL names a server. Each service gets its own database and its
 own login role, and other roles may not connect to it. Secrets for the dev
-setup (the signing-key encryption key, the dev admin's password, role
-passwords) are generated once into the state folder, which git ignores.
+setup (the signing-key and webhook-secret encryption keys, the dev admin's
+password, role passwords) are generated once into the state folder, which git
+ignores.
 """
 
 from __future__ import annotations
@@ -79,13 +80,20 @@ def load_secrets(folder: Path) -> dict[str, Any]:
     path = folder / "secrets.json"
     if path.exists():
         stored: dict[str, Any] = json.loads(path.read_text())
-        if "service_api_key" not in stored:  # state folders made before the outbox relay
-            stored["service_api_key"] = _new_service_api_key()
+        added = {
+            # State folders made before the outbox relay, and before sealed webhook secrets.
+            "service_api_key": _new_service_api_key,
+            "notify_secret_encryption_key": _new_key,
+        }
+        missing = {name: new() for name, new in added.items() if name not in stored}
+        if missing:
+            stored.update(missing)
             path.write_text(json.dumps(stored, indent=2))
         return stored
     folder.mkdir(parents=True, exist_ok=True)
     created = {
-        "key_encryption_key": base64.urlsafe_b64encode(os.urandom(32)).decode(),
+        "key_encryption_key": _new_key(),
+        "notify_secret_encryption_key": _new_key(),
         "admin_email": DEV_ADMIN_EMAIL,
         "admin_password": secrets.token_urlsafe(18),
         "role_passwords": {name: secrets.token_hex(16) for name in SERVICES},
@@ -94,6 +102,10 @@ def load_secrets(folder: Path) -> dict[str, Any]:
     path.touch(mode=0o600)
     path.write_text(json.dumps(created, indent=2))
     return created
+
+
+def _new_key() -> str:
+    return base64.urlsafe_b64encode(os.urandom(32)).decode()
 
 
 def _new_service_api_key() -> str:
@@ -173,6 +185,7 @@ def service_environment(
     # A laptop's webhook receivers listen on localhost; clusters keep the SSRF guard on.
     env.setdefault("AIMESH_NOTIFY_ALLOW_PRIVATE_WEBHOOKS", "1")
     env.setdefault("AIMESH_USER_KEY_ENCRYPTION_KEY", stored["key_encryption_key"])
+    env.setdefault("AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY", stored["notify_secret_encryption_key"])
     env.setdefault("AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL", stored["admin_email"])
     env.setdefault("AIMESH_USER_BOOTSTRAP_ADMIN_PASSWORD", stored["admin_password"])
     return env

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import random
@@ -51,6 +52,7 @@ from urllib.parse import quote, urlsplit
 from aimesh_notify.events import Bell
 from aimesh_notify.http1 import Http1Client, Origin, ProtocolError
 from aimesh_notify.netguard import DeniedUrl, NetworkGuard
+from aimesh_notify.sealing import SealError, SecretBox
 from aimesh_notify.settings import NotifySettings
 from aimesh_notify.signing import signature_header
 from aimesh_notify.store import Claimed, NotifyStore, Outcome
@@ -163,6 +165,7 @@ class DeliveryWorker:
         sender: WebhookSender,
         bell: Bell,
         settings: NotifySettings,
+        box: SecretBox,
         *,
         concurrency: int,
         draw: Callable[[], float] = random.random,
@@ -172,6 +175,7 @@ class DeliveryWorker:
         self._sender = sender
         self._bell = bell
         self._settings = settings
+        self._box = box
         self._concurrency = concurrency
         self._draw = draw
         self._drain_s = drain_s
@@ -233,7 +237,13 @@ class DeliveryWorker:
     async def _attempt(self, delivery: Claimed) -> None:
         started = utcnow()
         try:
-            http_status, error = await self._sender.send(delivery)
+            opened = tuple(self._box.open(delivery.subscription_id, s) for s in delivery.secrets)
+            http_status, error = await self._sender.send(
+                dataclasses.replace(delivery, secrets=opened)
+            )
+        except SealError as failure:  # never sign with what a wrong key made of it
+            log.error("delivery %s not sent: %s", delivery.id, failure)
+            http_status, error = 0, "internal: the webhook secret does not open"
         except Exception as failure:  # never let one delivery kill the worker
             log.exception("delivery %s failed unexpectedly", delivery.id)
             http_status, error = 0, f"internal: {type(failure).__name__}"

@@ -21,6 +21,7 @@ from aimesh_notify.deliveries import Deliveries
 from aimesh_notify.events import Announcer, Bell, Events, Sequencer
 from aimesh_notify.netguard import NetworkGuard
 from aimesh_notify.queue import DeliveryWorker, WebhookSender
+from aimesh_notify.sealing import SecretBox, seal_at_rest
 from aimesh_notify.servicer import NotifyServicer
 from aimesh_notify.settings import NotifySettings
 from aimesh_notify.store import NotifyStore
@@ -36,12 +37,14 @@ PRUNE_EVERY_S = 3600.0
 async def mount(context: ServiceContext) -> Mount:
     settings: NotifySettings = context.settings
     store = NotifyStore(context.pool)
+    box = SecretBox(settings.secret_key_bytes())
+    await seal_at_rest(store, box)  # a wrong key stops the start here
     guard = NetworkGuard(settings.allow_private_webhooks)
     if settings.allow_private_webhooks:
         log.warning("AIMESH_NOTIFY_ALLOW_PRIVATE_WEBHOOKS is on: webhooks may reach any network")
     url = database_url("notify", context.environ)
     bell = Bell(url)
-    subscriptions = Subscriptions(store, guard)
+    subscriptions = Subscriptions(store, guard, box)
     announcer = Announcer(store)
     events = Events(store, subscriptions, bell, announcer, poll_s=settings.poll_s)
     background: list[Callable[[], Coroutine[Any, Any, None]]] = [
@@ -50,7 +53,7 @@ async def mount(context: ServiceContext) -> Mount:
         Sequencer(store, bell, poll_s=settings.poll_s).run,
     ]
 
-    async def prune_forever() -> None:
+    async def maintain_forever() -> None:
         while True:
             try:
                 pruned = await events.prune(settings.event_retention_days)
@@ -58,9 +61,14 @@ async def mount(context: ServiceContext) -> Mount:
                     log.info("removed %d events past retention", pruned)
             except Exception as error:  # retried next round
                 log.warning("pruning events failed: %s", error)
+            try:
+                # Replicas of an older version write plaintext until a rollout ends.
+                await seal_at_rest(store, box)
+            except Exception as error:
+                log.warning("sealing webhook secrets failed: %s", error)
             await asyncio.sleep(PRUNE_EVERY_S)
 
-    background.append(prune_forever)
+    background.append(maintain_forever)
     sender: WebhookSender | None = None
     worker_pool: asyncpg.Pool | None = None
     if settings.worker_concurrency > 0:
@@ -72,6 +80,7 @@ async def mount(context: ServiceContext) -> Mount:
             sender,
             bell,
             settings,
+            box,
             concurrency=settings.worker_concurrency,
         )
         background.append(worker.run)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass
 
 from aimesh_runtime.config import ConfigError, setting
@@ -9,6 +11,11 @@ from aimesh_runtime.config import ConfigError, setting
 
 @dataclass(frozen=True)
 class NotifySettings:
+    secret_encryption_key: str = setting(
+        "AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY",
+        "32 random bytes, base64url; seals the webhook signing secrets stored in the database "
+        "(the service and every `python -m aimesh_notify.worker` need the same one).",
+    )
     allow_private_webhooks: bool = setting(
         "AIMESH_NOTIFY_ALLOW_PRIVATE_WEBHOOKS",
         "Let webhooks reach loopback, private and link-local networks; for local "
@@ -55,6 +62,8 @@ class NotifySettings:
     )
 
     def check(self) -> None:
+        if len(self.secret_key_bytes()) != 32:
+            raise ConfigError("AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY must decode to 32 bytes")
         if self.worker_concurrency < 0:
             raise ConfigError("AIMESH_NOTIFY_WORKER_CONCURRENCY must not be negative")
         if self.claim_batch < 1:
@@ -72,3 +81,11 @@ class NotifySettings:
             )
         if self.event_retention_days <= 0:
             raise ConfigError("AIMESH_NOTIFY_EVENT_RETENTION_DAYS must be positive")
+
+    def secret_key_bytes(self) -> bytes:
+        try:
+            return base64.urlsafe_b64decode(
+                self.secret_encryption_key + "=" * (-len(self.secret_encryption_key) % 4)
+            )
+        except (binascii.Error, ValueError):
+            raise ConfigError("AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY is not base64url") from None

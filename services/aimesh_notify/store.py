@@ -16,6 +16,7 @@ import asyncpg
 
 DEADLOCK_RETRIES = 3
 CHANNEL = "aimesh_notify"  # LISTEN/NOTIFY channel: new events and due deliveries
+SEALED_PREFIX = "aesgcm1:"  # of a sealed secret (aimesh_notify/sealing.py)
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class SubscriptionRow:
     kind: str
     url: str | None
     timeout_ms: int | None
+    # As stored: sealed (aimesh_notify/sealing.py), or plaintext from before sealing.
     secret: str | None
     secret_create_time: dt.datetime | None
     previous_secret: str | None
@@ -74,13 +76,14 @@ class Claimed:
     """A delivery leased to a worker, with all it needs to make the attempt."""
 
     id: int
+    subscription_id: str
     lease: uuid.UUID
     attempt: int
     # The previous holder's lease ran out mid-attempt (it died or stalled).
     took_over: bool
     url: str
     timeout_ms: int
-    secrets: tuple[str, ...]
+    secrets: tuple[str, ...]  # as stored until the worker opens them
     event_id: str
     topic: str
     payload: bytes
@@ -208,8 +211,9 @@ UPDATE deliveries d SET
     update_time = now()
 FROM due, subscriptions s, events e
 WHERE d.id = due.id AND s.id = d.subscription_id AND e.pos = d.event_pos
-RETURNING d.id, d.status, d.attempts, due.was, d.lease, d.run_after, s.url, s.timeout_ms,
-    s.secret, s.previous_secret, s.previous_secret_expire_time > now() AS previous_live,
+RETURNING d.id, d.subscription_id, d.status, d.attempts, due.was, d.lease, d.run_after,
+    s.url, s.timeout_ms, s.secret, s.previous_secret,
+    s.previous_secret_expire_time > now() AS previous_live,
     e.id AS event_id, e.topic, e.payload, e.content_type
 """
 
@@ -328,6 +332,45 @@ class NotifyStore:
             grace,
         )
         return None if row is None else _subscription(row)
+
+    async def key_check(self, sealed: str) -> str:
+        """The sealed check value of the key, stored first if there is none yet."""
+        await self._pool.execute(
+            "INSERT INTO secret_key_check (sealed) VALUES ($1) ON CONFLICT DO NOTHING", sealed
+        )
+        stored: str = await self._pool.fetchval("SELECT sealed FROM secret_key_check")
+        return stored
+
+    async def plaintext_secrets(self, limit: int) -> list[SubscriptionRow]:
+        """Subscriptions holding a secret stored before sealing."""
+        rows = await self._pool.fetch(
+            """SELECT * FROM subscriptions
+               WHERE NOT starts_with(secret, $1) OR NOT starts_with(previous_secret, $1)
+               LIMIT $2""",
+            SEALED_PREFIX,
+            limit,
+        )
+        return [_subscription(row) for row in rows]
+
+    async def seal_secrets(
+        self, updates: Sequence[tuple[str, str | None, str | None, str | None, str | None]]
+    ) -> int:
+        """Write (id, secret, sealed, previous, previous sealed), each column only
+        where it still holds what was read; how many rows changed."""
+        columns = [list(column) for column in zip(*updates, strict=True)]
+        result: str = await self._pool.execute(
+            """UPDATE subscriptions s SET
+                   secret = CASE WHEN s.secret = r.secret THEN r.sealed ELSE s.secret END,
+                   previous_secret = CASE WHEN s.previous_secret = r.previous
+                                          THEN r.previous_sealed ELSE s.previous_secret END
+               FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+                   AS r(id, secret, sealed, previous, previous_sealed)
+               WHERE s.id = r.id
+                 AND ((s.secret = r.secret AND r.sealed <> r.secret)
+                      OR (s.previous_secret = r.previous AND r.previous_sealed <> r.previous))""",
+            *columns,
+        )
+        return int(result.split()[-1])
 
     async def delete_subscription(self, subscription_id: str) -> bool:
         result: str = await self._pool.execute(
@@ -459,6 +502,7 @@ class NotifyStore:
             claimed.append(
                 Claimed(
                     row["id"],
+                    row["subscription_id"],
                     row["lease"],
                     row["attempts"],
                     row["was"] == "in_flight",

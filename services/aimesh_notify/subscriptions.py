@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aimesh_notify.netguard import DeniedUrl, NetworkGuard
+from aimesh_notify.sealing import SecretBox
 from aimesh_notify.signing import new_secret
 from aimesh_notify.store import NotifyStore, SubscriptionRow
 from aimesh_runtime.auth import Principal
@@ -90,9 +91,10 @@ def check_timeout(timeout_ms: int, field: str) -> int:
 
 
 class Subscriptions:
-    def __init__(self, store: NotifyStore, guard: NetworkGuard) -> None:
+    def __init__(self, store: NotifyStore, guard: NetworkGuard, box: SecretBox) -> None:
         self._store = store
         self._guard = guard
+        self._box = box
 
     async def _checked_url(self, url: str, field: str) -> str:
         try:
@@ -110,6 +112,7 @@ class Subscriptions:
     ) -> tuple[SubscriptionRow, str]:
         """The new subscription and, for a webhook, its secret (shown this once)."""
         topics = check_topics(topics, "subscription.topics")
+        subscription_id = uuid.uuid4().hex
         secret = ""
         url: str | None = None
         timeout_ms: int | None = None
@@ -118,14 +121,14 @@ class Subscriptions:
             timeout_ms = check_timeout(webhook.timeout_ms, "subscription.webhook.timeout")
             secret = new_secret()
         row = await self._store.create_subscription(
-            uuid.uuid4().hex,
+            subscription_id,
             caller.subject,
             display_name,
             topics,
             "webhook" if webhook is not None else "stream",
             url,
             timeout_ms,
-            secret or None,
+            self._box.seal(subscription_id, secret) if secret else None,
         )
         return row, secret
 
@@ -203,7 +206,9 @@ class Subscriptions:
                 metadata={"name": name},
             )
         secret = new_secret()
-        rotated = await self._store.rotate_secret(row.id, secret, grace or DEFAULT_GRACE)
+        rotated = await self._store.rotate_secret(
+            row.id, self._box.seal(row.id, secret), grace or DEFAULT_GRACE
+        )
         if rotated is None:
             raise not_found(name)
         return rotated, secret

@@ -1,8 +1,9 @@
 """`python -m aimesh_notify.worker`: the delivery worker as a process of its own.
 
 It reads the same settings as the service (AIMESH_NOTIFY_DATABASE_URL and
-AIMESH_NOTIFY_*), migrates the database if the service has not yet, and drains
-the queue until SIGTERM or SIGINT. Any number of workers, in processes or in
+AIMESH_NOTIFY_*, the secret encryption key included), migrates the database
+and seals plaintext secrets if the service has not yet, and drains the queue
+until SIGTERM or SIGINT. Any number of workers, in processes or in
 service replicas, may share one queue. Run the service with
 AIMESH_NOTIFY_WORKER_CONCURRENCY=0 to leave delivery to these processes;
 `--concurrency` then sets theirs.
@@ -23,6 +24,7 @@ from pathlib import Path
 from aimesh_notify.events import Bell
 from aimesh_notify.netguard import NetworkGuard
 from aimesh_notify.queue import DeliveryWorker, WebhookSender
+from aimesh_notify.sealing import SecretBox, seal_at_rest
 from aimesh_notify.settings import NotifySettings
 from aimesh_notify.store import NotifyStore
 from aimesh_runtime import db
@@ -40,9 +42,12 @@ async def run(environ: Mapping[str, str], concurrency: int | None) -> None:
     workers = concurrency or settings.worker_concurrency or DEFAULT_CONCURRENCY
     pool = await db.create_pool(url, max_size=4)
     await db.migrate(pool, Path(__file__).parent / "migrations")
+    store = NotifyStore(pool)
+    box = SecretBox(settings.secret_key_bytes())
+    await seal_at_rest(store, box)  # a wrong key stops the worker here
     bell = Bell(url)
     sender = WebhookSender(NetworkGuard(settings.allow_private_webhooks), workers)
-    worker = DeliveryWorker(NotifyStore(pool), sender, bell, settings, concurrency=workers)
+    worker = DeliveryWorker(store, sender, bell, settings, box, concurrency=workers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

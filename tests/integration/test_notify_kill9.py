@@ -61,13 +61,15 @@ async def notify(new_database: Any, user_server: Running) -> AsyncIterator[Runni
 
 
 async def start_worker(
-    database_url: str, started: list[asyncio.subprocess.Process]
+    notify: Running, started: list[asyncio.subprocess.Process]
 ) -> tuple[asyncio.subprocess.Process, asyncio.Event]:
-    """Start a worker and add it to `started`, for the caller's cleanup."""
+    """Start a worker on the service's database and key, and add it to `started`,
+    for the caller's cleanup."""
+    shared = ("AIMESH_NOTIFY_DATABASE_URL", "AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY")
     environ = {
         **os.environ,
         **SETTINGS,
-        "AIMESH_NOTIFY_DATABASE_URL": database_url,
+        **{name: notify.environ[name] for name in shared},
         "PYTHONPATH": os.pathsep.join([str(ROOT / "services"), str(ROOT / "protos")]),
     }
     process = await asyncio.create_subprocess_exec(
@@ -142,7 +144,7 @@ async def run_with_kills(
         draw = random.Random(9)
         try:
             for _ in range(KILLS):
-                process, ready = await start_worker(database_url, workers)
+                process, ready = await start_worker(notify, workers)
                 async with asyncio.timeout(30):
                     await ready.wait()
                 await asyncio.sleep(draw.uniform(0.1, 0.35))
@@ -154,7 +156,7 @@ async def run_with_kills(
             with contextlib.suppress(asyncio.CancelledError):
                 await publishing
         killed_at = len(receiver.accepted)
-        last, _ = await start_worker(database_url, workers)
+        last, _ = await start_worker(notify, workers)
         try:
             with contextlib.suppress(TimeoutError):  # the assertions below say what is missing
                 await receiver.wait_for(lambda: len(receiver.accepted) >= EVENTS, timeout_s=150)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
@@ -81,6 +82,8 @@ async def serve(database_url: str) -> None:
 
     environ = {
         "AIMESH_NOTIFY_DATABASE_URL": database_url,
+        # main() sets it, for the worker processes too
+        "AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY": os.environ["AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY"],
         "AIMESH_NOTIFY_ALLOW_PRIVATE_WEBHOOKS": "1",  # the receiver is on 127.0.0.1
         "AIMESH_NOTIFY_WORKER_CONCURRENCY": "0",  # delivery is the worker process's
         "AIMESH_NOTIFY_CLAIM_BATCH": str(CLAIM_BATCH),
@@ -289,6 +292,10 @@ async def main() -> None:
         await connection.execute("CREATE DATABASE bench_notify")
         await connection.close()
         database_url = admin.replace("/postgres?", "/bench_notify?")
+        # One key for the service and the workers, which inherit the environment.
+        os.environ["AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY"] = base64.urlsafe_b64encode(
+            os.urandom(32)
+        ).decode()
         server, info = await spawn("--serve", database_url)
         workers = [await start_worker(database_url) for _ in range(WORKERS)]
         receiver = await WebhookReceiver(keep=False).start()

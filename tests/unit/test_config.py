@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from aimesh_notify.settings import NotifySettings
 from aimesh_runtime.config import ConfigError, RuntimeConfig, database_url, load
 from aimesh_user.settings import UserSettings
 
@@ -45,6 +46,23 @@ def test_secrets_have_no_default() -> None:
     with pytest.raises(ConfigError, match="AIMESH_USER_KEY_ENCRYPTION_KEY is required"):
         load(UserSettings, {})
     assert len(load(UserSettings, {"AIMESH_USER_KEY_ENCRYPTION_KEY": KEK}).kek_bytes()) == 32
+
+
+@pytest.mark.parametrize(
+    "environ,message",
+    [
+        ({}, "AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY is required"),
+        ({"AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY": "short"}, "is not base64url"),
+        ({"AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY": "A" * 42}, "must decode to 32 bytes"),
+    ],
+)
+def test_the_notify_secret_key_is_required_and_checked(
+    environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(NotifySettings, environ)
+    settings = load(NotifySettings, {"AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY": KEK})
+    assert len(settings.secret_key_bytes()) == 32
 
 
 def test_bootstrap_admin_needs_both_halves() -> None:

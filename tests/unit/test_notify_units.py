@@ -1,5 +1,5 @@
-"""Units of the notify service: the SSRF guard, backoff, signatures, cursors, and
-the webhook HTTP client."""
+"""Units of the notify service: the SSRF guard, backoff, signatures, sealed
+secrets, cursors, and the webhook HTTP client."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from aimesh_notify import netguard
 from aimesh_notify.events import decode_cursor, encode_cursor
 from aimesh_notify.netguard import DeniedUrl, NetworkGuard, denial
 from aimesh_notify.queue import WebhookSender, backoff_s
+from aimesh_notify.sealing import SealError, SecretBox
 from aimesh_notify.signing import signature_header, verify
 from aimesh_notify.store import Claimed
 from aimesh_runtime.errors import InvalidArgument
@@ -59,7 +60,7 @@ async def test_a_name_rebound_to_a_denied_address_is_refused_at_delivery(
     guard = NetworkGuard(allow_private=False)
     await guard.check("http://hooks.example.com/x")  # at creation: public
     sender = WebhookSender(guard, 1)
-    claimed = Claimed(1, uuid.uuid4(), 1, False, "http://hooks.example.com/x",
+    claimed = Claimed(1, "sub", uuid.uuid4(), 1, False, "http://hooks.example.com/x",
                       1000, ("s",), "e", "t.x", b"{}", "application/json")  # fmt: skip
     try:
         status, error = await sender.send(claimed)  # at delivery: loopback, nothing sent
@@ -83,6 +84,27 @@ def test_signatures_cover_timestamp_and_body() -> None:
     assert not verify("other", 1700000000, b'{"a":1}', header)
     assert not verify("new", 1700000001, b'{"a":1}', header)
     assert not verify("new", 1700000000, b'{"a":2}', header)
+
+
+def test_sealed_secrets_open_only_under_their_key_and_subscription() -> None:
+    box = SecretBox(bytes(32))
+    sealed = box.seal("sub1", "whsec_abc")
+    assert sealed.startswith("aesgcm1:") and "whsec_abc" not in sealed
+    assert box.seal("sub1", "whsec_abc") != sealed  # a fresh nonce each time
+    assert box.open("sub1", sealed) == "whsec_abc"
+    assert box.open("sub1", "whsec_legacy") == "whsec_legacy"  # plaintext from before
+    assert box.seal_plaintext("sub1", sealed) == sealed and box.seal_plaintext("s", None) is None
+    assert box.open("sub1", box.seal_plaintext("sub1", "whsec_old") or "") == "whsec_old"
+    tampered = sealed[:-2] + ("A" if sealed[-2] != "A" else "B") + sealed[-1]
+    for subscription, stored, other in [
+        ("sub2", sealed, box),  # moved onto another row
+        ("sub1", sealed, SecretBox(b"\x01" * 32)),  # another key
+        ("sub1", tampered, box),
+        ("sub1", "aesgcm1:not*base64", box),
+        ("sub1", "aesgcm1:", box),
+    ]:
+        with pytest.raises(SealError, match=f"subscriptions/{subscription} does not open"):
+            other.open(subscription, stored)
 
 
 def test_cursors_round_trip_and_garbage_is_invalid() -> None:
@@ -137,7 +159,7 @@ async def scripted_server() -> tuple[Any, list[int]]:
 
 
 def claimed_for(url: str) -> Claimed:
-    return Claimed(1, uuid.uuid4(), 1, False, url, 2000, ("s",), "e", "t.x", b"{}",
+    return Claimed(1, "sub", uuid.uuid4(), 1, False, url, 2000, ("s",), "e", "t.x", b"{}",
                    "application/json")  # fmt: skip
 
 
