@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass
 
-from aimesh_runtime.config import ConfigError, setting
+from aimesh_runtime.config import ConfigError, key_bytes, setting
 
 
 @dataclass(frozen=True)
@@ -62,8 +60,7 @@ class NotifySettings:
     )
 
     def check(self) -> None:
-        if len(self.secret_key_bytes()) != 32:
-            raise ConfigError("AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY must decode to 32 bytes")
+        self.secret_key_bytes()  # a bad key stops the start, naming the variable
         if self.worker_concurrency < 0:
             raise ConfigError("AIMESH_NOTIFY_WORKER_CONCURRENCY must not be negative")
         if self.claim_batch < 1:
@@ -83,9 +80,4 @@ class NotifySettings:
             raise ConfigError("AIMESH_NOTIFY_EVENT_RETENTION_DAYS must be positive")
 
     def secret_key_bytes(self) -> bytes:
-        try:
-            return base64.urlsafe_b64decode(
-                self.secret_encryption_key + "=" * (-len(self.secret_encryption_key) % 4)
-            )
-        except (binascii.Error, ValueError):
-            raise ConfigError("AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY is not base64url") from None
+        return key_bytes(self.secret_encryption_key, "AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY")

@@ -7,6 +7,8 @@ points turn that into a message and exit status 2.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import os
 import types
@@ -224,6 +226,17 @@ class RuntimeConfig:
         grpc_port = default if self.grpc_port < 0 else self.grpc_port
         http_port = default + HTTP_PORT_OFFSET if self.http_port < 0 else self.http_port
         return grpc_port, http_port
+
+
+def key_bytes(value: str, variable: str) -> bytes:
+    """A 32-byte key given as base64url (padding optional), or a ConfigError naming it."""
+    try:
+        key = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{variable} is not base64url") from None
+    if len(key) != 32:
+        raise ConfigError(f"{variable} must decode to 32 bytes")
+    return key
 
 
 def database_env(service: str) -> str:

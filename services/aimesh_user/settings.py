@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass
 
-from aimesh_runtime.config import ConfigError, setting
+from aimesh_runtime.config import ConfigError, key_bytes, setting
 
 
 @dataclass(frozen=True)
@@ -75,8 +73,7 @@ class UserSettings:
     )
 
     def check(self) -> None:
-        if len(self.kek_bytes()) != 32:
-            raise ConfigError("AIMESH_USER_KEY_ENCRYPTION_KEY must decode to 32 bytes")
+        self.kek_bytes()  # a bad key stops the start, naming the variable
         if not 60 <= self.access_token_ttl_s <= 3600:
             raise ConfigError("AIMESH_USER_ACCESS_TOKEN_TTL_S must be between 60 and 3600")
         if self.refresh_token_ttl_s < self.access_token_ttl_s:
@@ -105,9 +102,4 @@ class UserSettings:
             raise ConfigError("AIMESH_USER_DELETION_RESUME_S and _WAIT_S must not be negative")
 
     def kek_bytes(self) -> bytes:
-        try:
-            return base64.urlsafe_b64decode(
-                self.key_encryption_key + "=" * (-len(self.key_encryption_key) % 4)
-            )
-        except (binascii.Error, ValueError):
-            raise ConfigError("AIMESH_USER_KEY_ENCRYPTION_KEY is not base64url") from None
+        return key_bytes(self.key_encryption_key, "AIMESH_USER_KEY_ENCRYPTION_KEY")
