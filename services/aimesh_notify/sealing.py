@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 NONCE_BYTES = 12
 SEAL_BATCH = 500
+OPENED_KEPT = 4096
 # "/" is in no subscription id, so the check value cannot pass for a secret.
 KEY_CHECK_ID = "aimesh_notify/key-check"
 KEY_CHECK_VALUE = "aimesh notify secret key check"
@@ -48,6 +49,9 @@ def is_sealed(stored: str) -> bool:
 class SecretBox:
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(key)
+        # Opened secrets by (subscription, sealed text): a subscription's deliveries
+        # come in runs, and a rotation seals anew, so a stale entry is never hit.
+        self._opened: dict[tuple[str, str], str] = {}
 
     def seal(self, subscription_id: str, secret: str) -> str:
         nonce = os.urandom(NONCE_BYTES)
@@ -64,17 +68,24 @@ class SecretBox:
         """The secret; plaintext from before sealing passes as it is (start seals it)."""
         if not is_sealed(stored):
             return stored
+        opened = self._opened.get((subscription_id, stored))
+        if opened is not None:
+            return opened
         try:
             sealed = base64.urlsafe_b64decode(stored[len(SEALED_PREFIX) :])
             raw = self._aead.decrypt(
                 sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], subscription_id.encode()
             )
-            return raw.decode()
+            secret = raw.decode()
         except (InvalidTag, binascii.Error, ValueError):
             raise SealError(
                 f"the webhook secret of subscriptions/{subscription_id} does not open under "
                 "AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY"
             ) from None
+        if len(self._opened) >= OPENED_KEPT:
+            self._opened.clear()
+        self._opened[(subscription_id, stored)] = secret
+        return secret
 
 
 async def seal_at_rest(store: NotifyStore, box: SecretBox) -> int:
