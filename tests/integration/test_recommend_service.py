@@ -442,7 +442,11 @@ async def test_ab_results_attribute_outcomes_to_the_serving_version(
 
 
 async def test_purge_user_data(rec: Any, tokens: Any) -> None:
-    request = pb.PurgeUserDataRequest(user="users/u3")
+    await rec.RecordInteractions(
+        pb.RecordInteractionsRequest(interactions=[interaction("purged", "i1") for _ in range(10)]),
+        metadata=tokens["member"],
+    )
+    request = pb.PurgeUserDataRequest(user="users/purged")
     await fails(
         grpc.StatusCode.PERMISSION_DENIED, rec.PurgeUserData(request, metadata=tokens["member"])
     )
