@@ -109,6 +109,7 @@ class Catalog:
             ann_threshold=self._settings.ann_threshold,
             ef_search=self._settings.ann_ef_search,
             use_gpu=self._settings.faiss_gpu,
+            search_threads=self._settings.faiss_threads,
         )
 
     async def load(self) -> None:

@@ -49,9 +49,22 @@ def gpu_count() -> int:
     return int(counter()) if counter is not None else 0
 
 
+def _limit_search_threads(threads: int) -> None:
+    # OpenMP's thread count is per calling thread: set it in the index's own.
+    # Its workers spin between searches, taking cores from the encoder copies.
+    if threads > 0:
+        faiss.omp_set_num_threads(threads)
+
+
 class VectorIndex:
     def __init__(
-        self, dimension: int, *, ann_threshold: int, ef_search: int, use_gpu: bool = False
+        self,
+        dimension: int,
+        *,
+        ann_threshold: int,
+        ef_search: int,
+        use_gpu: bool = False,
+        search_threads: int = 1,
     ) -> None:
         self.dimension = dimension
         self._ann_threshold = ann_threshold
@@ -63,7 +76,12 @@ class VectorIndex:
         self._external = np.zeros(0, dtype=np.int64)  # point -> vector id
         self._point: dict[int, int] = {}  # live vector id -> point
         self._dead: set[int] = set()  # tombstoned points
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="faiss")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="faiss",
+            initializer=_limit_search_threads,
+            initargs=(search_threads,),
+        )
         # A GPU copy of the exact index serves its searches; the CPU index stays the
         # source of truth and the copy is refreshed after writes.
         self._gpu = use_gpu and gpu_count() > 0

@@ -23,6 +23,12 @@ class SearchSettings:
     faiss_gpu: bool = setting(
         "AIMESH_SEARCH_FAISS_GPU", "Search on the GPU when faiss-gpu and a GPU are present.", True
     )
+    faiss_threads: int = setting(
+        "AIMESH_SEARCH_FAISS_THREADS",
+        "OpenMP threads per index search on a CPU; 0 means faiss's default (every core)."
+        " One leaves the cores to the encoder copies.",
+        1,
+    )
     batching: bool = setting(
         "AIMESH_SEARCH_BATCHING", "Coalesce concurrent encodes into batches.", True
     )
@@ -72,9 +78,10 @@ class SearchSettings:
             raise ConfigError(
                 "AIMESH_SEARCH_MAX_WAIT_MS, _QUEUE_SIZE and _QUERY_CACHE must be positive"
             )
-        if self.encoder_workers < 0 or self.torch_threads < 0:
+        if self.encoder_workers < 0 or self.torch_threads < 0 or self.faiss_threads < 0:
             raise ConfigError(
-                "AIMESH_SEARCH_ENCODER_WORKERS and _TORCH_THREADS must be 0 (automatic) or more"
+                "AIMESH_SEARCH_ENCODER_WORKERS, _TORCH_THREADS and _FAISS_THREADS must be"
+                " 0 (automatic) or more"
             )
         if self.ann_threshold < 1000 or self.ann_ef_search < 1:
             raise ConfigError(

@@ -89,6 +89,7 @@ def raw_qps(
 
     def stream(encoder: Encoder) -> None:
         nonlocal position
+        faiss.omp_set_num_threads(1)  # as the service's index thread (AIMESH_SEARCH_FAISS_THREADS)
         while time.perf_counter() < stop_at:
             with lock:
                 chunk = texts[position : position + batch]

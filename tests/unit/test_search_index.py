@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aimesh_search.index import VectorIndex
+from aimesh_search.index import VectorIndex, faiss
 
 
 def unit(rows: int, seed: int, dimension: int = 32) -> np.ndarray:
@@ -56,3 +56,14 @@ def test_tombstones_are_compacted_away() -> None:
     _, ids = index._search(vectors[500:501], 1, None)
     assert ids[0, 0] == 500
     index.close()
+
+
+async def test_searches_run_with_the_configured_openmp_threads() -> None:
+    """OpenMP's count is per thread: it must be set in the index's own thread,
+    where every search runs, or its spinning workers take the encoders' cores."""
+    for threads in (1, 2):
+        index = VectorIndex(32, ann_threshold=1000, ef_search=16, search_threads=threads)
+        try:
+            assert await index._run(faiss.omp_get_max_threads) == threads
+        finally:
+            index.close()
