@@ -25,6 +25,7 @@ from aimesh_runtime.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    Unavailable,
 )
 from aimesh_runtime.pages import bad_page_token, decode_page_token, encode_page_token, page_size
 from aimesh_search import filters
@@ -41,6 +42,7 @@ from aimesh_search.store import (
 )
 
 log = logging.getLogger(__name__)
+FIRST_LOAD_WAIT_S = 30.0
 OVERFETCH = 8  # extra hits read so rows deleted mid-search still leave top_k
 
 
@@ -98,6 +100,7 @@ class Catalog:
             asyncio.Lock
         )
         self.loaded = False
+        self._first_load = asyncio.Event()
 
     @property
     def encoder(self) -> Encoder:
@@ -128,6 +131,7 @@ class Catalog:
             self._served[row.id] = row
             log.info("loaded collection %s: %d vectors", row.id, index.size)
         self.loaded = True
+        self._first_load.set()
 
     def close(self) -> None:
         for index in self._indexes.values():
@@ -202,7 +206,16 @@ class Catalog:
         index = self._indexes.get(collection_id)
         return index is not None and index.approximate
 
-    def index_of(self, collection_id: str) -> VectorIndex:
+    async def index_of(self, collection_id: str) -> VectorIndex:
+        if not self.loaded:
+            # A call before the first load (its client did not wait for SERVING)
+            # waits for it, rather than failing on a collection not yet read.
+            try:
+                await asyncio.wait_for(self._first_load.wait(), FIRST_LOAD_WAIT_S)
+            except TimeoutError:
+                raise Unavailable(
+                    "the search indexes are still loading; retry shortly", reason="LOADING"
+                ) from None
         index = self._indexes.get(collection_id)
         if index is None:  # created by another replica since we loaded
             raise FailedPrecondition(
@@ -252,7 +265,7 @@ class Catalog:
             if stored:
                 by_id = {d.id: i for i, d in enumerate(documents)}
                 order = [by_id[row.id] for row in stored]
-                await self.index_of(collection_id).upsert(
+                await (await self.index_of(collection_id)).upsert(
                     [row.vector_id for row in stored], vectors[order]
                 )
         return stored
@@ -282,7 +295,7 @@ class Catalog:
             if vector_id is None:
                 name = f"collections/{collection_id}/documents/{document_id}"
                 raise NotFound(f"{name} does not exist", metadata={"name": name})
-            await self.index_of(collection_id).remove([vector_id])
+            await (await self.index_of(collection_id)).remove([vector_id])
 
     async def purge_owner(self, owner: str) -> int:
         removed = await self._store.delete_owned(owner)
@@ -328,7 +341,7 @@ class Catalog:
                     )
         row = self._served.get(collection_id) or await self._collection(collection_id)
         self._check_served(row)
-        index = self.index_of(collection_id)
+        index = await self.index_of(collection_id)
         vectors, truncated = await self.embed_queries([q.text for q in queries])
         found = []
         for position, query in enumerate(queries):
