@@ -30,9 +30,9 @@ from aimesh_recommend.settings import RecommendSettings
 from aimesh_recommend.store import ItemRow, NewInteraction, RecommendStore, Serving
 from aimesh_runtime import audit
 from aimesh_runtime.batching import MicroBatcher
-from aimesh_runtime.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from aimesh_runtime.errors import InvalidArgument, NotFound, ResourceExhausted
 from aimesh_runtime.pages import decode_page_token, encode_page_token, page_size
-from aimesh_runtime.resilience import BreakerOpen, CircuitBreaker
+from aimesh_runtime.resilience import BreakerOpen, CircuitBreaker, FirstLoad
 
 log = logging.getLogger(__name__)
 POPULAR_KEPT = 1000
@@ -119,8 +119,10 @@ class Recommender:
         self.model_breaker = CircuitBreaker("recommend-model", is_failure=_scoring_fault)
         self._popular: list[tuple[str, float]] = []
         self._catalogue: set[str] = set()
-        self.loaded = False  # catalogue and popularity read once: ready to serve
-        self._first_load = asyncio.Event()
+        # Catalogue and popularity read once: ready to serve.
+        self._first_load = FirstLoad(
+            "recommendations are still loading; retry shortly", FIRST_LOAD_WAIT_S
+        )
 
     # loading
 
@@ -132,21 +134,15 @@ class Recommender:
             await self._load()
         if self.model is not None:
             self.model.set_catalogue(self._catalogue)
-        self.loaded = True
         self._first_load.set()
 
+    @property
+    def loaded(self) -> bool:
+        return self._first_load.done
+
     async def until_loaded(self) -> None:
-        """A call that arrives before the first load (a client that does not wait
-        for SERVING) waits for it, rather than answering, and caching, an empty
-        fallback."""
-        if self.loaded:
-            return
-        try:
-            await asyncio.wait_for(self._first_load.wait(), FIRST_LOAD_WAIT_S)
-        except TimeoutError:
-            raise Unavailable(
-                "recommendations are still loading; retry shortly", reason="LOADING"
-            ) from None
+        """Wait for the first load rather than answering, and caching, an empty fallback."""
+        await self._first_load.wait()
 
     async def _load(self) -> None:
         artifact = await self._store.artifact(self.version)

@@ -11,6 +11,7 @@ them we need, asyncio-native and with the state visible to metrics.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
@@ -18,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+
+from aimesh_runtime.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -155,3 +158,29 @@ class CircuitBreaker:
             if self._is_failure(error):
                 return await fallback(error)
             raise
+
+
+class FirstLoad:
+    """A service's data, read once at start before it reports SERVING. A call
+    that arrives earlier (its client did not wait for SERVING) waits for it,
+    rather than failing or answering from nothing; UNAVAILABLE after `wait_s`."""
+
+    def __init__(self, unavailable: str, wait_s: float) -> None:
+        self._unavailable = unavailable
+        self._wait_s = wait_s
+        self._done = asyncio.Event()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def set(self) -> None:
+        self._done.set()
+
+    async def wait(self) -> None:
+        if self._done.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._done.wait(), self._wait_s)
+        except TimeoutError:
+            raise Unavailable(self._unavailable, reason="LOADING") from None

@@ -25,9 +25,9 @@ from aimesh_runtime.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
-    Unavailable,
 )
 from aimesh_runtime.pages import bad_page_token, decode_page_token, encode_page_token, page_size
+from aimesh_runtime.resilience import FirstLoad
 from aimesh_search import filters
 from aimesh_search.batcher import BatcherMetrics, EncoderBatcher, QueryCache
 from aimesh_search.encoder import Encoder
@@ -99,8 +99,9 @@ class Catalog:
         self._write_locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(
             asyncio.Lock
         )
-        self.loaded = False
-        self._first_load = asyncio.Event()
+        self._first_load = FirstLoad(
+            "the search indexes are still loading; retry shortly", FIRST_LOAD_WAIT_S
+        )
 
     @property
     def encoder(self) -> Encoder:
@@ -130,8 +131,11 @@ class Catalog:
             self._indexes[row.id] = index
             self._served[row.id] = row
             log.info("loaded collection %s: %d vectors", row.id, index.size)
-        self.loaded = True
         self._first_load.set()
+
+    @property
+    def loaded(self) -> bool:
+        return self._first_load.done
 
     def close(self) -> None:
         for index in self._indexes.values():
@@ -207,15 +211,7 @@ class Catalog:
         return index is not None and index.approximate
 
     async def index_of(self, collection_id: str) -> VectorIndex:
-        if not self.loaded:
-            # A call before the first load (its client did not wait for SERVING)
-            # waits for it, rather than failing on a collection not yet read.
-            try:
-                await asyncio.wait_for(self._first_load.wait(), FIRST_LOAD_WAIT_S)
-            except TimeoutError:
-                raise Unavailable(
-                    "the search indexes are still loading; retry shortly", reason="LOADING"
-                ) from None
+        await self._first_load.wait()  # rather than fail on a collection not yet read
         index = self._indexes.get(collection_id)
         if index is None:  # created by another replica since we loaded
             raise FailedPrecondition(
