@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import logging
-import uuid
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -119,6 +120,11 @@ class Recommender:
         self.model_breaker = CircuitBreaker("recommend-model", is_failure=_scoring_fault)
         self._popular: list[tuple[str, float]] = []
         self._catalogue: set[str] = set()
+        self._catalogue_version: int | None = None
+        # Serving ids: unique per process by the counter, across processes by
+        # the random prefix; no system call per recommendation as uuid4 makes.
+        self._serving_prefix = secrets.token_hex(8)
+        self._serving_numbers = itertools.count()
         # Catalogue and popularity read once: ready to serve.
         self._first_load = FirstLoad(
             "recommendations are still loading; retry shortly", FIRST_LOAD_WAIT_S
@@ -127,12 +133,20 @@ class Recommender:
     # loading
 
     async def refresh(self) -> None:
-        """Load the served version once it is READY; reread catalogue and popularity."""
-        self._catalogue = set(await self._store.item_ids())
+        """Load the served version once it is READY; reread the catalogue when
+        it changed, and popularity."""
+        # The version is read before the ids: a change landing in between is
+        # read now and again next time, never missed.
+        version = await self._store.catalogue_version()
+        changed = version != self._catalogue_version
+        if changed:
+            self._catalogue = set(await self._store.item_ids())
+            self._catalogue_version = version
         self._popular = await self._store.popularity(POPULAR_KEPT)
         if self.model is None:
             await self._load()
-        if self.model is not None:
+            changed = self.model is not None
+        if changed and self.model is not None:
             self.model.set_catalogue(self._catalogue)
         self._first_load.set()
 
@@ -260,7 +274,7 @@ class Recommender:
         if cached is None:
             cached = await self._rank(model, user, include_seen)
             await self._cache.put(user, key, cached)
-        serving_id = uuid.uuid4().hex
+        serving_id = f"{self._serving_prefix}{next(self._serving_numbers):016x}"
         reason = cached.fallback_reason
         self._servings.add(
             Serving(
@@ -268,7 +282,18 @@ class Recommender:
                 dt.datetime.now(dt.UTC),
             )
         )  # fmt: skip
-        items = list(zip(cached.items[:k], cached.scores[:k], strict=True))
+        # A cached answer may name an item deleted since, here or on another replica.
+        catalogue = self._catalogue
+        items = list(
+            itertools.islice(
+                (
+                    (i, s)
+                    for i, s in zip(cached.items, cached.scores, strict=True)
+                    if i in catalogue
+                ),
+                k,
+            )
+        )
         return Recommendation(items, self.version, reason, serving_id)
 
     async def _rank(self, model: ServingModel | None, user: str, include_seen: bool) -> Cached:
@@ -289,8 +314,7 @@ class Recommender:
         except Exception:
             log.exception("model %s could not score", self.version)
             return await self._popularity(user, include_seen, pb.FALLBACK_REASON_MODEL_MISSING)
-        names = model.item_ids
-        return Cached([names[i] for i in ranked.rows], ranked.scores, 0)
+        return Cached(list(map(model.item_ids.__getitem__, ranked.rows)), ranked.scores, 0)
 
     async def _popularity(self, user: str, include_seen: bool, reason: int) -> Cached:
         seen = set() if include_seen else set(await self._store.seen_items(user))

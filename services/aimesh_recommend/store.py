@@ -203,6 +203,10 @@ class RecommendStore:
         )
         return [_item(row) for row in rows]
 
+    async def catalogue_version(self) -> int:
+        """Raised by every change to the items (trigger of migration 0003)."""
+        return int(await self.pool.fetchval("SELECT version FROM catalogue_version"))
+
     async def item_ids(self) -> list[str]:
         return [row["id"] for row in await self.pool.fetch("SELECT id FROM items")]
 

@@ -123,6 +123,8 @@ class MicroBatcher(Generic[Item, Result]):
             self._queue.put_nowait((item, future, queued_at))
             futures.append(future)
         self._metrics.queue_depth.set(self._queue.qsize())
+        if len(futures) == 1:  # the common call: no gathering future to build
+            return [await futures[0]]
         return list(await asyncio.gather(*futures))
 
     async def run_alone(self, items: list[Item]) -> list[Result]:

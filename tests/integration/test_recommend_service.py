@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
@@ -21,7 +22,14 @@ from aimesh.search.v1 import search_service_pb2 as search_pb
 from aimesh.search.v1 import search_service_pb2_grpc
 from aimesh_recommend.evaluation import planted
 from aimesh_recommend.server import SPEC
-from tests.conftest import Running, admin_token, bearer, register_and_login, start_server
+from tests.conftest import (
+    Running,
+    admin_token,
+    bearer,
+    database_env,
+    register_and_login,
+    start_server,
+)
 
 
 class FakeSearch(search_service_pb2_grpc.SearchServiceServicer):
@@ -329,6 +337,33 @@ async def test_similar_items(rec: Any, tokens: Any) -> None:
     await fails(
         grpc.StatusCode.NOT_FOUND,
         rec.DeleteItem(pb.DeleteItemRequest(name="items/fresh"), metadata=md),
+    )
+
+
+async def test_a_catalogue_change_made_on_another_replica_reaches_serving(
+    server: Running, rec: Any, tokens: Any
+) -> None:
+    md = tokens["member"]
+    request = pb.RecommendRequest(user="users/u3", k=5)
+    first = await rec.Recommend(request, metadata=md)  # now cached
+    top = first.items[0].item.removeprefix("items/")
+    connection = await asyncpg.connect(server.environ[database_env("recommend")])
+    try:  # as another replica's DeleteItem would
+        before = await connection.fetchval("SELECT version FROM catalogue_version")
+        await connection.execute("DELETE FROM items WHERE id = $1", top)
+        assert await connection.fetchval("SELECT version FROM catalogue_version") > before
+    finally:
+        await connection.close()
+    for _ in range(50):  # the refresh sees the new catalogue version
+        after = await rec.Recommend(request, metadata=md)
+        if first.items[0].item not in {i.item for i in after.items}:
+            break
+        await asyncio.sleep(0.1)
+    assert first.items[0].item not in {i.item for i in after.items}
+    assert len(after.items) == 5 and not after.fallback
+    await fails(
+        grpc.StatusCode.NOT_FOUND,
+        rec.GetItem(pb.GetItemRequest(name=f"items/{top}"), metadata=md),
     )
 
 

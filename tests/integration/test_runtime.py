@@ -339,3 +339,25 @@ async def test_a_method_without_an_access_rule_is_denied_even_with_a_token(
             await peek(b"", metadata=token_metadata())
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "no access rule" in (caught.value.details() or "")
+
+
+def test_a_started_process_freezes_what_startup_built_out_of_the_collectors_passes() -> None:
+    # In a child: freezing is process-wide and would leak this test session's garbage.
+    program = (
+        "import gc, json\n"
+        "from aimesh_runtime.server import GC_FIRST_GENERATION_THRESHOLD, settle_collector\n"
+        "garbage = []; garbage.append(garbage); del garbage\n"
+        "settle_collector()\n"
+        "young = [[n] for n in range(50)]\n"
+        "print(json.dumps([gc.get_freeze_count(), gc.get_threshold()[0],\n"
+        "                  GC_FIRST_GENERATION_THRESHOLD, len(gc.get_objects())]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    frozen, threshold, wanted, tracked = json.loads(done.stdout)
+    assert frozen > 10_000  # the imports, frozen
+    assert threshold == wanted > 700
+    assert tracked < 1_000  # what the collector still scans: only what came after

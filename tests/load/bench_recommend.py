@@ -7,7 +7,10 @@ call is scored against the whole catalogue):
   batch_qps_ratio      QPS with batching on ÷ off.
   feed_efficiency      service QPS (on) ÷ in-process batched torch scoring QPS
                        (matmul, masks, top-100) at the mean batch size the
-                       service formed (read from its /metrics).
+                       service formed (read from its /metrics), the in-process
+                       figure measured in every round too, medians of both.
+For scale it also prints what a bare Python gRPC server answers from the same
+client (tests/load/floor_server.py), with no work per call.
 The served model is registered straight into the service's registry with
 random weights: scoring costs the same whatever the weights are, and training
 on a catalogue this large would dominate the run.
@@ -27,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -120,32 +124,58 @@ async def load_round(
     return len(latencies) / elapsed, latencies
 
 
-def raw_qps(
-    blob: bytes, user_ids: list[str], item_ids: list[str], batch: int, seconds: float
-) -> float:
-    """In-process scoring of `batch` users at a time, seen items masked: the ceiling.
-    With the service's torch threads (AIMESH_RECOMMEND_TORCH_THREADS, default 1)."""
-    torch.set_num_threads(1)
-    rng = np.random.default_rng(1)
-    users = np.repeat(np.arange(len(user_ids)), SEEN_PER_USER)
-    items = rng.integers(0, len(item_ids), len(users))
-    serving = ServingModel(
-        "v1",
-        mf.from_bytes(blob),
-        user_ids,
-        item_ids,
-        [(user_ids[u], item_ids[i]) for u, i in zip(users, items, strict=True)],
-        torch.device("cpu"),
-    )
-    done, started, position = 0, time.perf_counter(), 0
-    while time.perf_counter() - started < seconds:
-        rows = [(position + n) % len(user_ids) for n in range(batch)]
-        position += batch
-        serving.score(
-            [ScoreRequest(serving, r, tuple(serving.seen.get(r, ()))) for r in rows], MAX_K
+class InProcessScorer:
+    """In-process scoring of `batch` users at a time, seen items masked: the
+    ceiling. With the service's torch threads (AIMESH_RECOMMEND_TORCH_THREADS,
+    default 1)."""
+
+    def __init__(self, blob: bytes, user_ids: list[str], item_ids: list[str]) -> None:
+        torch.set_num_threads(1)
+        rng = np.random.default_rng(1)
+        users = np.repeat(np.arange(len(user_ids)), SEEN_PER_USER)
+        items = rng.integers(0, len(item_ids), len(users))
+        self.serving = ServingModel(
+            "v1",
+            mf.from_bytes(blob),
+            user_ids,
+            item_ids,
+            [(user_ids[u], item_ids[i]) for u, i in zip(users, items, strict=True)],
+            torch.device("cpu"),
         )
-        done += batch
-    return done / (time.perf_counter() - started)
+        self._position = 0
+
+    def qps(self, batch: int, seconds: float) -> float:
+        serving = self.serving
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            rows = [(self._position + n) % len(serving.user_ids) for n in range(batch)]
+            self._position += batch
+            serving.score(
+                [ScoreRequest(serving, r, tuple(serving.seen.get(r, ()))) for r in rows], MAX_K
+            )
+            done += batch
+        return done / (time.perf_counter() - started)
+
+
+async def grpc_floor_qps(port: int, seconds: float) -> float:
+    """Health checks, 64 in flight, from this client to a bare gRPC server
+    (tests/load/floor_server.py): what Python gRPC alone costs per call here."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    done = 0
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        stop_at = time.monotonic() + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.monotonic() < stop_at:
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
+                done += 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+        return done / (time.monotonic() - started)
 
 
 async def measure_serving(args: argparse.Namespace) -> dict[str, float]:
@@ -178,18 +208,44 @@ async def measure_serving(args: argparse.Namespace) -> dict[str, float]:
                 await wait_serving(port, processes[-1])
             await load_round(ports["on"], token, user_ids, 1.0)  # warm up both
             await load_round(ports["off"], token, user_ids, 1.0)
+            scorer = InProcessScorer(blob, user_ids, item_ids)
+            batches: list[int] = []
+
+            def raw_round() -> float:
+                # at the batch the service has formed so far
+                mean = mean_of_histogram(ports["on"] + 1000, "aimesh_recommend_batch_size")
+                batches.append(max(1, round(mean)))
+                return scorer.qps(batches[-1], args.seconds)
+
             summary = await on_off_rounds(
-                ports, args.rounds, lambda port: load_round(port, token, user_ids, args.seconds)
+                ports,
+                args.rounds,
+                lambda port: load_round(port, token, user_ids, args.seconds),
+                raw_round,
             )
-            batch = mean_of_histogram(ports["on"] + 1000, "aimesh_recommend_batch_size")
+            floor_port = ports["on"] + 200
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, str(ROOT / "tests/load/floor_server.py"), str(floor_port)]
+                )
+            )
+            await wait_serving(floor_port, processes[-1])
+            floor = await grpc_floor_qps(floor_port, args.seconds)
         finally:
             for process in processes:
                 process.terminate()
                 process.wait()
-    on_qps, off_qps = summary["on"][0], summary["off"][0]
-    print(f"  mean batch formed by the service: {batch:.1f}")
-    raw = raw_qps(blob, user_ids, item_ids, max(1, round(batch)), args.seconds)
-    print(f"  in-process batched torch scoring at batch {round(batch)}: {raw:.0f} q/s")
+    on_qps, off_qps, raw = summary["on"][0], summary["off"][0], summary["raw"][0]
+    print(
+        f"  in-process batched torch scoring at the service's mean batch"
+        f" ({', '.join(map(str, batches))}): median {raw:.0f} q/s"
+    )
+    # For scale: one process serves both the calls and the scoring, and its
+    # event loop and the scoring's Python share one GIL.
+    print(
+        f"  health checks from this client to a bare gRPC server"
+        f" (no work per call): {floor:.0f} q/s"
+    )
     return {"batch_qps_ratio": on_qps / off_qps, "feed_efficiency": on_qps / raw}
 
 

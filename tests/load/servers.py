@@ -4,6 +4,7 @@ batch-size histogram's mean from its /metrics, load two of them side by side."""
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import statistics
 import subprocess
@@ -54,26 +55,33 @@ async def on_off_rounds(
     ports: dict[str, int],
     rounds: int,
     load_round: Callable[[int], Awaitable[tuple[float, list[float]]]],
+    raw_round: Callable[[], float] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Alternating rounds of `load_round(port)` against the "on" and "off"
     servers (which goes first alternates, so drift in the machine's speed
-    cancels out); per mode, the median QPS and the p99 latency in seconds."""
+    cancels out); per mode, the median QPS and the p99 latency in seconds.
+    With `raw_round`, each round also runs it (QPS of the in-process ceiling),
+    summarised as "raw" with no latency."""
     results: dict[str, list[float]] = {"on": [], "off": []}
     latencies: dict[str, list[float]] = {"on": [], "off": []}
+    raw: list[float] = []
     for number in range(rounds):
         for mode in ("on", "off") if number % 2 == 0 else ("off", "on"):
             qps, taken = await load_round(ports[mode])
             results[mode].append(qps)
             latencies[mode].extend(taken)
-        print(
-            f"  round {number + 1}: on {results['on'][-1]:.0f} q/s,"
-            f" off {results['off'][-1]:.0f} q/s",
-            flush=True,
-        )
+        on, off = results["on"][-1], results["off"][-1]
+        line = f"  round {number + 1}: on {on:.0f} q/s, off {off:.0f} q/s"
+        if raw_round is not None:
+            raw.append(raw_round())
+            line += f", in-process {raw[-1]:.0f} q/s"
+        print(line, flush=True)
     summary = {
         mode: (statistics.median(results[mode]), float(np.percentile(latencies[mode], 99)))
         for mode in ("on", "off")
     }
+    if raw:
+        summary["raw"] = (statistics.median(raw), math.nan)
     print(
         f"  batching on {summary['on'][0]:.0f} q/s p99 {summary['on'][1] * 1000:.1f} ms;"
         f" off {summary['off'][0]:.0f} q/s p99 {summary['off'][1] * 1000:.1f} ms"
