@@ -28,6 +28,7 @@ from aimesh_notify.sealing import SecretBox, seal_at_rest
 from aimesh_notify.settings import NotifySettings
 from aimesh_notify.store import NotifyStore
 from aimesh_runtime import db
+from aimesh_runtime.collector import settle_collector
 from aimesh_runtime.config import ConfigError, database_url, load
 from aimesh_runtime.telemetry import configure_logging
 
@@ -53,6 +54,7 @@ async def run(environ: Mapping[str, str], concurrency: int | None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     tasks = [asyncio.create_task(bell.listen_forever()), asyncio.create_task(worker.run())]
+    settle_collector()
     log.info(READY, extra={"concurrency": workers})
     try:
         await stop.wait()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import sys
@@ -42,6 +41,7 @@ from aimesh_runtime.auth import (
     policies_for,
 )
 from aimesh_runtime.client import connect
+from aimesh_runtime.collector import settle_collector
 from aimesh_runtime.config import ConfigError, RuntimeConfig, database_url, load
 from aimesh_runtime.faults import fault_interceptors
 from aimesh_runtime.httpside import Route, SideServer
@@ -53,7 +53,6 @@ from aimesh_runtime.telemetry import configure_logging, tracer_provider
 
 log = logging.getLogger(__name__)
 
-GC_FIRST_GENERATION_THRESHOLD = 10_000  # CPython's default is 700
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -352,18 +351,6 @@ class AimeshServer:
         shutdown = getattr(self.tracer_provider, "shutdown", None)
         if shutdown is not None:  # the SDK provider flushes its exporter
             shutdown()
-
-
-def settle_collector() -> None:
-    """Once started: what startup built (modules, descriptors, settings) lives
-    as long as the process, so it is frozen and the collector's full passes stop
-    rescanning it. Unfrozen, recommend under load paused its event loop ~100 ms
-    per full pass (225k objects), about once a second. A larger first
-    generation lets a call's short-lived objects die before a pass instead of
-    being promoted."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_FIRST_GENERATION_THRESHOLD, *gc.get_threshold()[1:])
 
 
 async def serve_until_signalled(server: AimeshServer) -> None:

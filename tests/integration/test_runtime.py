@@ -345,12 +345,13 @@ def test_a_started_process_freezes_what_startup_built_out_of_the_collectors_pass
     # In a child: freezing is process-wide and would leak this test session's garbage.
     program = (
         "import gc, json\n"
-        "from aimesh_runtime.server import GC_FIRST_GENERATION_THRESHOLD, settle_collector\n"
+        "import aimesh_runtime.server  # a server's startup: its imports\n"
+        "from aimesh_runtime.collector import FIRST_GENERATION_THRESHOLD, settle_collector\n"
         "garbage = []; garbage.append(garbage); del garbage\n"
         "settle_collector()\n"
         "young = [[n] for n in range(50)]\n"
         "print(json.dumps([gc.get_freeze_count(), gc.get_threshold()[0],\n"
-        "                  GC_FIRST_GENERATION_THRESHOLD, len(gc.get_objects())]))\n"
+        "                  FIRST_GENERATION_THRESHOLD, len(gc.get_objects())]))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, cwd=ROOT,
