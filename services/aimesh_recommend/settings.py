@@ -74,7 +74,8 @@ class RecommendSettings:
     dimension: int = setting("AIMESH_RECOMMEND_DIMENSION", "Length of the embeddings.", 32)
     refresh_s: float = setting(
         "AIMESH_RECOMMEND_REFRESH_S",
-        "How often the served version, catalogue and popularity are reloaded.",
+        "How often the served version and popularity are reloaded"
+        " (and the catalogue, when it changed).",
         5.0,
     )
     serving_flush_s: float = setting(
