@@ -143,10 +143,11 @@ class Recommender:
             self._catalogue = set(await self._store.item_ids())
             self._catalogue_version = version
         self._popular = await self._store.popularity(POPULAR_KEPT)
+        loaded_now = False
         if self.model is None:
             await self._load()
-            changed = self.model is not None
-        if changed and self.model is not None:
+            loaded_now = True
+        if (changed or loaded_now) and self.model is not None:
             self.model.set_catalogue(self._catalogue)
         self._first_load.set()
 
