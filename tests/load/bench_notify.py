@@ -25,6 +25,14 @@ ratio_vs_raw  jobs_per_s / the rate of a raw asyncpg queue on the same
               no HTTP, no signing. The same loop with one job per INSERT and
               64 in flight (the baseline of earlier runs) is printed too, with
               the ratio against it, for comparison only.
+store ceiling (printed, not part of the figures) notify's own queue SQL alone,
+              on a fresh database of the same PostgreSQL, in the same run:
+              NotifyStore.publish_batch (events and their deliveries, 100 per
+              transaction, 4 in flight), the stream sequencer, and one
+              consumer that claims 100 and completes them (the attempt rows
+              included), as the worker does; no gRPC, no HTTP, no signing.
+              Its ratio to the raw loop bounds what ratio_vs_raw can reach on
+              this machine with this schema.
 lost          Deliveries the receiver never accepted.
 duplicates    Deliveries the receiver accepted more than once.
 
@@ -280,6 +288,63 @@ async def raw_queue(database_url: str, batch: int, in_flight: int) -> float:
     return JOBS / elapsed
 
 
+async def store_ceiling(admin_url: str) -> float:
+    """Deliveries per second through notify's queue SQL alone (see the docstring)."""
+    import datetime as dt
+    import uuid
+
+    from aimesh_notify.store import NotifyStore, Outcome
+    from aimesh_runtime import db
+
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute("CREATE DATABASE bench_notify_store")
+    await admin.close()
+    pool = await db.create_pool(admin_url.replace("/postgres?", "/bench_notify_store?"))
+    await db.migrate(pool, Path(__file__).resolve().parents[2] / "services/aimesh_notify/migrations")
+    store = NotifyStore(pool)
+    await store.create_subscription(
+        "bench", "bench", "", ["bench.*"], "webhook", "http://127.0.0.1/", 5000, "aesgcm1:unused"
+    )
+    starts = iter(range(0, JOBS, PUBLISH_BATCH))
+    completed = 0
+
+    async def publisher() -> None:
+        for start in starts:
+            events = [
+                (uuid.uuid4().hex, "bench.job.done", b'{"job": %d}' % n, "application/json", f"{n}")
+                for n in range(start, min(start + PUBLISH_BATCH, JOBS))
+            ]
+            await store.publish_batch(events, lambda known: None)
+
+    async def sequencer() -> None:
+        while completed < JOBS:
+            if not await store.sequence(5000):
+                await asyncio.sleep(0.01)
+
+    async def consumer() -> None:
+        nonlocal completed
+        while completed < JOBS:
+            claimed, _ = await store.claim(CLAIM_BATCH, 8, 30.0)
+            if not claimed:
+                await asyncio.sleep(0.001)
+                continue
+            now = dt.datetime.now(dt.UTC)
+            await store.complete(
+                [Outcome(c.id, c.lease, c.attempt, 200, "", now, now, "succeeded") for c in claimed]
+            )
+            completed += len(claimed)
+
+    started = time.perf_counter()
+    await asyncio.gather(sequencer(), consumer(), *(publisher() for _ in range(BATCHES_IN_FLIGHT)))
+    elapsed = time.perf_counter() - started
+    await pool.close()
+    print(
+        f"  store ceiling, notify's queue SQL alone: {JOBS} deliveries in {elapsed:.2f} s "
+        f"({JOBS / elapsed:.0f}/s)"
+    )
+    return JOBS / elapsed
+
+
 async def main() -> None:
     import pgserver
 
@@ -312,10 +377,12 @@ async def main() -> None:
         # producer of single events would, is shown for comparison.
         raw = await raw_queue(database_url, PUBLISH_BATCH, BATCHES_IN_FLIGHT)
         raw_one_by_one = await raw_queue(database_url, 1, IN_FLIGHT)
+        ceiling = await store_ceiling(admin)
     finally:
         pg.cleanup()
     if measured["unsigned"]:
         raise RuntimeError(f"{measured['unsigned']} deliveries failed signature checks")
+    print(f"  store ceiling / raw (the most ratio_vs_raw could reach here): {ceiling / raw:.3f}")
     print(
         f"  ratio against the one-job-per-INSERT loop (for comparison only): "
         f"{measured['jobs_per_s'] / raw_one_by_one:.3f}"
