@@ -37,8 +37,8 @@ PRUNE_EVERY_S = 3600.0
 async def mount(context: ServiceContext) -> Mount:
     settings: NotifySettings = context.settings
     store = NotifyStore(context.pool)
-    box = SecretBox(settings.secret_key_bytes())
-    await seal_at_rest(store, box)  # a wrong key stops the start here
+    box = SecretBox(settings.secret_key_bytes(), settings.previous_key_bytes())
+    await seal_at_rest(store, box, strict=True)  # a missing key stops the start here
     guard = NetworkGuard(settings.allow_private_webhooks)
     if settings.allow_private_webhooks:
         log.warning("AIMESH_NOTIFY_ALLOW_PRIVATE_WEBHOOKS is on: webhooks may reach any network")
@@ -62,8 +62,9 @@ async def mount(context: ServiceContext) -> Mount:
             except Exception as error:  # retried next round
                 log.warning("pruning events failed: %s", error)
             try:
-                # Replicas of an older version write plaintext until a rollout ends.
-                await seal_at_rest(store, box)
+                # Replicas of an older version or key write plaintext, or seal
+                # under the old key, until a rollout ends.
+                await seal_at_rest(store, box, strict=False)
             except Exception as error:
                 log.warning("sealing webhook secrets failed: %s", error)
             await asyncio.sleep(PRUNE_EVERY_S)

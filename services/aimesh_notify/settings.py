@@ -14,6 +14,13 @@ class NotifySettings:
         "32 random bytes, base64url; seals the webhook signing secrets stored in the database "
         "(the service and every `python -m aimesh_notify.worker` need the same one).",
     )
+    previous_secret_encryption_keys: str = setting(
+        "AIMESH_NOTIFY_PREVIOUS_SECRET_ENCRYPTION_KEYS",
+        "Keys being rotated out, comma-separated, each like "
+        "AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY: secrets they sealed still open, and every "
+        "start (and the service hourly) reseals them under the current key.",
+        "",
+    )
     allow_private_webhooks: bool = setting(
         "AIMESH_NOTIFY_ALLOW_PRIVATE_WEBHOOKS",
         "Let webhooks reach loopback, private and link-local networks; for local "
@@ -61,6 +68,7 @@ class NotifySettings:
 
     def check(self) -> None:
         self.secret_key_bytes()  # a bad key stops the start, naming the variable
+        self.previous_key_bytes()
         if self.worker_concurrency < 0:
             raise ConfigError("AIMESH_NOTIFY_WORKER_CONCURRENCY must not be negative")
         if self.claim_batch < 1:
@@ -81,3 +89,10 @@ class NotifySettings:
 
     def secret_key_bytes(self) -> bytes:
         return key_bytes(self.secret_encryption_key, "AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY")
+
+    def previous_key_bytes(self) -> list[bytes]:
+        return [
+            key_bytes(value.strip(), "AIMESH_NOTIFY_PREVIOUS_SECRET_ENCRYPTION_KEYS")
+            for value in self.previous_secret_encryption_keys.split(",")
+            if value.strip()
+        ]

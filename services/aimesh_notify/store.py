@@ -16,7 +16,6 @@ import asyncpg
 
 DEADLOCK_RETRIES = 3
 CHANNEL = "aimesh_notify"  # LISTEN/NOTIFY channel: new events and due deliveries
-SEALED_PREFIX = "aesgcm1:"  # of a sealed secret (aimesh_notify/sealing.py)
 
 
 @dataclass(frozen=True)
@@ -341,13 +340,25 @@ class NotifyStore:
         stored: str = await self._pool.fetchval("SELECT sealed FROM secret_key_check")
         return stored
 
-    async def plaintext_secrets(self, limit: int) -> list[SubscriptionRow]:
-        """Subscriptions holding a secret stored before sealing."""
+    async def replace_key_check(self, old: str, new: str) -> None:
+        """Store the key check sealed anew, unless another process already did."""
+        await self._pool.execute(
+            "UPDATE secret_key_check SET sealed = $2 WHERE sealed = $1", old, new
+        )
+
+    async def secrets_not_sealed_under(
+        self, prefix: str, after_id: str, limit: int
+    ) -> list[SubscriptionRow]:
+        """Subscriptions after `after_id`, in id order, holding a secret that is
+        not sealed under the current key (its values start with `prefix`)."""
         rows = await self._pool.fetch(
             """SELECT * FROM subscriptions
-               WHERE NOT starts_with(secret, $1) OR NOT starts_with(previous_secret, $1)
-               LIMIT $2""",
-            SEALED_PREFIX,
+               WHERE id > $2
+                 AND ((secret IS NOT NULL AND NOT starts_with(secret, $1))
+                      OR (previous_secret IS NOT NULL AND NOT starts_with(previous_secret, $1)))
+               ORDER BY id LIMIT $3""",
+            prefix,
+            after_id,
             limit,
         )
         return [_subscription(row) for row in rows]

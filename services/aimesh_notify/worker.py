@@ -44,8 +44,8 @@ async def run(environ: Mapping[str, str], concurrency: int | None) -> None:
     pool = await db.create_pool(url, max_size=4)
     await db.migrate(pool, Path(__file__).parent / "migrations")
     store = NotifyStore(pool)
-    box = SecretBox(settings.secret_key_bytes())
-    await seal_at_rest(store, box)  # a wrong key stops the worker here
+    box = SecretBox(settings.secret_key_bytes(), settings.previous_key_bytes())
+    await seal_at_rest(store, box, strict=True)  # a missing key stops the worker here
     bell = Bell(url)
     sender = WebhookSender(NetworkGuard(settings.allow_private_webhooks), workers)
     worker = DeliveryWorker(store, sender, bell, settings, box, concurrency=workers)

@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf import duration_pb2, field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -652,7 +653,7 @@ async def test_secrets_are_sealed_after_create_and_rotate_and_still_sign(
     subscription, old, path = await webhook(stub, md, receiver, [name])
     subscription_id = subscription.name.split("/")[1]
     stored = await stored_secrets(url, subscription_id)
-    assert stored["secret"].startswith("aesgcm1:") and stored["previous_secret"] is None
+    assert box_of(notify).is_current(stored["secret"]) and stored["previous_secret"] is None
     assert box_of(notify).open(subscription_id, stored["secret"]) == old
     assert old not in await database_text(url)
 
@@ -664,8 +665,8 @@ async def test_secrets_are_sealed_after_create_and_rotate_and_still_sign(
     )
     new = rotated.secret
     stored = await stored_secrets(url, subscription_id)
-    assert stored["secret"].startswith("aesgcm1:")
-    assert stored["previous_secret"].startswith("aesgcm1:")
+    assert box_of(notify).is_current(stored["secret"])
+    assert box_of(notify).is_current(stored["previous_secret"])
     assert [box_of(notify).open(subscription_id, s) for s in stored] == [new, old]
     dumped = await database_text(url)
     assert old not in dumped and new not in dumped
@@ -774,8 +775,7 @@ async def test_legacy_plaintext_is_sealed_at_start_by_replicas_at_once_and_still
                 box.open(row["id"], row["previous_secret"]),
             )
             for row in rows
-            if row["secret"].startswith("aesgcm1:")
-            and row["previous_secret"].startswith("aesgcm1:")
+            if box.is_current(row["secret"]) and box.is_current(row["previous_secret"])
         } == plain
         dumped = await database_text(url)
         assert "whsec_" not in dumped
@@ -822,3 +822,139 @@ async def test_a_wrong_key_refuses_to_start_the_service_and_the_worker(
         assert "configuration error" in result.stderr, module
         assert f"{KEY} does not open the webhook secrets" in result.stderr, module
         assert "Traceback" not in result.stderr, module
+
+
+# Rotating AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY: the old key moves to
+# AIMESH_NOTIFY_PREVIOUS_SECRET_ENCRYPTION_KEYS, starts reseal, webhooks keep signing.
+
+PREVIOUS = "AIMESH_NOTIFY_PREVIOUS_SECRET_ENCRYPTION_KEYS"
+
+
+def module_env(url: str, key: str, jwks_url: str, **more: str) -> dict[str, str]:
+    return {
+        URL: url,
+        KEY: key,
+        "AIMESH_GRPC_PORT": "0",
+        "AIMESH_HTTP_PORT": "0",
+        "AIMESH_JWKS_URL": jwks_url,
+        **more,
+    }
+
+
+async def insert_webhook(url: str, subscription_id: str, secret: str, previous: str | None,
+                         previous_expires: dt.datetime | None = None) -> None:  # fmt: skip
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(
+            """INSERT INTO subscriptions (id, owner_id, topics, kind, url, timeout_ms, secret,
+                   secret_create_time, previous_secret, previous_secret_expire_time)
+               VALUES ($1, 'someone', ARRAY['rotation.other'], 'webhook',
+                       'http://127.0.0.1:9/', 10000, $2, now(), $3, $4)""",
+            subscription_id,
+            secret,
+            previous,
+            previous_expires,
+        )
+    finally:
+        await connection.close()
+
+
+async def test_the_sealing_key_rotates_and_webhooks_keep_their_secrets(
+    new_database: Any, user_server: Running, md: Any, receiver: WebhookReceiver
+) -> None:
+    old_key, new_key = kek(), kek()
+    allow = {"AIMESH_NOTIFY_ALLOW_PRIVATE_WEBHOOKS": "1"}
+    first = await start_notify(new_database, user_server, **{KEY: old_key}, **allow)
+    url, jwks_url = first.environ[URL], first.environ["AIMESH_JWKS_URL"]
+    name = topic()
+    try:
+        async with first.channel() as channel:
+            stub = Stub(channel)
+            subscription, old_secret, path = await webhook(stub, md, receiver, [name])
+            rotated = await stub.RotateSubscriptionSecret(
+                pb.RotateSubscriptionSecretRequest(
+                    name=subscription.name, grace_period=duration_pb2.Duration(seconds=600)
+                ),
+                metadata=md,
+            )
+    finally:
+        await first.server.stop(0.5)
+    subscription_id = subscription.name.split("/")[1]
+    # And one sealed by a release from before key ids.
+    nonce = os.urandom(12)
+    aead = AESGCM(base64.urlsafe_b64decode(old_key))
+    v1 = (
+        "aesgcm1:"
+        + base64.urlsafe_b64encode(
+            nonce + aead.encrypt(nonce, b"whsec_legacy", b"legacy-v1")
+        ).decode()
+    )
+    await insert_webhook(url, "legacy-v1", v1, None)
+
+    # The new key alone opens nothing stored: both processes refuse to start.
+    for module in ("aimesh_notify", "aimesh_notify.worker"):
+        result = await asyncio.to_thread(run_module, module, module_env(url, new_key, jwks_url))
+        assert result.returncode == 2, (module, result.stderr)
+        assert f"{KEY} does not open the webhook secrets" in result.stderr, module
+        assert PREVIOUS in result.stderr, module
+
+    second = await start_notify(
+        new_database, user_server, **{URL: url, KEY: new_key, PREVIOUS: old_key}, **allow
+    )
+    try:
+        alone = box_of(new_key)  # what was sealed is now under the new key only
+        stored = await stored_secrets(url, subscription_id)
+        assert all(alone.is_current(value) for value in stored)
+        assert [alone.open(subscription_id, v) for v in stored] == [rotated.secret, old_secret]
+        assert alone.open("legacy-v1", (await stored_secrets(url, "legacy-v1"))["secret"]) == (
+            "whsec_legacy"
+        )
+        receiver.secrets[path] = [old_secret, rotated.secret]
+        async with second.channel() as channel:
+            await publish(Stub(channel), md, name, b"after the key rotated")
+        await receiver.wait_for(lambda: len(on(receiver, path)) == 1)
+        assert set(on(receiver, path)[0].signed_by) == {old_secret, rotated.secret}
+    finally:
+        await second.server.stop(0.5)
+
+    # Done: the new key starts alone, and the old key alone no longer does.
+    third = await start_notify(new_database, user_server, **{URL: url, KEY: new_key}, **allow)
+    await third.server.stop(0.5)
+    result = await asyncio.to_thread(
+        run_module, "aimesh_notify.worker", module_env(url, old_key, jwks_url)
+    )
+    assert result.returncode == 2 and f"{KEY} does not open" in result.stderr, result.stderr
+
+
+async def test_a_start_refuses_while_a_live_secret_needs_a_key_it_lacks(
+    new_database: Any, user_server: Running
+) -> None:
+    old_key, new_key = kek(), kek()
+    running = await start_notify(new_database, user_server, **{KEY: new_key})
+    url, jwks_url = running.environ[URL], running.environ["AIMESH_JWKS_URL"]
+    await running.server.stop(0.5)
+    old, new = box_of(old_key), box_of(new_key)
+    # Sealed under the old key after the last sweep, by a replica not yet rolled:
+    await insert_webhook(url, "late", old.seal("late", "whsec_late"), None)
+    # An expired previous secret under the old key needs it no more.
+    await insert_webhook(
+        url, "expired", new.seal("expired", "whsec_now"), old.seal("expired", "whsec_before"),
+        dt.datetime.now(dt.UTC) - dt.timedelta(hours=1),
+    )  # fmt: skip
+
+    for module in ("aimesh_notify", "aimesh_notify.worker"):
+        result = await asyncio.to_thread(run_module, module, module_env(url, new_key, jwks_url))
+        assert result.returncode == 2, (module, result.stderr)
+        assert "configuration error" in result.stderr and "Traceback" not in result.stderr
+        assert "1 webhook secrets (subscriptions/late among them)" in result.stderr, module
+        assert f"sealed under key {old.key_id}" in result.stderr, module
+        assert f"put that key back in {PREVIOUS}" in result.stderr, module
+    assert (await stored_secrets(url, "late"))["secret"].startswith(old.prefix)  # untouched
+
+    running = await start_notify(
+        new_database, user_server, **{URL: url, KEY: new_key, PREVIOUS: old_key}
+    )
+    await running.server.stop(0.5)
+    assert new.open("late", (await stored_secrets(url, "late"))["secret"]) == "whsec_late"
+    expired = await stored_secrets(url, "expired")
+    assert new.open("expired", expired["previous_secret"]) == "whsec_before"

@@ -293,6 +293,7 @@ async def store_ceiling(admin_url: str) -> float:
     import datetime as dt
     import uuid
 
+    from aimesh_notify.server import SPEC
     from aimesh_notify.store import NotifyStore, Outcome
     from aimesh_runtime import db
 
@@ -300,10 +301,10 @@ async def store_ceiling(admin_url: str) -> float:
     await admin.execute("CREATE DATABASE bench_notify_store")
     await admin.close()
     pool = await db.create_pool(admin_url.replace("/postgres?", "/bench_notify_store?"))
-    await db.migrate(pool, Path(__file__).resolve().parents[2] / "services/aimesh_notify/migrations")
+    await db.migrate(pool, SPEC.migrations)
     store = NotifyStore(pool)
     await store.create_subscription(
-        "bench", "bench", "", ["bench.*"], "webhook", "http://127.0.0.1/", 5000, "aesgcm1:unused"
+        "bench", "bench", "", ["bench.*"], "webhook", "http://127.0.0.1/", 5000, "unused"
     )
     starts = iter(range(0, JOBS, PUBLISH_BATCH))
     completed = 0

@@ -4,17 +4,20 @@ secrets, cursors, and the webhook HTTP client."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
+import os
 import uuid
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from aimesh_notify import netguard
 from aimesh_notify.events import decode_cursor, encode_cursor
 from aimesh_notify.netguard import DeniedUrl, NetworkGuard, denial
 from aimesh_notify.queue import WebhookSender, backoff_s
-from aimesh_notify.sealing import SealError, SecretBox
+from aimesh_notify.sealing import SealError, SecretBox, UnknownKey, key_id
 from aimesh_notify.signing import signature_header, verify
 from aimesh_notify.store import Claimed
 from aimesh_runtime.errors import InvalidArgument
@@ -89,22 +92,56 @@ def test_signatures_cover_timestamp_and_body() -> None:
 def test_sealed_secrets_open_only_under_their_key_and_subscription() -> None:
     box = SecretBox(bytes(32))
     sealed = box.seal("sub1", "whsec_abc")
-    assert sealed.startswith("aesgcm1:") and "whsec_abc" not in sealed
+    assert sealed.startswith(f"aesgcm2:{key_id(bytes(32))}:") and "whsec_abc" not in sealed
     assert box.seal("sub1", "whsec_abc") != sealed  # a fresh nonce each time
     assert box.open("sub1", sealed) == "whsec_abc"
     assert box.open("sub1", "whsec_legacy") == "whsec_legacy"  # plaintext from before
-    assert box.seal_plaintext("sub1", sealed) == sealed and box.seal_plaintext("s", None) is None
-    assert box.open("sub1", box.seal_plaintext("sub1", "whsec_old") or "") == "whsec_old"
+    assert box.reseal("sub1", sealed) == sealed and box.reseal("s", None) is None
+    assert box.open("sub1", box.reseal("sub1", "whsec_old") or "") == "whsec_old"
     tampered = sealed[:-2] + ("A" if sealed[-2] != "A" else "B") + sealed[-1]
+    other_key = SecretBox(b"\x01" * 32)
     for subscription, stored, other in [
         ("sub2", sealed, box),  # moved onto another row
-        ("sub1", sealed, SecretBox(b"\x01" * 32)),  # another key
+        ("sub1", sealed.replace(box.key_id, other_key.key_id), other_key),  # another key
         ("sub1", tampered, box),
-        ("sub1", "aesgcm1:not*base64", box),
+        ("sub1", f"{box.prefix}not*base64", box),
+        ("sub1", box.prefix, box),
         ("sub1", "aesgcm1:", box),
     ]:
         with pytest.raises(SealError, match=f"subscriptions/{subscription} does not open"):
             other.open(subscription, stored)
+
+
+def sealed_before_key_ids(key: bytes, subscription_id: str, secret: str) -> str:
+    """A secret as sealed by releases before key ids ("aesgcm1:")."""
+    nonce = os.urandom(12)
+    ciphertext = AESGCM(key).encrypt(nonce, secret.encode(), subscription_id.encode())
+    return "aesgcm1:" + base64.urlsafe_b64encode(nonce + ciphertext).decode()
+
+
+def test_a_rotated_key_opens_what_the_old_one_sealed_and_reseals_it() -> None:
+    old_key, new_key = os.urandom(32), os.urandom(32)
+    old = SecretBox(old_key)
+    sealed_old = old.seal("sub1", "whsec_abc")
+    legacy = sealed_before_key_ids(old_key, "sub1", "whsec_legacy")
+    assert old.open("sub1", legacy) == "whsec_legacy"
+
+    alone = SecretBox(new_key)
+    with pytest.raises(UnknownKey, match=f"sealed under key {old.key_id}") as raised:
+        alone.open("sub1", sealed_old)
+    assert raised.value.key_id == old.key_id
+    with pytest.raises(SealError):
+        alone.open("sub1", legacy)
+
+    rotating = SecretBox(new_key, [old_key])
+    assert rotating.key_id == alone.key_id != old.key_id
+    assert rotating.open("sub1", sealed_old) == "whsec_abc"
+    assert rotating.open("sub1", legacy) == "whsec_legacy"
+    resealed = rotating.reseal("sub1", sealed_old) or ""
+    assert rotating.is_current(resealed) and not rotating.is_current(sealed_old)
+    assert alone.open("sub1", resealed) == "whsec_abc"  # the old key is no longer needed
+    assert alone.open("sub1", rotating.reseal("sub1", legacy) or "") == "whsec_legacy"
+    assert rotating.reseal("sub1", resealed) == resealed
 
 
 def test_cursors_round_trip_and_garbage_is_invalid() -> None:
