@@ -21,6 +21,7 @@ CLIENT_SCRIPT = textwrap.dedent(
     import grpc
     from aimesh.search.v1 import search_service_pb2_grpc  # the import path apps use
     from aimesh.user.v1 import user_service_pb2, user_service_pb2_grpc
+    from aimesh.webhooks import verify
 
     async def main(address):
         async with grpc.aio.insecure_channel(address) as channel:
@@ -34,7 +35,8 @@ CLIENT_SCRIPT = textwrap.dedent(
         heavy = [m for m in ("torch", "faiss", "asyncpg", "aimesh_runtime", "sentence_transformers")
                  if importlib.util.find_spec(m) is not None]
         print(json.dumps({"kids": len(jwks.keys), "bad_register": code, "heavy": heavy,
-                          "search_stub": hasattr(search_service_pb2_grpc, "SearchServiceStub")}))
+                          "search_stub": hasattr(search_service_pb2_grpc, "SearchServiceStub"),
+                          "webhooks": callable(verify)}))
 
     asyncio.run(main(sys.argv[1]))
     """
@@ -88,6 +90,7 @@ async def test_wheel_in_fresh_venv_calls_live_service(user_server: Running, tmp_
         "bad_register": "INVALID_ARGUMENT",
         "heavy": [],
         "search_stub": True,
+        "webhooks": True,
     }
     assert report["kids"] >= 1
     installed = subprocess.run(

@@ -26,6 +26,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aimesh.notify.v1 import notify_service_pb2 as pb
 from aimesh.notify.v1 import notify_service_pb2_grpc
 from aimesh.user.v1 import user_service_pb2 as user_pb
+from aimesh.webhooks import WebhookError
+from aimesh.webhooks import verify as verify_webhook
 from aimesh_notify.sealing import SealError, SecretBox
 from aimesh_notify.server import SPEC
 from aimesh_runtime import db
@@ -674,7 +676,14 @@ async def test_secrets_are_sealed_after_create_and_rotate_and_still_sign(
     receiver.secrets[path] = [old, new]
     await publish(stub, md, name, b"sealed")
     await receiver.wait_for(lambda: len(on(receiver, path)) == 1)
-    assert set(on(receiver, path)[0].signed_by) == {old, new}
+    received = on(receiver, path)[0]
+    assert set(received.signed_by) == {old, new}
+    # The client package's check agrees with the independent receiver's.
+    for secrets in ([new], [old], [old, new]):
+        delivery = verify_webhook(received.body, received.headers, secrets)
+        assert delivery.delivery_id == received.delivery and delivery.attempt == 1
+    with pytest.raises(WebhookError):
+        verify_webhook(received.body, received.headers, ["whsec_other"])
 
 
 async def test_a_sealed_secret_copied_onto_another_subscription_does_not_open(

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from aimesh.webhooks import WebhookError
+from aimesh.webhooks import verify as verify_webhook
 from aimesh_notify import netguard
 from aimesh_notify.events import decode_cursor, encode_cursor
 from aimesh_notify.netguard import DeniedUrl, NetworkGuard, denial
@@ -142,6 +144,35 @@ def test_a_rotated_key_opens_what_the_old_one_sealed_and_reseals_it() -> None:
     assert alone.open("sub1", resealed) == "whsec_abc"  # the old key is no longer needed
     assert alone.open("sub1", rotating.reseal("sub1", legacy) or "") == "whsec_legacy"
     assert rotating.reseal("sub1", resealed) == resealed
+
+
+def test_the_client_package_verifies_what_notify_signs() -> None:
+    body, now = b'{"job": 1}', 1_700_000_000
+    headers = {
+        "Aimesh-Delivery": "42",  # any case, as frameworks hand headers over
+        "aimesh-event-id": "ev1",
+        "aimesh-topic": "user.deleted",
+        "aimesh-attempt": "3",
+        "aimesh-timestamp": str(now),
+        "aimesh-signature": signature_header(["old", "new"], now, body),
+    }
+    delivery = verify_webhook(body, headers, ["new"], now=now + 10)
+    assert (delivery.delivery_id, delivery.event_id, delivery.topic, delivery.attempt) == (
+        "42", "ev1", "user.deleted", 3
+    )  # fmt: skip
+    assert verify_webhook(body, headers, "old", now=now - 299).timestamp == now
+    bad = [
+        (body + b" ", headers, ["new"], now, "no signature matches"),
+        (body, headers, ["other"], now, "no signature matches"),
+        (body, headers, [], now, "no secret"),
+        (body, headers, ["new"], now + 301, "beyond the 300 s allowed"),  # a replay
+        (body, {**headers, "aimesh-timestamp": str(now + 1)}, ["new"], now, "no signature"),
+        (body, {**headers, "aimesh-timestamp": "soon"}, ["new"], now, "whole number"),
+        (body, {**headers, "aimesh-signature": "v0=abc"}, ["new"], now, "no v1 signature"),
+    ]
+    for sent_body, sent_headers, secrets, at, reason in bad:
+        with pytest.raises(WebhookError, match=reason):
+            verify_webhook(sent_body, sent_headers, secrets, now=at)
 
 
 def test_cursors_round_trip_and_garbage_is_invalid() -> None:
