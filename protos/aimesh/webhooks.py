@@ -15,8 +15,9 @@ keyed with the secret, over "{aimesh-timestamp}.{raw body}".
         return 200
 
 Check the raw bytes as received, before any JSON parsing. The timestamp check
-stops a captured request from being replayed later; a receiver that stores
-the delivery ids it has handled needs it only for ids older than it keeps.
+stops a captured request from being replayed later. The id headers are not
+signed: deduping on them catches notify's own redeliveries, not a captured
+request replayed within the window under another id; use https.
 """
 
 from __future__ import annotations
