@@ -51,6 +51,7 @@ from urllib.parse import quote, urlsplit
 
 from aimesh_notify.events import Bell
 from aimesh_notify.http1 import Http1Client, Origin, ProtocolError
+from aimesh_notify.metrics import DeliveryMetrics
 from aimesh_notify.netguard import DeniedUrl, NetworkGuard
 from aimesh_notify.sealing import SealError, SecretBox
 from aimesh_notify.settings import NotifySettings
@@ -170,6 +171,7 @@ class DeliveryWorker:
         concurrency: int,
         draw: Callable[[], float] = random.random,
         drain_s: float = 5.0,
+        metrics: DeliveryMetrics | None = None,
     ) -> None:
         self._store = store
         self._sender = sender
@@ -179,6 +181,7 @@ class DeliveryWorker:
         self._concurrency = concurrency
         self._draw = draw
         self._drain_s = drain_s
+        self._metrics = metrics
         self._running: set[asyncio.Task[None]] = set()
         self._outcomes: list[Outcome] = []
         self._has_outcomes = asyncio.Event()
@@ -218,6 +221,8 @@ class DeliveryWorker:
                     await self._store.record_lost_attempts(
                         [i for i, _ in lost], [a for _, a in lost]
                     )
+                    if self._metrics is not None:
+                        self._metrics.record_lost(len(lost))
             except Exception as error:  # the database may be away
                 log.warning("claiming deliveries failed (%s); retrying", error)
                 await asyncio.sleep(delay)
@@ -260,6 +265,9 @@ class DeliveryWorker:
             retry_in = backoff_s(
                 delivery.attempt, settings.backoff_base_s, settings.backoff_cap_s, self._draw
             )
+        if self._metrics is not None:
+            outcome = "retry" if status == "pending" else status
+            self._metrics.record_attempt(outcome, (ended - started).total_seconds())
         self._outcomes.append(
             Outcome(
                 delivery.id,

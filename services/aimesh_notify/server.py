@@ -19,6 +19,7 @@ import asyncpg
 from aimesh.notify.v1 import notify_service_pb2, notify_service_pb2_grpc
 from aimesh_notify.deliveries import Deliveries
 from aimesh_notify.events import Announcer, Bell, Events, Sequencer
+from aimesh_notify.metrics import DeliveryMetrics
 from aimesh_notify.netguard import NetworkGuard
 from aimesh_notify.queue import DeliveryWorker, WebhookSender
 from aimesh_notify.sealing import SecretBox, seal_at_rest
@@ -70,6 +71,17 @@ async def mount(context: ServiceContext) -> Mount:
             await asyncio.sleep(PRUNE_EVERY_S)
 
     background.append(maintain_forever)
+    metrics = DeliveryMetrics(context.metrics_registry)
+
+    async def read_queue_forever() -> None:
+        while True:
+            try:
+                metrics.record_queue(await store.queue_stats())
+            except Exception as error:  # the gauges keep their last values meanwhile
+                log.warning("reading the queue for metrics failed: %s", error)
+            await asyncio.sleep(settings.queue_stats_s)
+
+    background.append(read_queue_forever)
     sender: WebhookSender | None = None
     worker_pool: asyncpg.Pool | None = None
     if settings.worker_concurrency > 0:
@@ -83,6 +95,7 @@ async def mount(context: ServiceContext) -> Mount:
             settings,
             box,
             concurrency=settings.worker_concurrency,
+            metrics=metrics,
         )
         background.append(worker.run)
 

@@ -60,6 +60,11 @@ class NotifySettings:
         "that come due, lost notifications).",
         1.0,
     )
+    queue_stats_s: float = setting(
+        "AIMESH_NOTIFY_QUEUE_STATS_S",
+        "How often the service reads the queue's depth and lag for its metrics.",
+        15.0,
+    )
     event_retention_days: float = setting(
         "AIMESH_NOTIFY_EVENT_RETENTION_DAYS",
         "How long events, and so idempotency keys and stream history, are kept.",
@@ -80,9 +85,10 @@ class NotifySettings:
                 "AIMESH_NOTIFY_BACKOFF_BASE_S must not be negative nor above "
                 "AIMESH_NOTIFY_BACKOFF_CAP_S"
             )
-        if self.visibility_timeout_s <= 0 or self.poll_s <= 0:
+        if self.visibility_timeout_s <= 0 or self.poll_s <= 0 or self.queue_stats_s <= 0:
             raise ConfigError(
-                "AIMESH_NOTIFY_VISIBILITY_TIMEOUT_S and AIMESH_NOTIFY_POLL_S must be positive"
+                "AIMESH_NOTIFY_VISIBILITY_TIMEOUT_S, AIMESH_NOTIFY_POLL_S and "
+                "AIMESH_NOTIFY_QUEUE_STATS_S must be positive"
             )
         if self.event_retention_days <= 0:
             raise ConfigError("AIMESH_NOTIFY_EVENT_RETENTION_DAYS must be positive")

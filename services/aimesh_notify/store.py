@@ -90,6 +90,17 @@ class Claimed:
 
 
 @dataclass(frozen=True)
+class QueueStats:
+    """Deliveries by state, across every worker, and how late the oldest due one is."""
+
+    due: int  # pending and due now: waiting for a free worker
+    waiting: int  # pending, due later: backing off before a retry
+    in_flight: int  # leased to a worker
+    dead_letter: int
+    oldest_due_s: float  # 0 when none is due
+
+
+@dataclass(frozen=True)
 class Outcome:
     """How one attempt ended, and what the delivery becomes."""
 
@@ -542,6 +553,23 @@ class NotifyStore:
             [o.end_time for o in outcomes],
             [o.status for o in outcomes],
             [o.retry_in_s for o in outcomes],
+        )
+
+    async def queue_stats(self) -> QueueStats:
+        # Both counts read partial indexes: the live queue and the dead letters.
+        row = await self._pool.fetchrow(
+            """SELECT count(*) FILTER (WHERE status = 'pending' AND run_after <= now()) AS due,
+                      count(*) FILTER (WHERE status = 'pending' AND run_after > now()) AS waiting,
+                      count(*) FILTER (WHERE status = 'in_flight') AS in_flight,
+                      (SELECT count(*) FROM deliveries WHERE status = 'dead_letter')
+                          AS dead_letter,
+                      coalesce(extract(epoch FROM now() - min(run_after)
+                          FILTER (WHERE status = 'pending' AND run_after <= now())), 0)::float8
+                          AS oldest_due_s
+               FROM deliveries WHERE status IN ('pending', 'in_flight')"""
+        )
+        return QueueStats(
+            row["due"], row["waiting"], row["in_flight"], row["dead_letter"], row["oldest_due_s"]
         )
 
     async def record_lost_attempts(self, ids: Sequence[int], attempts: Sequence[int]) -> None:

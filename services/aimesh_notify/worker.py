@@ -6,7 +6,8 @@ and seals plaintext secrets if the service has not yet, and drains the queue
 until SIGTERM or SIGINT. Any number of workers, in processes or in
 service replicas, may share one queue. Run the service with
 AIMESH_NOTIFY_WORKER_CONCURRENCY=0 to leave delivery to these processes;
-`--concurrency` then sets theirs.
+`--concurrency` then sets theirs. `--metrics-port` serves Prometheus metrics
+of this worker's attempts (the service reports the queue's depth and lag).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry, start_http_server
+
 from aimesh_notify.events import Bell
+from aimesh_notify.metrics import DeliveryMetrics
 from aimesh_notify.netguard import NetworkGuard
 from aimesh_notify.queue import DeliveryWorker, WebhookSender
 from aimesh_notify.sealing import SecretBox, seal_at_rest
@@ -37,7 +41,9 @@ DEFAULT_CONCURRENCY = 64
 READY = "notify worker ready"
 
 
-async def run(environ: Mapping[str, str], concurrency: int | None) -> None:
+async def run(
+    environ: Mapping[str, str], concurrency: int | None, metrics_port: int | None = None
+) -> None:
     settings = load(NotifySettings, environ)
     url = database_url("notify", environ)
     workers = concurrency or settings.worker_concurrency or DEFAULT_CONCURRENCY
@@ -48,14 +54,27 @@ async def run(environ: Mapping[str, str], concurrency: int | None) -> None:
     await seal_at_rest(store, box, strict=True)  # a missing key stops the worker here
     bell = Bell(url)
     sender = WebhookSender(NetworkGuard(settings.allow_private_webhooks), workers)
-    worker = DeliveryWorker(store, sender, bell, settings, box, concurrency=workers)
+    registry = CollectorRegistry()
+    metrics = DeliveryMetrics(registry)
+    worker = DeliveryWorker(
+        store, sender, bell, settings, box, concurrency=workers, metrics=metrics
+    )
+    exporter = None
+    if metrics_port is not None:
+        exporter, _ = start_http_server(metrics_port, registry=registry)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     tasks = [asyncio.create_task(bell.listen_forever()), asyncio.create_task(worker.run())]
     settle_collector()
-    log.info(READY, extra={"concurrency": workers})
+    log.info(
+        READY,
+        extra={
+            "concurrency": workers,
+            "metrics_port": exporter.server_port if exporter is not None else None,
+        },
+    )
     try:
         await stop.wait()
     finally:
@@ -67,15 +86,21 @@ async def run(environ: Mapping[str, str], concurrency: int | None) -> None:
         await sender.close()
         await bell.close()
         await pool.close()
+        if exporter is not None:
+            exporter.shutdown()
+            exporter.server_close()
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m aimesh_notify.worker")
     parser.add_argument("--concurrency", type=int, help="attempts in flight at once")
+    parser.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics on this port (0: any free one)"
+    )
     args = parser.parse_args(argv)
     try:
         configure_logging("notify-worker", os.environ.get("AIMESH_LOG_LEVEL", "INFO"))
-        asyncio.run(run(os.environ, args.concurrency))
+        asyncio.run(run(os.environ, args.concurrency, args.metrics_port))
     except ConfigError as error:
         print(f"aimesh: configuration error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -49,6 +49,15 @@ class MethodMetrics:
         self.seconds += seconds
 
 
+def cumulative_buckets(stats: MethodMetrics) -> list[tuple[str, float]]:
+    """Histogram buckets as Prometheus wants them: (upper bound, count at or below)."""
+    cumulative, buckets = 0, []
+    for bound, count in zip((*LATENCY_BUCKETS, float("inf")), list(stats.buckets), strict=True):
+        cumulative += count
+        buckets.append(("+Inf" if bound == float("inf") else str(bound), float(cumulative)))
+    return buckets
+
+
 class RpcMetrics(Collector):
     def __init__(self, registry: CollectorRegistry) -> None:
         self._methods: dict[str, MethodMetrics] = {}
@@ -79,13 +88,7 @@ class RpcMetrics(Collector):
             labels = [stats.service, stats.method]
             for code, count in list(stats.codes.items()):
                 requests.add_metric([*labels, code], count)
-            cumulative, buckets = 0, []
-            for bound, count in zip(
-                (*LATENCY_BUCKETS, float("inf")), list(stats.buckets), strict=True
-            ):
-                cumulative += count
-                buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
-            duration.add_metric(labels, buckets, stats.seconds)
+            duration.add_metric(labels, cumulative_buckets(stats), stats.seconds)
             in_flight.add_metric(labels, stats.in_flight)
         yield from (requests, duration, in_flight)
 

@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -49,6 +52,7 @@ FAST = {
     "AIMESH_NOTIFY_BACKOFF_CAP_S": "0.2",
     "AIMESH_NOTIFY_VISIBILITY_TIMEOUT_S": "1",
     "AIMESH_NOTIFY_POLL_S": "0.2",
+    "AIMESH_NOTIFY_QUEUE_STATS_S": "0.2",
 }
 
 
@@ -967,3 +971,92 @@ async def test_a_start_refuses_while_a_live_secret_needs_a_key_it_lacks(
     assert new.open("late", (await stored_secrets(url, "late"))["secret"]) == "whsec_late"
     expired = await stored_secrets(url, "expired")
     assert new.open("expired", expired["previous_secret"]) == "whsec_before"
+
+
+# Metrics: attempts by outcome where they end, and the queue's depth and lag.
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Samples of a /metrics page, by name with labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+ATTEMPTS = "aimesh_notify_delivery_attempts_total"
+DASHBOARD = ROOT / "services" / "aimesh_runtime" / "grafana" / "aimesh.json"
+
+
+async def test_metrics_count_attempts_by_outcome_and_show_dead_letters(
+    notify: Running, stub: Stub, md: Any, receiver: WebhookReceiver
+) -> None:
+    before = await asyncio.to_thread(scrape, notify.http_port)
+    name = topic()
+    subscription, _, _ = await webhook(stub, md, receiver, [name])
+    await publish(stub, md, name, b'"poison"')  # answered 500: three attempts, then dead
+    await publish(stub, md, name, b"fine")
+
+    def grown(now: dict[str, float], outcome: str) -> float:
+        key = f'{ATTEMPTS}{{outcome="{outcome}"}}'
+        return now.get(key, 0) - before.get(key, 0)
+
+    async with asyncio.timeout(15):
+        while True:
+            now = await asyncio.to_thread(scrape, notify.http_port)
+            if (
+                grown(now, "dead_letter") >= 1
+                and now.get('aimesh_notify_deliveries{state="dead_letter"}', 0) >= 1
+            ):
+                break
+            await asyncio.sleep(0.1)
+    assert grown(now, "succeeded") >= 1 and grown(now, "retry") >= 2
+    assert grown(now, "lease_expired") == 0
+    histogram = "aimesh_notify_delivery_attempt_duration_seconds_count"
+    assert now[histogram] - before.get(histogram, 0) >= 4
+    for state in ("due", "waiting", "in_flight"):
+        assert f'aimesh_notify_deliveries{{state="{state}"}}' in now
+    assert now["aimesh_notify_oldest_due_seconds"] >= 0
+    assert now["aimesh_notify_queue_read_timestamp_seconds"] > 0
+    [letter] = [d for d in await settled(stub, md, subscription.name, 2) if d.attempts[-1].error]
+    assert letter.status == pb.DELIVERY_STATUS_DEAD_LETTER
+    # Every notify series the dashboard queries is in this scrape.
+    scraped = {re.split(r"[{ ]", name, maxsplit=1)[0] for name in now}
+    queried = {
+        name
+        for panel in json.loads(DASHBOARD.read_text())["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\b(aimesh_notify_[a-z0-9_]+)\b", target["expr"])
+    }
+    assert len(queried) >= 4 and queried <= scraped
+
+
+async def test_a_standalone_worker_serves_its_attempt_metrics(notify: Running) -> None:
+    environ = {
+        **os.environ,
+        **FAST,
+        **{name: notify.environ[name] for name in (URL, KEY)},
+        "AIMESH_NOTIFY_ALLOW_PRIVATE_WEBHOOKS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "services"), str(ROOT / "protos")]),
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aimesh_notify.worker", "--metrics-port", "0",
+        env=environ, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(30):
+            while True:
+                line = json.loads(await process.stdout.readline())
+                if line["message"] == "notify worker ready":
+                    break
+        samples = await asyncio.to_thread(scrape, line["metrics_port"])
+        assert f'{ATTEMPTS}{{outcome="succeeded"}}' in samples
+        assert not any(name.startswith("aimesh_notify_deliveries") for name in samples)
+    finally:
+        process.terminate()
+        await process.wait()

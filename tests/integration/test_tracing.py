@@ -237,7 +237,8 @@ async def test_every_metric_the_dashboard_queries_is_in_a_live_scrape(stack: Sta
         for name in METRIC_NAME.findall(target["expr"])
     }
     assert len(queried) >= 10
-    assert queried - available == set()
+    # Notify's are checked against its own scrape, in test_notify_service.py.
+    assert {name for name in queried if not name.startswith("aimesh_notify_")} - available == set()
     # Per method rate, errors and duration come from every service.
     for name, text in scrapes.items():
         assert "aimesh_rpc_server_requests_total{" in text, name
