@@ -61,7 +61,10 @@ async def run(
     )
     exporter = None
     if metrics_port is not None:
-        exporter, _ = start_http_server(metrics_port, registry=registry)
+        try:
+            exporter, _ = start_http_server(metrics_port, registry=registry)
+        except OSError as error:
+            raise ConfigError(f"--metrics-port {metrics_port}: {error}") from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
