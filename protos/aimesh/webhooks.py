@@ -1,9 +1,17 @@
 """Checking aimesh notify webhooks in the app that receives them.
 
 Written by hand (not generated), standard library only. A delivery is a POST
-whose `aimesh-signature` header holds one `v1=<hex>` per live secret of the
-subscription (two while a secret rotation's grace period runs): HMAC-SHA256,
-keyed with the secret, over "{aimesh-timestamp}.{raw body}".
+whose `aimesh-signature` header holds, per live secret of the subscription
+(two while a secret rotation's grace period runs), HMAC-SHA256 signatures
+keyed with the secret:
+
+- `v2=<hex>` over the values of aimesh-timestamp, aimesh-delivery,
+  aimesh-event-id and aimesh-topic, each followed by a line feed, then the raw
+  body: it binds the headers a receiver acts on, so a captured request cannot
+  be replayed under another delivery id or topic. verify() requires it.
+- `v1=<hex>` over "{aimesh-timestamp}.{raw body}", for receivers written
+  before v2; verify() takes it alone only with accept_v1_only=True (deliveries
+  from notify releases before v2).
 
     from aimesh.webhooks import WebhookError, verify
 
@@ -15,9 +23,7 @@ keyed with the secret, over "{aimesh-timestamp}.{raw body}".
         return 200
 
 Check the raw bytes as received, before any JSON parsing. The timestamp check
-stops a captured request from being replayed later. The id headers are not
-signed: deduping on them catches notify's own redeliveries, not a captured
-request replayed within the window under another id; use https.
+(5 minutes by default) stops a captured request from being replayed later.
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-SIGNATURE_VERSION = "v1"
 DEFAULT_TOLERANCE_S = 300.0
 
 
@@ -52,11 +57,12 @@ def verify(
     *,
     tolerance_s: float = DEFAULT_TOLERANCE_S,
     now: float | None = None,
+    accept_v1_only: bool = False,
 ) -> Delivery:
-    """The delivery, if one of `secrets` signed `body` within `tolerance_s` of
+    """The delivery, if one of `secrets` signed it within `tolerance_s` of
     `now`; WebhookError otherwise. Header names are matched in any case."""
-    lowered = {name.lower(): value for name, value in headers.items()}
-    raw_timestamp = lowered.get("aimesh-timestamp", "").strip()
+    lowered = {name.lower(): value.strip() for name, value in headers.items()}
+    raw_timestamp = lowered.get("aimesh-timestamp", "")
     if not raw_timestamp.isdigit():
         raise WebhookError("no aimesh-timestamp header, or not a whole number of seconds")
     timestamp = int(raw_timestamp)
@@ -65,33 +71,41 @@ def verify(
         raise WebhookError(
             f"signed {current - timestamp:+.0f} s from now, beyond the {tolerance_s:g} s allowed"
         )
-    sent = [
-        part.strip()[len(SIGNATURE_VERSION) + 1 :]
-        for part in lowered.get("aimesh-signature", "").split(",")
-        if part.strip().startswith(SIGNATURE_VERSION + "=")
-    ]
-    if not sent:
-        raise WebhookError("no v1 signature in the aimesh-signature header")
-    keys = [secrets] if isinstance(secrets, str) else list(secrets)
-    if not keys:
-        raise WebhookError("no secret to check the signature with")
-    message = raw_timestamp.encode() + b"." + body
-    expected = [hmac.new(key.encode(), message, hashlib.sha256).hexdigest() for key in keys]
-    # Every pair is compared, in constant time each, so timing tells nothing.
-    matched = False
-    for mine in expected:
-        for theirs in sent:
-            matched |= hmac.compare_digest(mine, theirs)
-    if not matched:
-        raise WebhookError("no signature matches the secrets given")
     try:
         attempt = int(lowered.get("aimesh-attempt", "1"))
     except ValueError:
         attempt = 0
-    return Delivery(
+    delivery = Delivery(
         lowered.get("aimesh-delivery", ""),
         lowered.get("aimesh-event-id", ""),
         lowered.get("aimesh-topic", ""),
         attempt,
         timestamp,
     )
+    parts = [part.strip() for part in lowered.get("aimesh-signature", "").split(",")]
+    v2 = [part[3:] for part in parts if part.startswith("v2=")]
+    v1 = [part[3:] for part in parts if part.startswith("v1=")]
+    if v2:
+        fields = (raw_timestamp, delivery.delivery_id, delivery.event_id, delivery.topic)
+        message, sent = "\n".join(fields).encode() + b"\n" + body, v2
+    elif v1 and accept_v1_only:
+        message, sent = raw_timestamp.encode() + b"." + body, v1
+    elif v1:
+        raise WebhookError(
+            "only v1 signatures, which leave the id and topic headers unsigned "
+            "(accept_v1_only=True takes them, from notify releases before v2)"
+        )
+    else:
+        raise WebhookError("no signature in the aimesh-signature header")
+    keys = [secrets] if isinstance(secrets, str) else list(secrets)
+    if not keys:
+        raise WebhookError("no secret to check the signature with")
+    # Every pair is compared, in constant time each, so timing tells nothing.
+    matched = False
+    for key in keys:
+        mine = hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
+        for theirs in sent:
+            matched |= hmac.compare_digest(mine, theirs)
+    if not matched:
+        raise WebhookError("no signature matches the secrets given")
+    return delivery

@@ -55,7 +55,7 @@ from aimesh_notify.metrics import DeliveryMetrics
 from aimesh_notify.netguard import DeniedUrl, NetworkGuard
 from aimesh_notify.sealing import SealError, SecretBox
 from aimesh_notify.settings import NotifySettings
-from aimesh_notify.signing import signature_header
+from aimesh_notify.signing import Signed, signature_header
 from aimesh_notify.store import Claimed, NotifyStore, Outcome
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ class WebhookSender:
             return 0, "internal: a header value holds a line break"  # validated at publish
         timestamp = int(time.time())
         payload = claimed.payload
+        signed = Signed(timestamp, str(claimed.id), claimed.event_id, claimed.topic)
         headers = (
             f"content-type: {claimed.content_type}\r\n"
             f"user-agent: aimesh-notify/1\r\n"
@@ -135,7 +136,7 @@ class WebhookSender:
             f"aimesh-topic: {claimed.topic}\r\n"
             f"aimesh-attempt: {claimed.attempt}\r\n"
             f"aimesh-timestamp: {timestamp}\r\n"
-            f"aimesh-signature: {signature_header(claimed.secrets, timestamp, payload)}\r\n"
+            f"aimesh-signature: {signature_header(claimed.secrets, signed, payload)}\r\n"
             f"content-length: {len(payload)}\r\n\r\n"
         )
         head = b"POST %s HTTP/1.1\r\nhost: %s\r\n" % (route.target, route.host) + headers.encode(

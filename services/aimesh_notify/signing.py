@@ -1,9 +1,17 @@
-"""Webhook signatures: HMAC-SHA256 over "{timestamp}.{body}".
+"""Webhook signatures, HMAC-SHA256 keyed with the subscription's secret.
 
-The timestamp is signed with the body so a receiver can refuse replays older
-than a few minutes. During a secret rotation every live secret signs, and the
-header carries one "v1=" signature per secret, so a receiver holding either
-secret verifies the delivery.
+- v1, over "{timestamp}.{body}": as first specified; receivers written for it
+  keep working.
+- v2, over the timestamp, the delivery id, the event id and the topic, each
+  followed by a line feed, then the body: it also binds the headers a receiver
+  acts on (the delivery id it dedupes on, the event, the topic), so a request
+  captured in transit cannot be replayed under another id or topic. Header
+  values never hold a line break, so the fields cannot shift into one another.
+
+The timestamp is signed so a receiver can refuse replays older than a few
+minutes. During a secret rotation every live secret signs: the header carries
+a "v1=" and a "v2=" signature per secret, and a receiver holding either secret
+verifies the delivery.
 """
 
 from __future__ import annotations
@@ -13,25 +21,38 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Iterable
+from typing import NamedTuple
 
 SECRET_PREFIX = "whsec_"
-SIGNATURE_VERSION = "v1"
+
+
+class Signed(NamedTuple):
+    """What a delivery's signatures cover besides its body."""
+
+    timestamp: int
+    delivery_id: str
+    event_id: str
+    topic: str
 
 
 def new_secret() -> str:
     return SECRET_PREFIX + base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
 
 
-def signature(secret: str, timestamp: int, body: bytes) -> str:
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    return f"{SIGNATURE_VERSION}={mac.hexdigest()}"
+def v1_message(signed: Signed, body: bytes) -> bytes:
+    return b"%d." % signed.timestamp + body
 
 
-def signature_header(live_secrets: Iterable[str], timestamp: int, body: bytes) -> str:
-    return ",".join(signature(secret, timestamp, body) for secret in live_secrets)
+def v2_message(signed: Signed, body: bytes) -> bytes:
+    fields = (str(signed.timestamp), signed.delivery_id, signed.event_id, signed.topic)
+    return "\n".join(fields).encode() + b"\n" + body
 
 
-def verify(secret: str, timestamp: int, body: bytes, header: str) -> bool:
-    """Whether any signature in `header` was made with `secret` (constant time)."""
-    expected = signature(secret, timestamp, body)
-    return any(hmac.compare_digest(expected, part.strip()) for part in header.split(","))
+def signature_header(live_secrets: Iterable[str], signed: Signed, body: bytes) -> str:
+    v1, v2 = v1_message(signed, body), v2_message(signed, body)
+    parts = []
+    for secret in live_secrets:
+        key = secret.encode()
+        parts.append("v1=" + hmac.new(key, v1, hashlib.sha256).hexdigest())
+        parts.append("v2=" + hmac.new(key, v2, hashlib.sha256).hexdigest())
+    return ",".join(parts)

@@ -1,8 +1,8 @@
 """A real HTTP/1.1 webhook receiver on 127.0.0.1, with keep-alive.
 
 It does what a careful receiver does, written independently of the service:
-it checks the HMAC-SHA256 "v1=" signatures over "{timestamp}.{body}" against
-the secrets it was given for the path, and dedupes on the delivery id. It
+it checks the HMAC-SHA256 "v1=" and "v2=" signatures against the secrets it
+was given for the path, and dedupes on the delivery id. It
 counts every request, so tests see raw redeliveries as well as the deduped set.
 """
 
@@ -30,17 +30,24 @@ class Received:
         return self.headers.get("aimesh-delivery", "")
 
 
-def signatures(header: str) -> list[str]:
-    return [part.strip().removeprefix("v1=") for part in header.split(",") if part.strip()]
-
-
 def signed_by(secrets: list[str], headers: dict[str, str], body: bytes) -> tuple[str, ...]:
+    """The secrets that signed the request, both ways notify signs: v1 over
+    "{timestamp}.{body}", v2 over the timestamp, delivery id, event id and topic,
+    a line each, then the body."""
     timestamp = headers.get("aimesh-timestamp", "")
-    sent = signatures(headers.get("aimesh-signature", ""))
+    parts = [part.strip() for part in headers.get("aimesh-signature", "").split(",")]
+    v1 = [part.removeprefix("v1=") for part in parts if part.startswith("v1=")]
+    v2 = [part.removeprefix("v2=") for part in parts if part.startswith("v2=")]
+    fields = ("aimesh-delivery", "aimesh-event-id", "aimesh-topic")
+    v2_message = "\n".join([timestamp, *(headers.get(f, "") for f in fields)]).encode()
     found = []
     for secret in secrets:
-        mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
-        if any(hmac.compare_digest(mac.hexdigest(), s) for s in sent):
+        key = secret.encode()
+        mac1 = hmac.new(key, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+        mac2 = hmac.new(key, v2_message + b"\n" + body, hashlib.sha256).hexdigest()
+        if any(hmac.compare_digest(mac1, s) for s in v1) and any(
+            hmac.compare_digest(mac2, s) for s in v2
+        ):
             found.append(secret)
     return tuple(found)
 

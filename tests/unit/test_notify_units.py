@@ -20,7 +20,7 @@ from aimesh_notify.events import decode_cursor, encode_cursor
 from aimesh_notify.netguard import DeniedUrl, NetworkGuard, denial
 from aimesh_notify.queue import WebhookSender, backoff_s
 from aimesh_notify.sealing import SealError, SecretBox, UnknownKey, key_id
-from aimesh_notify.signing import signature_header, verify
+from aimesh_notify.signing import Signed, signature_header
 from aimesh_notify.store import Claimed
 from aimesh_runtime.errors import InvalidArgument
 
@@ -81,14 +81,46 @@ def test_backoff_is_exponential_with_full_jitter() -> None:
     assert backoff_s(10_000, 2.0, 60.0, lambda: 0.5) == 30.0
 
 
-def test_signatures_cover_timestamp_and_body() -> None:
-    header = signature_header(["old", "new"], 1700000000, b'{"a":1}')
-    assert header.count("v1=") == 2
-    assert verify("old", 1700000000, b'{"a":1}', header)
-    assert verify("new", 1700000000, b'{"a":1}', header)
-    assert not verify("other", 1700000000, b'{"a":1}', header)
-    assert not verify("new", 1700000001, b'{"a":1}', header)
-    assert not verify("new", 1700000000, b'{"a":2}', header)
+def delivery_headers(signed: Signed, signature: str) -> dict[str, str]:
+    return {
+        "aimesh-delivery": signed.delivery_id,
+        "aimesh-event-id": signed.event_id,
+        "aimesh-topic": signed.topic,
+        "aimesh-attempt": "1",
+        "aimesh-timestamp": str(signed.timestamp),
+        "aimesh-signature": signature,
+    }
+
+
+def test_signatures_cover_timestamp_body_and_the_headers_acted_on() -> None:
+    signed, body = Signed(1700000000, "42", "ev1", "user.deleted"), b'{"a":1}'
+    header = signature_header(["old", "new"], signed, body)
+    assert header.count("v1=") == 2 and header.count("v2=") == 2
+    headers = delivery_headers(signed, header)
+    at = signed.timestamp
+    for secret in ("old", "new"):
+        assert verify_webhook(body, headers, secret, now=at).delivery_id == "42"
+    with pytest.raises(WebhookError):
+        verify_webhook(body, headers, "other", now=at)
+    # Replayed under another id, event or topic, or with another body: v2 fails.
+    for name, value in [
+        ("aimesh-delivery", "43"),
+        ("aimesh-event-id", "ev2"),
+        ("aimesh-topic", "user.registered"),
+    ]:
+        with pytest.raises(WebhookError, match="no signature matches"):
+            verify_webhook(body, {**headers, name: value}, "new", now=at)
+    with pytest.raises(WebhookError, match="no signature matches"):
+        verify_webhook(b'{"a":2}', headers, "new", now=at)
+    # v1 alone (a notify before v2) passes only when asked for, and covers the body.
+    v1_only = {**headers, "aimesh-signature": header.split(",")[0]}
+    with pytest.raises(WebhookError, match="only v1 signatures"):
+        verify_webhook(body, v1_only, "old", now=at)
+    assert verify_webhook(body, v1_only, "old", now=at, accept_v1_only=True).topic == (
+        "user.deleted"
+    )
+    with pytest.raises(WebhookError, match="no signature matches"):
+        verify_webhook(b'{"a":2}', v1_only, "old", now=at, accept_v1_only=True)
 
 
 def test_sealed_secrets_open_only_under_their_key_and_subscription() -> None:
@@ -146,29 +178,25 @@ def test_a_rotated_key_opens_what_the_old_one_sealed_and_reseals_it() -> None:
     assert rotating.reseal("sub1", resealed) == resealed
 
 
-def test_the_client_package_verifies_what_notify_signs() -> None:
-    body, now = b'{"job": 1}', 1_700_000_000
+def test_the_client_package_checks_headers_timestamps_and_secrets() -> None:
+    signed, body = Signed(1_700_000_000, "42", "ev1", "user.deleted"), b'{"job": 1}'
+    now = signed.timestamp
     headers = {
-        "Aimesh-Delivery": "42",  # any case, as frameworks hand headers over
-        "aimesh-event-id": "ev1",
-        "aimesh-topic": "user.deleted",
+        **delivery_headers(signed, signature_header(["old", "new"], signed, body)),
         "aimesh-attempt": "3",
-        "aimesh-timestamp": str(now),
-        "aimesh-signature": signature_header(["old", "new"], now, body),
     }
+    headers["Aimesh-Delivery"] = headers.pop("aimesh-delivery")  # frameworks vary the case
     delivery = verify_webhook(body, headers, ["new"], now=now + 10)
     assert (delivery.delivery_id, delivery.event_id, delivery.topic, delivery.attempt) == (
         "42", "ev1", "user.deleted", 3
     )  # fmt: skip
     assert verify_webhook(body, headers, "old", now=now - 299).timestamp == now
     bad = [
-        (body + b" ", headers, ["new"], now, "no signature matches"),
-        (body, headers, ["other"], now, "no signature matches"),
         (body, headers, [], now, "no secret"),
         (body, headers, ["new"], now + 301, "beyond the 300 s allowed"),  # a replay
         (body, {**headers, "aimesh-timestamp": str(now + 1)}, ["new"], now, "no signature"),
         (body, {**headers, "aimesh-timestamp": "soon"}, ["new"], now, "whole number"),
-        (body, {**headers, "aimesh-signature": "v0=abc"}, ["new"], now, "no v1 signature"),
+        (body, {**headers, "aimesh-signature": "v0=abc"}, ["new"], now, "no signature in"),
     ]
     for sent_body, sent_headers, secrets, at, reason in bad:
         with pytest.raises(WebhookError, match=reason):

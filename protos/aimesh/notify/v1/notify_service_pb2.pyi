@@ -121,8 +121,9 @@ Global___Subscription: _TypeAlias = Subscription  # noqa: Y015
 @_typing.final
 class WebhookChannel(_message.Message):
     """Delivery by HTTP POST. The body is the event payload; headers carry the
-    event id, topic, a timestamp and "v1=" HMAC-SHA256 signatures over
-    "{timestamp}.{body}", one per live secret.
+    delivery id, event id, topic, a timestamp and, per live secret, HMAC-SHA256
+    signatures: "v1=" over "{timestamp}.{body}", and "v2=" over the timestamp,
+    delivery id, event id and topic, each followed by a line feed, then the body.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
