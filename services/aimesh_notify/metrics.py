@@ -33,6 +33,7 @@ class DeliveryMetrics(Collector):
     def __init__(self, registry: CollectorRegistry) -> None:
         self._attempts = MethodMetrics("notify", "webhook")
         self._lost = 0
+        self._pauses = 0
         self._queue: QueueStats | None = None
         self._queue_read_at = 0.0
         registry.register(self)
@@ -42,6 +43,9 @@ class DeliveryMetrics(Collector):
 
     def record_lost(self, count: int) -> None:
         self._lost += count
+
+    def record_pause(self) -> None:
+        self._pauses += 1
 
     def record_queue(self, stats: QueueStats) -> None:
         self._queue = stats
@@ -62,7 +66,12 @@ class DeliveryMetrics(Collector):
             "Time from sending a webhook to its answer (or failure), in this process.",
         )
         duration.add_metric([], cumulative_buckets(self._attempts), self._attempts.seconds)
-        yield from (attempts, duration)
+        pauses = CounterMetricFamily(
+            "aimesh_notify_receiver_pauses",
+            "Times this process paused a subscription whose receiver stopped answering.",
+        )
+        pauses.add_metric([], self._pauses)
+        yield from (attempts, duration, pauses)
         if self._queue is None:
             return  # a standalone worker, or no answer from the database yet
         deliveries = GaugeMetricFamily(

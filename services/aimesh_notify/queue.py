@@ -19,6 +19,11 @@ FOR UPDATE SKIP LOCKED and woken by LISTEN/NOTIFY, over asyncpg:
   because claims take due rows in run_after order and skip the rest.
 - acknowledgements are batched: finished attempts are written in one round
   trip per batch.
+- a receiver that stops answering is paused: after a few attempts in a row
+  got no answer (or 5xx, 429), the subscription's due deliveries move past a
+  pause that doubles while it goes on (ReceiverPauses). Otherwise its backlog,
+  each attempt holding a worker for the whole timeout, would keep every other
+  subscription waiting.
 
 Delivery is at least once: a worker killed after the receiver answered but
 before the finish was written sends again. Receivers dedupe on the delivery
@@ -157,6 +162,72 @@ class WebhookSender:
         await self._client.close()
 
 
+@dataclass
+class _Pause:
+    failures: int = 0  # attempts in a row without an answer
+    length_s: float = 0.0  # of the last pause; the next one doubles it
+    until: float = 0.0  # monotonic
+
+
+class ReceiverPauses:
+    """When to pause a subscription whose receiver stopped answering.
+
+    `threshold` attempts in a row that got no answer, a 5xx or a 429 pause it
+    for `first_s`; each pause after that, while failures go on, doubles, up to
+    `max_s`. Any other answer ends it. Attempts that were under way when the
+    pause began do not count again. This worker's view only: each worker
+    pauses on what it sees, and the pause itself is in the database."""
+
+    KEPT = 100_000  # subscriptions tracked at once; beyond, forget and start over
+
+    def __init__(
+        self,
+        threshold: int,
+        first_s: float,
+        max_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._threshold = threshold
+        self._first_s = first_s
+        self._max_s = max_s
+        self._clock = clock
+        self._state: dict[str, _Pause] = {}
+
+    def record(self, subscription_id: str, failed: bool) -> float:
+        """Note an attempt's end; the pause to begin now, in seconds, or 0."""
+        if not failed:
+            self._state.pop(subscription_id, None)
+            return 0.0
+        if self._threshold <= 0:
+            return 0.0
+        state = self._state.get(subscription_id)
+        if state is None:
+            if len(self._state) >= self.KEPT:
+                self._state.clear()
+            state = self._state[subscription_id] = _Pause()
+        now = self._clock()
+        if now < state.until:
+            return 0.0  # started before the pause: already counted in it
+        state.failures += 1
+        if state.failures < self._threshold:
+            return 0.0
+        state.failures = 0
+        state.length_s = min(self._max_s, state.length_s * 2 or self._first_s)
+        state.until = now + state.length_s
+        return state.length_s
+
+    def remaining_s(self, subscription_id: str) -> float:
+        state = self._state.get(subscription_id)
+        return 0.0 if state is None else max(0.0, state.until - self._clock())
+
+
+def receiver_failed(http_status: int, error: str) -> bool:
+    """No answer (timeout, refused, reset), a server error, or too many requests."""
+    if not error or error.startswith("internal:"):
+        return False
+    return http_status == 0 or http_status >= 500 or http_status == 429
+
+
 class DeliveryWorker:
     """Claims due deliveries in batches, runs up to `concurrency` attempts at
     once, and writes their outcomes back in batches."""
@@ -183,6 +254,10 @@ class DeliveryWorker:
         self._draw = draw
         self._drain_s = drain_s
         self._metrics = metrics
+        self._pauses = ReceiverPauses(
+            settings.pause_after_failures, settings.pause_first_s, settings.pause_max_s
+        )
+        self._pausing: set[asyncio.Task[None]] = set()
         self._running: set[asyncio.Task[None]] = set()
         self._outcomes: list[Outcome] = []
         self._has_outcomes = asyncio.Event()
@@ -266,6 +341,14 @@ class DeliveryWorker:
             retry_in = backoff_s(
                 delivery.attempt, settings.backoff_base_s, settings.backoff_cap_s, self._draw
             )
+        subscription_id = delivery.subscription_id
+        pause_s = self._pauses.record(subscription_id, receiver_failed(http_status, error))
+        if pause_s:
+            task = asyncio.create_task(self._pause(subscription_id, pause_s))
+            self._pausing.add(task)
+            task.add_done_callback(self._pausing.discard)
+        if status == "pending":
+            retry_in = max(retry_in, self._pauses.remaining_s(subscription_id))
         if self._metrics is not None:
             outcome = "retry" if status == "pending" else status
             self._metrics.record_attempt(outcome, (ended - started).total_seconds())
@@ -283,6 +366,23 @@ class DeliveryWorker:
             )
         )
         self._has_outcomes.set()
+
+    async def _pause(self, subscription_id: str, pause_s: float) -> None:
+        try:
+            moved = await self._store.pause_subscription(subscription_id, pause_s)
+        except Exception as error:  # its deliveries just keep coming due meanwhile
+            log.warning("pausing subscriptions/%s failed: %s", subscription_id, error)
+            return
+        log.warning(
+            "subscriptions/%s: %d attempts in a row got no answer or a server error; "
+            "its %d due deliveries wait %g s",
+            subscription_id,
+            self._settings.pause_after_failures,
+            moved,
+            pause_s,
+        )
+        if self._metrics is not None:
+            self._metrics.record_pause()
 
     async def _flush_forever(self) -> None:
         while True:

@@ -48,6 +48,21 @@ class NotifySettings:
     backoff_cap_s: float = setting(
         "AIMESH_NOTIFY_BACKOFF_CAP_S", "Largest retry delay ceiling.", 3600.0
     )
+    pause_after_failures: int = setting(
+        "AIMESH_NOTIFY_PAUSE_AFTER_FAILURES",
+        "Attempts in a row without an answer (or with 5xx, 429) after which a subscription's "
+        "due deliveries are paused, so a receiver that hangs does not hold every worker; "
+        "0 never pauses.",
+        5,
+    )
+    pause_first_s: float = setting(
+        "AIMESH_NOTIFY_PAUSE_FIRST_S",
+        "The first pause of such a subscription; it doubles while failures go on.",
+        5.0,
+    )
+    pause_max_s: float = setting(
+        "AIMESH_NOTIFY_PAUSE_MAX_S", "The longest pause of such a subscription.", 300.0
+    )
     visibility_timeout_s: float = setting(
         "AIMESH_NOTIFY_VISIBILITY_TIMEOUT_S",
         "Lease of a claimed delivery beyond its webhook timeout; a worker that dies "
@@ -89,6 +104,12 @@ class NotifySettings:
             raise ConfigError(
                 "AIMESH_NOTIFY_VISIBILITY_TIMEOUT_S, AIMESH_NOTIFY_POLL_S and "
                 "AIMESH_NOTIFY_QUEUE_STATS_S must be positive"
+            )
+        if self.pause_after_failures < 0 or not 0 < self.pause_first_s <= self.pause_max_s:
+            raise ConfigError(
+                "AIMESH_NOTIFY_PAUSE_AFTER_FAILURES must not be negative, and "
+                "AIMESH_NOTIFY_PAUSE_FIRST_S must be positive and not above "
+                "AIMESH_NOTIFY_PAUSE_MAX_S"
             )
         if self.event_retention_days <= 0:
             raise ConfigError("AIMESH_NOTIFY_EVENT_RETENTION_DAYS must be positive")

@@ -555,6 +555,18 @@ class NotifyStore:
             [o.retry_in_s for o in outcomes],
         )
 
+    async def pause_subscription(self, subscription_id: str, seconds: float) -> int:
+        """Hold the subscription's pending deliveries for `seconds`; how many moved."""
+        result: str = await self._pool.execute(
+            """UPDATE deliveries SET run_after = now() + make_interval(secs => $2),
+                   update_time = now()
+               WHERE status = 'pending' AND subscription_id = $1
+                 AND run_after < now() + make_interval(secs => $2)""",
+            subscription_id,
+            seconds,
+        )
+        return int(result.split()[-1])
+
     async def queue_stats(self) -> QueueStats:
         # Both counts read partial indexes: the live queue and the dead letters.
         row = await self._pool.fetchrow(

@@ -1060,3 +1060,76 @@ async def test_a_standalone_worker_serves_its_attempt_metrics(notify: Running) -
     finally:
         process.terminate()
         await process.wait()
+
+
+# A receiver that stops answering is paused, so it does not hold every worker.
+
+
+async def test_a_hanging_receiver_is_paused_and_other_subscriptions_go_on(
+    new_database: Any, user_server: Running, md: Any, receiver: WebhookReceiver
+) -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await reader.read()
+
+    hanging = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = hanging.sockets[0].getsockname()[1]
+    running = await start_notify(
+        new_database,
+        user_server,
+        AIMESH_NOTIFY_ALLOW_PRIVATE_WEBHOOKS="1",
+        AIMESH_NOTIFY_WORKER_CONCURRENCY="4",
+        AIMESH_NOTIFY_PAUSE_AFTER_FAILURES="4",
+        AIMESH_NOTIFY_PAUSE_FIRST_S="120",
+        AIMESH_NOTIFY_MAX_ATTEMPTS="8",
+    )
+    try:
+        async with running.channel() as channel:
+            stub = Stub(channel)
+            stuck_topic, healthy_topic = topic(), topic()
+            stuck = await stub.CreateSubscription(
+                pb.CreateSubscriptionRequest(
+                    subscription=pb.Subscription(
+                        topics=[stuck_topic],
+                        webhook=pb.WebhookChannel(
+                            url=f"http://127.0.0.1:{port}/hook",
+                            timeout=duration_pb2.Duration(seconds=1),
+                        ),
+                    )
+                ),
+                metadata=md,
+            )
+            for n in range(40):
+                await publish(stub, md, stuck_topic, b"%d" % n)
+
+            async def stuck_deliveries() -> list[pb.Delivery]:
+                listed = await stub.ListDeliveries(
+                    pb.ListDeliveriesRequest(parent=stuck.subscription.name, page_size=100),
+                    metadata=md,
+                )
+                return list(listed.deliveries)
+
+            async with asyncio.timeout(20):  # four attempts of 1 s, four at a time
+                while sum(len(d.attempts) for d in await stuck_deliveries()) < 4:
+                    await asyncio.sleep(0.1)
+            _, _, path = await webhook(stub, md, receiver, [healthy_topic])
+            for n in range(10):
+                await publish(stub, md, healthy_topic, b"%d" % n)
+            await receiver.wait_for(lambda: len(on(receiver, path)) == 10, timeout_s=20)
+            # The healthy receiver got everything while the stuck backlog waits:
+            # without the pause, 36 attempts of 1 s, four at a time, come first.
+            deliveries = await stuck_deliveries()
+            attempted = [d for d in deliveries if d.attempts]
+            assert len(deliveries) == 40 and len(attempted) <= 8
+            later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=60)
+            waiting = [d for d in deliveries if not d.attempts]
+            assert all(d.next_attempt_time.ToDatetime(dt.UTC) > later for d in waiting)
+            samples = await asyncio.to_thread(scrape, running.http_port)
+            assert samples["aimesh_notify_receiver_pauses_total"] >= 1
+    finally:
+        await running.server.stop(0.5)
+        for writer in held:
+            writer.close()
+        hanging.close()

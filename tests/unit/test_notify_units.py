@@ -18,7 +18,7 @@ from aimesh.webhooks import verify as verify_webhook
 from aimesh_notify import netguard
 from aimesh_notify.events import decode_cursor, encode_cursor
 from aimesh_notify.netguard import DeniedUrl, NetworkGuard, denial
-from aimesh_notify.queue import WebhookSender, backoff_s
+from aimesh_notify.queue import ReceiverPauses, WebhookSender, backoff_s, receiver_failed
 from aimesh_notify.sealing import SealError, SecretBox, UnknownKey, key_id
 from aimesh_notify.signing import Signed, signature_header
 from aimesh_notify.store import Claimed
@@ -90,6 +90,33 @@ def delivery_headers(signed: Signed, signature: str) -> dict[str, str]:
         "aimesh-timestamp": str(signed.timestamp),
         "aimesh-signature": signature,
     }
+
+
+def test_a_receiver_is_paused_after_failures_in_a_row_for_doubling_pauses() -> None:
+    now = [1000.0]
+    pauses = ReceiverPauses(threshold=3, first_s=5.0, max_s=12.0, clock=lambda: now[0])
+    assert [pauses.record("a", failed=True) for _ in range(3)] == [0.0, 0.0, 5.0]
+    assert pauses.remaining_s("a") == 5.0 and pauses.remaining_s("b") == 0.0
+    # Attempts under way when it paused end during the pause: not counted again.
+    assert [pauses.record("a", failed=True) for _ in range(5)] == [0.0] * 5
+    now[0] += 5.0
+    assert [pauses.record("a", failed=True) for _ in range(3)] == [0.0, 0.0, 10.0]
+    now[0] += 10.0
+    assert [pauses.record("a", failed=True) for _ in range(3)] == [0.0, 0.0, 12.0]  # capped
+    assert pauses.record("a", failed=False) == 0.0 and pauses.remaining_s("a") == 0.0
+    assert [pauses.record("a", failed=True) for _ in range(3)] == [0.0, 0.0, 5.0]  # anew
+    # Failures of one subscription are not another's; an answer resets the count.
+    assert [pauses.record("b", failed=f) for f in (True, True, False, True, True)] == [0.0] * 5
+    never = ReceiverPauses(threshold=0, first_s=5.0, max_s=5.0)
+    assert all(never.record("a", failed=True) == 0.0 for _ in range(10))
+
+
+def test_only_a_missing_answer_a_server_error_or_429_counts_against_a_receiver() -> None:
+    assert receiver_failed(0, "timed out after 10 s")
+    assert receiver_failed(0, "ConnectionRefusedError: refused")
+    assert receiver_failed(503, "HTTP 503") and receiver_failed(429, "HTTP 429")
+    assert not receiver_failed(200, "") and not receiver_failed(404, "HTTP 404")
+    assert not receiver_failed(0, "internal: the webhook secret does not open")
 
 
 def test_signatures_cover_timestamp_body_and_the_headers_acted_on() -> None:
