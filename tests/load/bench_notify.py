@@ -33,6 +33,11 @@ store ceiling (printed, not part of the figures) notify's own queue SQL alone,
               included), as the worker does; no gRPC, no HTTP, no signing.
               Its ratio to the raw loop bounds what ratio_vs_raw can reach on
               this machine with this schema.
+CPU per job   (printed, Linux only) CPU time each process spent per job in
+              each round: PostgreSQL's (the postmaster and its backends,
+              sampled from /proc every 50 ms so that backends that exit are
+              counted too), the service's, the worker's, and this process's
+              (publisher and receiver, or the raw and store loops).
 lost          Deliveries the receiver never accepted.
 duplicates    Deliveries the receiver accepted more than once.
 
@@ -51,6 +56,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -76,6 +82,71 @@ BATCHES_IN_FLIGHT = int(os.environ.get("BENCH_BATCHES_IN_FLIGHT", "4"))
 WARM_UP = 2_000
 WORKERS = int(os.environ.get("BENCH_WORKERS", "1"))
 WORKER_CONCURRENCY = int(os.environ.get("BENCH_WORKER_CONCURRENCY", "256"))
+
+
+class CpuMeter:
+    """CPU seconds of PostgreSQL (a postmaster and its children) and of named
+    processes, read from /proc by a sampling thread; a no-op without /proc."""
+
+    def __init__(self, postmaster: int | None) -> None:
+        self._postmaster = postmaster
+        self._named: dict[str, int] = {"this process": os.getpid()}
+        self._postgres: dict[int, float] = {}  # last reading of every backend seen
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.available = postmaster is not None and Path("/proc/self/stat").exists()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_forever, daemon=True)
+        if self.available:
+            self._thread.start()
+
+    def name(self, name: str, pid: int) -> None:
+        self._named[name] = pid
+
+    def _stat(self, pid: str | int) -> tuple[int, float] | None:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / self._tick
+
+    def _sample(self) -> None:
+        postmaster = self._postmaster
+        try:  # the postmaster is one thread: its children are all the backends
+            children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text()
+        except OSError:
+            return
+        for pid in (postmaster, *map(int, children.split())):
+            stat = self._stat(pid)
+            if stat is not None:
+                self._postgres[pid] = stat[1]
+
+    def _sample_forever(self) -> None:
+        while not self._stop.wait(0.05):
+            self._sample()
+
+    def reading(self) -> dict[str, float]:
+        if not self.available:
+            return {}
+        self._sample()
+        seconds = {"PostgreSQL": sum(self._postgres.values())}
+        for name, pid in self._named.items():
+            stat = self._stat(pid)
+            if stat is not None:
+                seconds[name] = stat[1]
+        return seconds
+
+    def report(self, what: str, before: dict[str, float], jobs: int) -> None:
+        after = self.reading()
+        parts = [
+            f"{name} {(after[name] - before[name]) / jobs * 1e6:.0f} µs"
+            for name in after
+            if name in before
+        ]
+        if parts:
+            print(f"  CPU per job, {what}: " + ", ".join(parts), flush=True)
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 async def serve(database_url: str) -> None:
@@ -139,7 +210,9 @@ async def finish(process: asyncio.subprocess.Process) -> None:
     await process.wait()
 
 
-async def end_to_end(address: str, token: str, receiver: WebhookReceiver) -> dict[str, Any]:
+async def end_to_end(
+    address: str, token: str, receiver: WebhookReceiver, meter: CpuMeter
+) -> dict[str, Any]:
     metadata = (("authorization", f"Bearer {token}"),)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = notify_service_pb2_grpc.NotifyServiceStub(channel)
@@ -209,11 +282,13 @@ async def end_to_end(address: str, token: str, receiver: WebhookReceiver) -> dic
         )
         receiver.deliveries.clear()
         receiver.accepted.clear()
+        cpu = meter.reading()
         started = time.perf_counter()
         published_s = await publish_batches("run", JOBS)
         with contextlib.suppress(TimeoutError):  # counted as lost below
             await receiver.wait_for(lambda: len(receiver.accepted) >= JOBS, timeout_s=300)
         elapsed = time.perf_counter() - started
+        meter.report("end to end", cpu, JOBS)
         await asyncio.sleep(1.0)  # any late duplicate shows up here
     print(
         f"  end to end: {JOBS} events published in {published_s:.2f} s "
@@ -352,6 +427,7 @@ async def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="aimesh-bench-notify-"))
     os.chmod(folder, 0o755)  # pgserver runs PostgreSQL as its own user when root
     pg = pgserver.get_server(folder, cleanup_mode="stop")
+    meter = CpuMeter(pg.get_pid())
     try:
         admin = pg.get_uri("postgres")
         connection = await asyncpg.connect(admin)
@@ -364,9 +440,12 @@ async def main() -> None:
         ).decode()
         server, info = await spawn("--serve", database_url)
         workers = [await start_worker(database_url) for _ in range(WORKERS)]
+        meter.name("service", server.pid)
+        for n, worker in enumerate(workers):
+            meter.name(f"worker {n + 1}" if WORKERS > 1 else "worker", worker.pid)
         receiver = await WebhookReceiver(keep=False).start()
         try:
-            measured = await end_to_end(f"127.0.0.1:{info['port']}", info["token"], receiver)
+            measured = await end_to_end(f"127.0.0.1:{info['port']}", info["token"], receiver, meter)
         finally:
             await receiver.stop()
             await finish(server)
@@ -376,10 +455,15 @@ async def main() -> None:
         # The baseline enqueues as the bench's producer publishes: batches of
         # PUBLISH_BATCH, BATCHES_IN_FLIGHT at a time. One job per INSERT, as a
         # producer of single events would, is shown for comparison.
+        cpu = meter.reading()
         raw = await raw_queue(database_url, PUBLISH_BATCH, BATCHES_IN_FLIGHT)
+        meter.report("raw loop, 100 per INSERT", cpu, JOBS)
         raw_one_by_one = await raw_queue(database_url, 1, IN_FLIGHT)
+        cpu = meter.reading()
         ceiling = await store_ceiling(admin)
+        meter.report("store ceiling", cpu, JOBS)
     finally:
+        meter.close()
         pg.cleanup()
     if measured["unsigned"]:
         raise RuntimeError(f"{measured['unsigned']} deliveries failed signature checks")
