@@ -210,21 +210,32 @@ async def finish(process: asyncio.subprocess.Process) -> None:
     await process.wait()
 
 
+async def subscribe_receiver(
+    stub: notify_service_pb2_grpc.NotifyServiceStub,
+    metadata: Any,
+    receiver: WebhookReceiver,
+    topic_filter: str,
+    path: str,
+) -> None:
+    """A webhook subscription to `receiver` at `path`, whose secret it then checks."""
+    created = await stub.CreateSubscription(
+        pb.CreateSubscriptionRequest(
+            subscription=pb.Subscription(
+                topics=[topic_filter], webhook=pb.WebhookChannel(url=receiver.url(path))
+            )
+        ),
+        metadata=metadata,
+    )
+    receiver.secrets[path] = [created.secret]
+
+
 async def end_to_end(
     address: str, token: str, receiver: WebhookReceiver, meter: CpuMeter
 ) -> dict[str, Any]:
     metadata = (("authorization", f"Bearer {token}"),)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = notify_service_pb2_grpc.NotifyServiceStub(channel)
-        created = await stub.CreateSubscription(
-            pb.CreateSubscriptionRequest(
-                subscription=pb.Subscription(
-                    topics=["bench.*"], webhook=pb.WebhookChannel(url=receiver.url("/hook"))
-                )
-            ),
-            metadata=metadata,
-        )
-        receiver.secrets["/hook"] = [created.secret]
+        await subscribe_receiver(stub, metadata, receiver, "bench.*", "/hook")
 
         async def publish_one_by_one(prefix: str, count: int) -> float:
             """Seconds to publish `count` events with Publish, IN_FLIGHT at a time."""

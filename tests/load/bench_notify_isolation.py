@@ -105,15 +105,7 @@ async def one_round(admin_url: str, name: str, pause_after: str) -> float:
                 ),
                 metadata=metadata,
             )
-            healthy = await stub.CreateSubscription(
-                pb.CreateSubscriptionRequest(
-                    subscription=pb.Subscription(
-                        topics=["healthy.*"], webhook=pb.WebhookChannel(url=receiver.url("/ok"))
-                    )
-                ),
-                metadata=metadata,
-            )
-            receiver.secrets["/ok"] = [healthy.secret]
+            await bench_notify.subscribe_receiver(stub, metadata, receiver, "healthy.*", "/ok")
             await asyncio.sleep(1.0)  # the worker is listening
             await stub.PublishBatch(batch("stuck.event", "s", HANGING), metadata=metadata)
             await asyncio.sleep(0.5)
