@@ -12,10 +12,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 def cmd_lint(args: argparse.Namespace) -> int:
     # Imported here: the lint needs PyYAML (a dev dependency), the images' CLI does not.
-    from aimesh_cli.meshlint import rules, sources
+    from aimesh_cli.meshlint import built, rules, sources
 
-    mesh = sources.load(pathlib.Path(args.root))
-    findings = rules.lint(mesh)
+    root = pathlib.Path(args.root)
+    # The files as written, then what `kubectl apply -k` of each deployment sends.
+    findings = rules.lint(sources.load(root)) + built.lint(root)
     for finding in findings:
         print(finding)
     if findings:

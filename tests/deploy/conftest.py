@@ -15,8 +15,8 @@ DESCRIPTOR = pathlib.Path("protos/aimesh/descriptor_set.binpb")
 
 @pytest.fixture
 def mesh_copy(tmp_path: pathlib.Path) -> pathlib.Path:
-    """k8s/, istio/, gateway_envoy/ and the descriptor set, copied to edit freely."""
-    for folder in ("k8s", "istio", "gateway_envoy"):
+    """The deploy config, the Dockerfiles and the descriptor set, copied to edit freely."""
+    for folder in ("k8s", "istio", "gateway_envoy", "services/images"):
         shutil.copytree(ROOT / folder, tmp_path / folder)
     (tmp_path / DESCRIPTOR).parent.mkdir(parents=True)
     shutil.copy(ROOT / DESCRIPTOR, tmp_path / DESCRIPTOR)

@@ -89,6 +89,18 @@ def test_overlay_builds_and_validates(target: str) -> None:
     assert not errors, "\n".join(errors)
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_namespaced_object_lands_in_aimesh(target: str) -> None:
+    """What `kubectl apply -k` creates, component objects included, is all in the
+    namespace the README works in, whatever the context's namespace is."""
+    outside = [
+        f"{doc['kind']}/{doc['metadata']['name']}"
+        for doc in build(target)
+        if doc["kind"] != "Namespace" and doc["metadata"].get("namespace") != "aimesh"
+    ]
+    assert outside == []
+
+
 def test_overlays_hold_what_they_promise() -> None:
     kinds = {(d["kind"], d["metadata"]["name"]) for d in build("k8s/overlays/prod")}
     for service in ("user", "search", "recommend", "chat", "notify"):

@@ -14,7 +14,13 @@ from aimesh_cli.meshlint import contracts
 
 FOLDERS = ("k8s", "istio", "gateway_envoy")
 # YAML that is not a cluster object.
-NOT_OBJECTS = {"kustomization.yaml", "envoy.yaml", "openapi.yaml", "callgraph.yaml"}
+NOT_OBJECTS = {
+    "kustomization.yaml",
+    "envoy.yaml",
+    "openapi.yaml",
+    "callgraph.yaml",
+    "meshlint.yaml",
+}
 ENVOY = "gateway_envoy/envoy.yaml"
 CALLGRAPH = "istio/callgraph.yaml"
 OPENAPI = "gateway_envoy/openapi.yaml"

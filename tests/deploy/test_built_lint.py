@@ -1,0 +1,64 @@
+"""`aimesh mesh lint` on what `kubectl apply -k` sends (test_mesh_lint checks the
+committed deployments are clean): a small fixture service is clean, and each
+rule fires on the fixture broken in just the way it guards against."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from aimesh_cli.meshlint import built
+from tests.deploy.conftest import ROOT
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+# fixture folder -> the one rule it must trip
+BROKEN = {
+    "namespace": "namespace",
+    "reference": "reference",
+    "reference-account": "reference",
+    "cluster-dns": "cluster-dns",
+    "selector": "selector",
+    "image-dockerfile": "image-dockerfile",
+    "mtls-strict": "mtls-strict",
+    "probes": "probes",
+    "resources": "resources",
+    "security-context": "security-context",
+    "outlier-detection": "outlier-detection",
+}
+
+
+def lint_fixture(name: str) -> list[str]:
+    folder = (FIXTURES / name).relative_to(ROOT).as_posix()
+    deploy = built.deployment(ROOT, name, built.build(ROOT, folder), built.load_config(ROOT))
+    return [f"[{f.rule}] {f.message}" for rule in built.BUILT_RULES.values() for f in rule(deploy)]
+
+
+def test_every_built_rule_has_a_broken_fixture() -> None:
+    assert set(BROKEN.values()) == set(built.BUILT_RULES)
+
+
+def test_good_fixture_is_clean() -> None:
+    assert lint_fixture("good") == []
+
+
+@pytest.mark.parametrize("fixture", sorted(BROKEN))
+def test_rule_fires_on_its_broken_fixture(fixture: str) -> None:
+    found = lint_fixture(fixture)
+    assert found
+    assert all(line.startswith(f"[{BROKEN[fixture]}]") for line in found), found
+
+
+def test_an_overlay_without_its_namespace_is_caught(mesh_copy: pathlib.Path) -> None:
+    """The regression of issue 19: dev's components' objects outside `aimesh`."""
+    path = mesh_copy / "k8s" / "overlays" / "dev" / "kustomization.yaml"
+    path.write_text(path.read_text().replace("namespace: aimesh\n", ""))
+    found = [str(f) for f in built.lint(mesh_copy)]
+    assert "k8s/overlays/dev: [namespace] Secret default/user-db: lands in 'default' " in "\n".join(
+        found
+    )
+    assert any(
+        "[reference] StatefulSet aimesh/user-db: container postgres env POSTGRES_PASSWORD: "
+        "no Secret user-db in namespace aimesh" in line
+        for line in found
+    )
