@@ -16,7 +16,11 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
     root = pathlib.Path(args.root)
     # The files as written, then what `kubectl apply -k` of each deployment sends.
-    findings = rules.lint(sources.load(root)) + built.lint(root)
+    mesh = sources.load(root)
+    findings = rules.lint(mesh)
+    # A finding the files already show is not repeated for each build.
+    shown = {(f.rule, f.message) for f in findings}
+    findings += [f for f in built.lint(root, mesh) if (f.rule, f.message) not in shown]
     for finding in findings:
         print(finding)
     if findings:

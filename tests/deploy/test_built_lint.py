@@ -8,6 +8,7 @@ import pathlib
 
 import pytest
 
+from aimesh_cli.main import main
 from aimesh_cli.meshlint import built
 from tests.deploy.conftest import ROOT
 
@@ -62,3 +63,23 @@ def test_an_overlay_without_its_namespace_is_caught(mesh_copy: pathlib.Path) -> 
         "no Secret user-db in namespace aimesh" in line
         for line in found
     )
+
+
+def test_an_overlay_patch_is_checked_by_the_source_rules(
+    mesh_copy: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An overlay's image override is no object of its own: only the build shows
+    the GPU Deployment running the CPU image."""
+    path = mesh_copy / "k8s" / "overlays" / "gpu" / "kustomization.yaml"
+    path.write_text(
+        path.read_text().replace(
+            "{name: ghcr.io/aimesh/search-gpu, newTag: 0.1.0}",
+            "{name: ghcr.io/aimesh/search-gpu, newName: ghcr.io/aimesh/search, newTag: 0.1.0}",
+        )
+    )
+    assert main(["mesh", "lint", "--root", str(mesh_copy)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines
+    assert all(
+        line.startswith("k8s/overlays/gpu: [gpu-image] Deployment search-v1") for line in lines
+    ), lines

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from aimesh_cli.meshlint import rules, sources
 from aimesh_cli.meshlint.rules import Finding
 
 CONFIG = "k8s/meshlint.yaml"
@@ -707,7 +708,39 @@ BUILT_RULES: dict[str, BuiltRule] = {
 }
 
 
-def lint(root: pathlib.Path) -> list[Finding]:
+# The rules on files as written that also hold for what a build sends (patches
+# included): run on each built deployment too. The NetworkPolicy call rule only
+# where the deployment has policies (dev runs without).
+SOURCE_RULES = [
+    rules.virtual_service_subsets,
+    rules.service_ports,
+    rules.gpu_images,
+    rules.retries_and_timeouts,
+    rules.authorization_principals,
+    rules.authorization_callgraph,
+]
+
+
+def _source_rules(deploy: Deployment, mesh: sources.Mesh) -> Iterator[Finding]:
+    built_mesh = sources.Mesh(
+        root=mesh.root,
+        namespace=mesh.namespace,
+        objects=[sources.Obj(doc.origin, doc.body) for doc in deploy.docs],
+        envoy=mesh.envoy,
+        callgraph=mesh.callgraph,
+        methods=mesh.methods,
+        descriptor_bytes=mesh.descriptor_bytes,
+    )
+    checks = list(SOURCE_RULES)
+    if deploy.of_kind("NetworkPolicy"):
+        checks.append(rules.network_policies)
+    for rule in checks:
+        yield from rule(built_mesh)
+
+
+def lint(root: pathlib.Path, mesh: sources.Mesh | None = None) -> list[Finding]:
+    """The built rules on every deployment; with `mesh` (the files as written),
+    the source rules on each build too."""
     found: set[Finding] = set()
     for deploy in deployments(root):
         if isinstance(deploy, Finding):
@@ -715,4 +748,6 @@ def lint(root: pathlib.Path) -> list[Finding]:
             continue
         for rule in BUILT_RULES.values():
             found.update(rule(deploy))
+        if mesh is not None:
+            found.update(_source_rules(deploy, mesh))
     return sorted(found)
