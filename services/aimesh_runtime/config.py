@@ -13,6 +13,7 @@ import dataclasses
 import os
 import types
 import typing
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -68,7 +69,8 @@ def load(cls: type[T], environ: Mapping[str, str] | None = None, **overrides: An
             values[item.name] = overrides[item.name]
             continue
         env = item.metadata.get("env")
-        if env is None or env not in environ:
+        raw = None if env is None else _value(environ, env)
+        if raw is None:
             if item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{env} is required: {item.metadata.get('doc', '')}")
             continue
@@ -76,7 +78,6 @@ def load(cls: type[T], environ: Mapping[str, str] | None = None, **overrides: An
         optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
         if optional:
             kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-        raw = environ[env]
         if optional and raw == "":
             values[item.name] = None
             continue
@@ -90,6 +91,22 @@ def load(cls: type[T], environ: Mapping[str, str] | None = None, **overrides: An
     if check is not None:
         check()
     return instance
+
+
+def _value(environ: Mapping[str, str], env: str) -> str | None:
+    """`env`, or else the content of the file `env`_FILE names (secrets mounted as
+    files stay out of the environment); a file that is not there counts as unset,
+    as the kubelet leaves out an optional secret's missing key."""
+    if env in environ:
+        return environ[env]
+    path = environ.get(f"{env}_FILE")
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read().rstrip("\n")
+    except FileNotFoundError:
+        return None
 
 
 _PORT_FIELDS: dict[str, Callable[[str], Any]] = {"grpc_port": _parse_port, "http_port": _parse_port}
@@ -253,4 +270,13 @@ def database_url(service: str, environ: Mapping[str, str] | None = None) -> str:
         raise ConfigError(f"{name} is required: the PostgreSQL URL of the {service} database")
     if not url.startswith(("postgresql://", "postgres://")):
         raise ConfigError(f"{name} is invalid: expected a postgresql:// URL")
+    # The password may come apart from the URL, as a mounted secret file
+    # (AIMESH_<SERVICE>_DATABASE_PASSWORD_FILE); it replaces the URL's own.
+    password = _value(environ, name.removesuffix("_URL") + "_PASSWORD")
+    if password is not None:
+        parts = urllib.parse.urlsplit(url)
+        user_info, _, host = parts.netloc.rpartition("@")
+        user = user_info.partition(":")[0]
+        netloc = f"{user}:{urllib.parse.quote(password, safe='')}@{host}"
+        url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
     return url

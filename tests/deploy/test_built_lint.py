@@ -59,7 +59,7 @@ def test_an_overlay_without_its_namespace_is_caught(mesh_copy: pathlib.Path) -> 
         found
     )
     assert any(
-        "[reference] StatefulSet aimesh/user-db: container postgres env POSTGRES_PASSWORD: "
+        "[reference] StatefulSet aimesh/user-db: volume secrets: "
         "no Secret user-db in namespace aimesh" in line
         for line in found
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import pytest
 
 from aimesh_notify.settings import NotifySettings
@@ -81,4 +83,35 @@ def test_database_url_is_required_and_postgres() -> None:
     assert (
         database_url("chat", {"AIMESH_CHAT_DATABASE_URL": "postgresql://h/db"})
         == "postgresql://h/db"
+    )
+
+
+def test_a_setting_may_come_from_the_file_its_FILE_variable_names(tmp_path: pathlib.Path) -> None:
+    key = tmp_path / "key-encryption-key"
+    key.write_text(KEK + "\n")
+    environ = {"AIMESH_USER_KEY_ENCRYPTION_KEY_FILE": str(key)}
+    assert load(UserSettings, environ).key_encryption_key == KEK
+    # The variable itself wins; a file the kubelet left out counts as unset.
+    assert (
+        load(
+            UserSettings, {**environ, "AIMESH_USER_KEY_ENCRYPTION_KEY": "B" * 43}
+        ).key_encryption_key
+        == "B" * 43
+    )
+    with pytest.raises(ConfigError, match="AIMESH_USER_KEY_ENCRYPTION_KEY is required"):
+        load(UserSettings, {"AIMESH_USER_KEY_ENCRYPTION_KEY_FILE": str(tmp_path / "absent")})
+
+
+def test_the_database_password_may_come_from_a_file(tmp_path: pathlib.Path) -> None:
+    password = tmp_path / "password"
+    password.write_text("s3cret/with@odd:chars\n")
+    environ = {
+        "AIMESH_USER_DATABASE_URL": "postgresql://aimesh_user@user-db:5432/aimesh_user?sslmode=disable",
+        "AIMESH_USER_DATABASE_PASSWORD_FILE": str(password),
+    }
+    assert database_url("user", environ) == (
+        "postgresql://aimesh_user:s3cret%2Fwith%40odd%3Achars@user-db:5432/aimesh_user?sslmode=disable"
+    )
+    assert database_url("user", {"AIMESH_USER_DATABASE_URL": "postgresql://u:p@h/d"}) == (
+        "postgresql://u:p@h/d"
     )
