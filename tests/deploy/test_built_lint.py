@@ -5,6 +5,7 @@ rule fires on the fixture broken in just the way it guards against."""
 from __future__ import annotations
 
 import pathlib
+import shutil
 
 import pytest
 
@@ -83,3 +84,12 @@ def test_an_overlay_patch_is_checked_by_the_source_rules(
     assert all(
         line.startswith("k8s/overlays/gpu: [gpu-image] Deployment search-v1") for line in lines
     ), lines
+
+
+def test_an_overlay_no_deployment_applies_is_a_finding(mesh_copy: pathlib.Path) -> None:
+    shutil.copytree(mesh_copy / "k8s" / "overlays" / "prod", mesh_copy / "k8s" / "overlays" / "eu")
+    config = built.load_config(mesh_copy)
+    assert [str(f) for f in built.unlisted_overlays(mesh_copy, config)] == [
+        "k8s/overlays/eu: [kustomize-build] no deployment of k8s/meshlint.yaml applies it"
+    ]
+    assert list(built.unlisted_overlays(ROOT, built.load_config(ROOT))) == []

@@ -165,9 +165,21 @@ def deployment(
     )
 
 
+def unlisted_overlays(root: pathlib.Path, config: dict[str, Any]) -> Iterator[Finding]:
+    """An overlay no deployment applies would go unchecked."""
+    listed = {
+        target for targets in (config.get("deployments") or {}).values() for target in targets
+    }
+    for folder in sorted((root / "k8s" / "overlays").iterdir()):
+        target = folder.relative_to(root).as_posix()
+        if folder.is_dir() and target not in listed:
+            yield Finding(target, "kustomize-build", f"no deployment of {CONFIG} applies it")
+
+
 def deployments(root: pathlib.Path) -> Iterator[Deployment | Finding]:
     """Each configured deployment, built; a target that does not build is a finding."""
     config = load_config(root)
+    yield from unlisted_overlays(root, config)
     for name, targets in (config.get("deployments") or {}).items():
         docs: list[Doc] = []
         failed = False
