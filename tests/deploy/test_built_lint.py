@@ -93,3 +93,19 @@ def test_an_overlay_no_deployment_applies_is_a_finding(mesh_copy: pathlib.Path) 
         "k8s/overlays/eu: [kustomize-build] no deployment of k8s/meshlint.yaml applies it"
     ]
     assert list(built.unlisted_overlays(ROOT, built.load_config(ROOT))) == []
+
+
+def test_prod_secrets_made_by_hand_resolve_only_because_the_config_lists_them() -> None:
+    config = built.load_config(ROOT)
+    docs = built.build(ROOT, "k8s/overlays/prod")
+    assert not list(built.references(built.deployment(ROOT, "prod", docs, config)))
+    del config["external_secrets"]["prod"]["aimesh"]["notify-keys"]
+    config["external_secrets"]["prod"]["aimesh"]["user-keys"] = ["another-key"]
+    found = sorted(
+        f.message for f in built.references(built.deployment(ROOT, "prod", docs, config))
+    )
+    assert found == [
+        "Deployment aimesh/notify-v1: volume secrets: no Secret notify-keys in namespace aimesh",
+        "Deployment aimesh/user-v1: volume secrets: Secret user-keys (created by hand) "
+        "is not listed with key 'key-encryption-key'",
+    ]
