@@ -55,7 +55,9 @@ def test_an_overlay_without_its_namespace_is_caught(mesh_copy: pathlib.Path) -> 
     """The regression of issue 19: dev's components' objects outside `aimesh`."""
     path = mesh_copy / "k8s" / "overlays" / "dev" / "kustomization.yaml"
     path.write_text(path.read_text().replace("namespace: aimesh\n", ""))
-    found = [str(f) for f in built.lint(mesh_copy)]
+    docs = built.build(mesh_copy, "k8s/overlays/dev") + built.build(mesh_copy, "istio")
+    deploy = built.deployment(mesh_copy, "dev", docs, built.load_config(mesh_copy))
+    found = [str(f) for rule in built.BUILT_RULES.values() for f in rule(deploy)]
     assert "k8s/overlays/dev: [namespace] Secret default/user-db: lands in 'default' " in "\n".join(
         found
     )
@@ -109,3 +111,14 @@ def test_prod_secrets_made_by_hand_resolve_only_because_the_config_lists_them() 
         "Deployment aimesh/user-v1: volume secrets: Secret user-keys (created by hand) "
         "is not listed with key 'key-encryption-key'",
     ]
+
+
+def test_a_target_that_does_not_build_is_a_finding(mesh_copy: pathlib.Path) -> None:
+    (mesh_copy / "k8s" / "meshlint.yaml").write_text("deployments: {dev: [k8s/overlays/dev]}\n")
+    path = mesh_copy / "k8s" / "overlays" / "dev" / "kustomization.yaml"
+    path.write_text(
+        path.read_text().replace("../../components/observability", "../../components/tracing")
+    )
+    found = [f for f in built.lint(mesh_copy) if f.file == "k8s/overlays/dev"]
+    assert len(found) == 1 and found[0].rule == "kustomize-build", found
+    assert "tracing" in found[0].message
