@@ -501,9 +501,9 @@ def images(deploy: Deployment) -> Iterator[Finding]:
     for workload, template in deploy.pods():
         for container in _containers(template):
             image = str(container.get("image", ""))
-            repository = re.split(r"[@]", image)[0]
-            repository = re.sub(r":[^/]+$", "", repository)
-            if repository.startswith(deploy.own_registry) and deploy.own_registry:
+            # Without the digest, then the tag (a registry host may have a port).
+            repository = re.sub(r":[^/]+$", "", image.split("@")[0])
+            if deploy.own_registry and repository.startswith(deploy.own_registry):
                 name = repository.removeprefix(deploy.own_registry)
                 dockerfile = deploy.root / "services" / "images" / f"{name}.Dockerfile"
                 if not dockerfile.exists():
