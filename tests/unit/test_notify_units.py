@@ -29,10 +29,25 @@ from aimesh_runtime.errors import InvalidArgument
     "address",
     ["127.0.0.1", "10.0.0.1", "172.31.255.255", "192.168.0.1", "169.254.169.254", "100.64.0.1",
      "0.0.0.0", "224.0.0.251", "255.255.255.255", "::1", "::", "fe80::1", "fd00:ec2::254",
-     "fc00::1", "ff02::1", "::ffff:10.0.0.1", "64:ff9b::a00:1"],
+     "fc00::1", "ff02::1", "::ffff:10.0.0.1", "64:ff9b::a00:1",
+     # IPv4-compatible and -translated forms of the metadata address and of public ones
+     "::a9fe:a9fe", "::169.254.169.254", "::ffff:0:a9fe:a9fe", "::8.8.8.8", "::ffff:0:8.8.8.8",
+     # not globally routable though on no explicit list
+     "2001:10::1", "2001:20::1"],
 )  # fmt: skip
 def test_denied_addresses(address: str) -> None:
     assert denial(ipaddress.ip_address(address)) is not None
+
+
+def test_an_embedded_ipv4_address_is_checked_even_where_its_prefix_is_not_listed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The explicit list is the second check: without it, is_global and the
+    # embedded address still refuse the metadata endpoint in every IPv6 form.
+    monkeypatch.setattr(netguard, "_NETWORKS", ())
+    for address in ("::a9fe:a9fe", "::ffff:0:a9fe:a9fe", "64:ff9b::a9fe:a9fe",
+                    "2002:a9fe:a9fe::1", "::ffff:169.254.169.254"):  # fmt: skip
+        assert "169.254.169.254" in (denial(ipaddress.ip_address(address)) or "")
 
 
 @pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700::1111"])
