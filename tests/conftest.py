@@ -84,6 +84,8 @@ async def start_server(
         "AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY": kek(),
         "AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL": ADMIN_EMAIL,
         "AIMESH_USER_BOOTSTRAP_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        # Every test registers from 127.0.0.1: lift Register's per-client limit too.
+        "AIMESH_USER_REGISTER_PER_CLIENT_PER_HOUR": "1000000",
         **(extra_env or {}),
     }
     for spec in specs:

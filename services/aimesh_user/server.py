@@ -24,6 +24,7 @@ from aimesh_runtime.config import ConfigError
 from aimesh_runtime.resilience import CircuitBreaker
 from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
 from aimesh_user.accounts import Accounts, LocalApiKeys
+from aimesh_user.registration import RegisterThrottle
 from aimesh_user.saga import PEER_ADDRESS_ENV, Deletions, Purge
 from aimesh_user.saga_store import DeletionStore
 from aimesh_user.servicer import UserServicer
@@ -119,7 +120,16 @@ async def mount(context: ServiceContext) -> Mount:
         servicers=[
             (
                 user_service_pb2_grpc.add_UserServiceServicer_to_server,
-                UserServicer(accounts, keys, deletions, settings.deletion_wait_s),
+                UserServicer(
+                    accounts,
+                    keys,
+                    deletions,
+                    settings.deletion_wait_s,
+                    RegisterThrottle(
+                        settings.register_per_client_per_hour,
+                        settings.register_per_email_per_hour,
+                    ),
+                ),
             )
         ],
         jwks=keys.fetch_jwks,
