@@ -74,14 +74,15 @@ class Revocations:
         self.max_stale_s = max_stale_s
         self._not_before: dict[str, float] = {}
         self._fetched_at = -math.inf  # clock() when the last good fetch began
+        self._attempted_at = -math.inf  # clock() when the last fetch began
         self._fetching: asyncio.Task[None] | None = None
 
     def fresh(self) -> bool:
         """The copy is young enough to decide with, without waiting."""
-        age = self._clock() - self._fetched_at
-        if age > self._poll_s:
+        now = self._clock()
+        if now - self._fetched_at > self._poll_s and now - self._attempted_at > self._poll_s:
             self._start_fetch()  # behind the calls that still use this copy
-        return age <= self.max_stale_s
+        return now - self._fetched_at <= self.max_stale_s
 
     def revoked(self, subject: str, issued_at: float) -> bool:
         not_before = self._not_before.get(subject)
@@ -115,7 +116,7 @@ class Revocations:
         return self._fetching
 
     async def _refresh(self) -> None:
-        started = self._clock()
+        started = self._attempted_at = self._clock()
         try:
             listed = not_before_of(await self._fetch())
         except Exception as error:

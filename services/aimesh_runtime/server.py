@@ -26,7 +26,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
-from opentelemetry.trace import TracerProvider
+from opentelemetry.trace import NoOpTracerProvider, TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from aimesh.notify.v1 import notify_service_pb2
@@ -267,7 +267,9 @@ class AimeshServer:
             min_refetch_s=1.0 if local_jwks else 10.0,
             # The same document lists who was disabled or deleted; polled far more often.
             revocations=Revocations(
-                fetch,
+                # Polled in the background: no span per poll (a request's fetch has one).
+                local_jwks
+                or http_jwks_fetcher(config.jwks_url, tracer_provider=NoOpTracerProvider()),
                 poll_s=config.revocation_max_stale_s / 5,
                 max_stale_s=config.revocation_max_stale_s,
             ),
