@@ -84,6 +84,8 @@ async def start_server(
         "AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY": kek(),
         "AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL": ADMIN_EMAIL,
         "AIMESH_USER_BOOTSTRAP_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        # Every test registers from 127.0.0.1: lift Register's per-client limit too.
+        "AIMESH_USER_REGISTER_PER_CLIENT_PER_HOUR": "1000000",
         **(extra_env or {}),
     }
     for spec in specs:
@@ -92,6 +94,8 @@ async def start_server(
     # unless a test is about it.
     config_overrides.setdefault("rate_limit_anonymous_rps", 10_000.0)
     config_overrides.setdefault("rate_limit_anonymous_burst", 10_000)
+    # Deletion sagas wait this out before purging: keep it short, not flaky.
+    config_overrides.setdefault("revocation_max_stale_s", 1.0)
     config = load(RuntimeConfig, environ, grpc_port=0, http_port=0, **config_overrides)
     server = AimeshServer(specs, config, environ)
     await server.start()

@@ -30,11 +30,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 DEFAULT_TOLERANCE_S = 300.0
+
+# notify's secrets are "whsec_" and 43 URL-safe base64 characters; an empty or
+# truncated one (an unset variable) must not key a check anyone can forge.
+_SECRET = re.compile(r"whsec_[A-Za-z0-9_-]{32,}")
+# Parsed before any arithmetic, so crafted headers end as WebhookError only.
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+_SIGNATURE = re.compile(r"[0-9a-f]{64}")
 
 
 class WebhookError(ValueError):
@@ -61,20 +69,22 @@ def verify(
 ) -> Delivery:
     """The delivery, if one of `secrets` signed it within `tolerance_s` of
     `now`; WebhookError otherwise. Header names are matched in any case."""
-    lowered = {name.lower(): value.strip() for name, value in headers.items()}
+    keys = _checked_secrets(secrets)
+    lowered = {str(name).lower(): str(value).strip() for name, value in headers.items()}
     raw_timestamp = lowered.get("aimesh-timestamp", "")
-    if not raw_timestamp.isdigit():
-        raise WebhookError("no aimesh-timestamp header, or not a whole number of seconds")
+    if not _TIMESTAMP.fullmatch(raw_timestamp):
+        raise WebhookError(
+            "no aimesh-timestamp header, or not a whole number of seconds "
+            "(ASCII digits, at most 12)"
+        )
     timestamp = int(raw_timestamp)
     current = time.time() if now is None else now
     if abs(current - timestamp) > tolerance_s:
         raise WebhookError(
             f"signed {current - timestamp:+.0f} s from now, beyond the {tolerance_s:g} s allowed"
         )
-    try:
-        attempt = int(lowered.get("aimesh-attempt", "1"))
-    except ValueError:
-        attempt = 0
+    raw_attempt = lowered.get("aimesh-attempt", "1")
+    attempt = int(raw_attempt) if _TIMESTAMP.fullmatch(raw_attempt) else 0
     delivery = Delivery(
         lowered.get("aimesh-delivery", ""),
         lowered.get("aimesh-event-id", ""),
@@ -97,9 +107,8 @@ def verify(
         )
     else:
         raise WebhookError("no signature in the aimesh-signature header")
-    keys = [secrets] if isinstance(secrets, str) else list(secrets)
-    if not keys:
-        raise WebhookError("no secret to check the signature with")
+    if not all(_SIGNATURE.fullmatch(theirs) for theirs in sent):
+        raise WebhookError("a signature is not 64 lowercase hex digits")
     # Every pair is compared, in constant time each, so timing tells nothing.
     matched = False
     for key in keys:
@@ -109,3 +118,16 @@ def verify(
     if not matched:
         raise WebhookError("no signature matches the secrets given")
     return delivery
+
+
+def _checked_secrets(secrets: str | Iterable[str]) -> list[str]:
+    keys = [secrets] if isinstance(secrets, str) else list(secrets)
+    if not keys:
+        raise WebhookError("no secret to check the signature with")
+    for key in keys:
+        if not isinstance(key, str) or not _SECRET.fullmatch(key):
+            raise WebhookError(
+                "a secret is empty or not a notify webhook secret (whsec_ and 43 URL-safe "
+                "base64 characters, as CreateSubscription returned it)"
+            )
+    return keys

@@ -34,6 +34,8 @@ from aimesh_chat.prompting import (
     cited,
     estimate_tokens,
     extractive_answer,
+    new_boundary,
+    new_canary,
     system_prompt,
 )
 from aimesh_chat.providers import (
@@ -192,7 +194,6 @@ class Answering:
         provider: ModelProvider | None,
         breaker: CircuitBreaker,
         limits: AnswerLimits,
-        canary: str,
         model_metrics: ModelMetrics | None = None,
     ) -> None:
         self._store = store
@@ -202,7 +203,6 @@ class Answering:
         self._provider = provider
         self._breaker = breaker
         self._limits = limits
-        self._canary = canary
         self._model_metrics = model_metrics
         self._running: dict[str, _Running] = {}
         self._pending: set[asyncio.Task[None]] = set()
@@ -254,9 +254,10 @@ class Answering:
         turn = asyncio.ensure_future(
             self._store.start_turn(row.id, user_id, message, answer_id, model)
         )
+        canary = new_canary()  # per request: one leaked answer tells nothing of the next
         request = ModelRequest(
             model=model,
-            system=system_prompt(self._canary, retrieval.passages),
+            system=system_prompt(canary, retrieval.passages, new_boundary()),
             messages=conversation_turns(history, message),
             max_tokens=self._limits.max_output_tokens,
             replay_key=replay_key(model, collection, message),
@@ -274,7 +275,7 @@ class Answering:
                     f"{retrieval.unavailable}; answering without your documents",
                 )
             async with contextlib.aclosing(
-                self._generate(answer, running, request, retrieval.passages)
+                self._generate(answer, running, request, retrieval.passages, canary)
             ) as events:
                 async for event in events:
                     yield event
@@ -372,7 +373,12 @@ class Answering:
             return event
 
     async def _generate(
-        self, answer: _Answer, running: _Running, request: ModelRequest, passages: Sequence[Passage]
+        self,
+        answer: _Answer,
+        running: _Running,
+        request: ModelRequest,
+        passages: Sequence[Passage],
+        canary: str,
     ) -> AsyncGenerator[ChatEvent, None]:
         provider = self._provider
         if provider is None:
@@ -412,7 +418,7 @@ class Answering:
                 yield Degraded(
                     "REPLAY", "no API key is set: this answer is replayed from a recording"
                 )
-            guard = CanaryGuard(self._canary)
+            guard = CanaryGuard(canary)
             try:
                 while True:
                     if isinstance(event, TextDelta):

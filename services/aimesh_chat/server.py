@@ -16,7 +16,6 @@ from aimesh.search.v1 import search_service_pb2
 from aimesh_chat.answering import Answering, AnswerLimits
 from aimesh_chat.budgets import Budgets
 from aimesh_chat.conversations import Conversations
-from aimesh_chat.prompting import new_canary
 from aimesh_chat.providers import (
     AnthropicProvider,
     ModelError,
@@ -100,7 +99,6 @@ async def mount(context: ServiceContext) -> Mount:
             history_messages=settings.history_messages,
             first_token_timeout_s=settings.first_token_timeout_s,
         ),
-        settings.canary or new_canary(),
         ModelMetrics.of(context.metrics_registry),
     )
 

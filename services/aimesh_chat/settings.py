@@ -67,11 +67,6 @@ class ChatSettings:
         "empty turns recording and replay off.",
         "",
     )
-    canary: str = setting(
-        "AIMESH_CHAT_CANARY",
-        "Secret marker put in the system prompt to detect leaks; empty draws one at start.",
-        "",
-    )
 
     def check(self) -> None:
         if self.max_output_tokens < 1 or self.max_message_tokens < 1:
@@ -91,5 +86,3 @@ class ChatSettings:
             )
         if self.model_breaker_failures < 1 or self.model_breaker_reset_s <= 0:
             raise ConfigError("AIMESH_CHAT_MODEL_BREAKER_* must be positive")
-        if self.canary and len(self.canary) < 16:
-            raise ConfigError("AIMESH_CHAT_CANARY must be at least 16 characters")

@@ -5,7 +5,11 @@ the mesh. Without a guard anyone with notify.write could make the service
 reach what only the mesh can reach: the cloud metadata endpoint
 (169.254.169.254, fd00:ec2::254) and its credentials, the pod's own loopback
 (admin ports, sidecars), cluster services on private addresses. So a URL must
-be http(s) and every address its host resolves to must lie outside DENIED.
+be http(s) and every address its host resolves to must be globally routable
+(`is_global`) and lie outside DENIED, a second check that also names the
+reason. An IPv6 address that embeds an IPv4 one (mapped, compatible,
+translated, NAT64, 6to4, Teredo) is checked for the embedded one too: a tunnel
+or translator on the host would deliver to it.
 The check runs at creation and again before every attempt, against the
 addresses then resolved, and the request goes to the checked address itself
 (Host header and TLS SNI keep the name): a name re-pointed after the check
@@ -44,6 +48,8 @@ DENIED: tuple[tuple[str, str], ...] = (
     ("240.0.0.0/4", "reserved, incl. broadcast"),
     ("::/128", "unspecified"),
     ("::1/128", "loopback"),
+    ("::/96", "IPv4-compatible (deprecated), can reach any IPv4 address"),
+    ("::ffff:0:0:0/96", "IPv4-translated (SIIT), can reach any IPv4 address"),
     ("64:ff9b::/96", "NAT64, can reach any IPv4 address"),
     ("64:ff9b:1::/48", "local NAT64"),
     ("100::/64", "discard"),
@@ -62,14 +68,50 @@ class DeniedUrl(ValueError):
     """The URL may not be called; the message says why."""
 
 
+# Prefixes whose last 32 bits are an IPv4 address a translator or tunnel reaches.
+_EMBEDDING_V4 = tuple(
+    ipaddress.IPv6Network(net) for net in ("::/96", "::ffff:0:0:0/96", "64:ff9b::/96")
+)
+
+
 def denial(address: IPAddress) -> str | None:
     """Why this address is denied, or None if it is allowed."""
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    why = _listed(address)
+    if why is not None:
+        return why
+    for embedded in _embedded_ipv4(address):
+        inner = _listed(embedded) or _not_global(embedded)
+        if inner is not None:
+            return f"{address} embeds {inner}"
+    return _not_global(address)
+
+
+def _listed(address: IPAddress) -> str | None:
     for network, why in _NETWORKS:
         if address.version == network.version and address in network:
             return f"{address} is {why}"
     return None
+
+
+def _not_global(address: IPAddress) -> str | None:
+    return None if address.is_global else f"{address} is not globally routable"
+
+
+def _embedded_ipv4(address: IPAddress) -> list[ipaddress.IPv4Address]:
+    if not isinstance(address, ipaddress.IPv6Address):
+        return []
+    found = [
+        ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        for network in _EMBEDDING_V4
+        if address in network
+    ]
+    if address.sixtofour is not None:
+        found.append(address.sixtofour)
+    if address.teredo is not None:
+        found.extend(address.teredo)
+    return found
 
 
 @dataclass(frozen=True)

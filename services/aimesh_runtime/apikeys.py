@@ -3,7 +3,9 @@
 The user service alone can check a key (it holds the hashes). Elsewhere an
 "x-api-key" is exchanged through UserService.ExchangeApiKey, behind a
 breaker, and the principal is cached by the key's hash for a minute, so a
-revoked key stops working everywhere within a minute. Rejected keys are
+revoked key stops working everywhere within a minute; a cached key of a user
+disabled or deleted since is refused at once (TokenVerifier.refuse_revoked).
+Rejected keys are
 remembered for a while too, so a flood of bad keys costs the user service
 little.
 """
@@ -52,6 +54,7 @@ class ExchangedApiKeys:
         if cached is not None and cached[1] > time.monotonic():
             if cached[0] is None:
                 raise Unauthenticated("API key rejected", reason="API_KEY_INVALID")
+            await self._verifier.refuse_revoked(cached[0])
             return cached[0]
         request = user_service_pb2.ExchangeApiKeyRequest(api_key=api_key)
         try:
@@ -76,6 +79,7 @@ class ExchangedApiKeys:
             method="api_key",
             expires_at=principal.expires_at,
             token=principal.token,
+            issued_at=principal.issued_at,
         )
         self._remember(digest, principal, min(ACCEPTED_TTL_S, principal.expires_at - time.time()))
         return principal

@@ -5,6 +5,8 @@ Each RPC's AccessPolicy is read from the generated descriptors (the
 Tokens are EdDSA JWTs from the user service; they are checked strictly
 (algorithm, type, kid, issuer, audience, time claims, lifetime) and a verified
 token is cached until it expires, so the per-call cost is a dictionary lookup.
+Tokens issued before their user's "not before" time (the user was disabled or
+deleted since) are refused, cached or not (see revocation.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from aimesh.options.v1 import access_pb2
 from aimesh_runtime.errors import PermissionDenied, Unauthenticated
+from aimesh_runtime.revocation import Revocations
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ class Principal:
     method: str  # "jwt", "api_key" or "anonymous"
     expires_at: float = 0.0
     token: str = field(default="", repr=False)
+    issued_at: float = 0.0  # the token's iat, checked against its user's not-before time
 
     def has_scopes(self, required: Iterable[str]) -> bool:
         return self.scopes.issuperset(required)
@@ -157,8 +161,10 @@ class TokenVerifier:
         refresh_interval_s: float = 300.0,
         min_refetch_s: float = 10.0,
         cache_size: int = 10_000,
+        revocations: Revocations | None = None,
     ) -> None:
         self._fetch_jwks = fetch_jwks
+        self._revocations = revocations
         self._issuer = issuer
         self._audience = audience
         self._max_lifetime_s = max_lifetime_s
@@ -175,22 +181,42 @@ class TokenVerifier:
         self._cache_size = cache_size
 
     def cached(self, token: str) -> Principal | None:
-        """The principal of a token verified before and not yet expired."""
+        """The principal of a token verified before, not yet expired, and known
+        not to be revoked; None when that needs waiting (verify() then decides)."""
         found = self._cache.get(token)
         if found is not None and found.expires_at > time.time() - self._leeway_s:
-            return found
+            revocations = self._revocations
+            if revocations is None or (
+                revocations.fresh() and not revocations.revoked(found.subject, found.issued_at)
+            ):
+                return found
         return None
 
     async def verify(self, token: str) -> Principal:
         cached = self.cached(token)
         if cached is not None:
             return cached
-        self._cache.pop(token, None)
-        principal = await self._verify_uncached(token)
-        self._cache[token] = principal
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return principal
+        found = self._cache.get(token)
+        if found is None or found.expires_at <= time.time() - self._leeway_s:
+            self._cache.pop(token, None)
+            found = await self._verify_uncached(token)
+            self._cache[token] = found
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        await self.refuse_revoked(found)
+        return found
+
+    async def refuse_revoked(self, principal: Principal) -> None:
+        """Unauthenticated if the principal's user was disabled or deleted after
+        its token was issued (also for principals cached elsewhere, such as
+        exchanged API keys); Unavailable if that cannot be known now."""
+        if self._revocations is None:
+            return
+        await self._revocations.ensure_fresh()
+        if self._revocations.revoked(principal.subject, principal.issued_at):
+            raise Unauthenticated(
+                "token revoked: the account was disabled or deleted", reason="TOKEN_REVOKED"
+            )
 
     def forget_cache(self) -> None:
         self._cache.clear()
@@ -309,6 +335,7 @@ class TokenVerifier:
             method="api_key" if isinstance(amr, list) and "api_key" in amr else "jwt",
             expires_at=float(exp),
             token=token,
+            issued_at=float(iat),
         )
 
 

@@ -150,6 +150,12 @@ class RuntimeConfig:
         "Where to fetch the user service's JWKS; empty in the user service itself.",
         "",
     )
+    revocation_max_stale_s: float = setting(
+        "AIMESH_REVOCATION_MAX_STALE_S",
+        "Refuse tokens (UNAVAILABLE) when the users' not-before list is older than this; "
+        "the user deletion saga waits this long for revocation. The same value everywhere.",
+        5.0,
+    )
     user_address: str = setting(
         "AIMESH_USER_ADDRESS", "host:port of the user service, to exchange API keys.", ""
     )
@@ -218,6 +224,8 @@ class RuntimeConfig:
             raise ConfigError(
                 "AIMESH_RATE_LIMIT_ANONYMOUS_RPS and _ANONYMOUS_BURST must be positive"
             )
+        if not 0.5 <= self.revocation_max_stale_s <= 300:
+            raise ConfigError("AIMESH_REVOCATION_MAX_STALE_S must be between 0.5 and 300")
         if self.max_message_bytes < 1024:
             raise ConfigError("AIMESH_MAX_MESSAGE_BYTES must be at least 1024")
         if self.health_probe_s < 0.1:

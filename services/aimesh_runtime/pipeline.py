@@ -282,6 +282,7 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
             request_id=request_id,
             deadline=None if remaining is None else time.monotonic() + remaining,
             forward=[("x-request-id", request_id)],
+            client=self._client(metadata, context),
         )
         span: trace.Span | None = None
         if self._tracing:

@@ -26,7 +26,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
-from opentelemetry.trace import TracerProvider
+from opentelemetry.trace import NoOpTracerProvider, TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from aimesh.notify.v1 import notify_service_pb2
@@ -49,6 +49,7 @@ from aimesh_runtime.metrics import RpcMetrics
 from aimesh_runtime.outbox import OutboxRelay
 from aimesh_runtime.pipeline import ServerPipeline
 from aimesh_runtime.ratelimit import RateLimiter
+from aimesh_runtime.revocation import Revocations
 from aimesh_runtime.telemetry import configure_logging, tracer_provider
 
 log = logging.getLogger(__name__)
@@ -264,6 +265,14 @@ class AimeshServer:
             max_lifetime_s=config.jwt_max_lifetime_s,
             # Local keys come from our own database: a rotation is seen within a second.
             min_refetch_s=1.0 if local_jwks else 10.0,
+            # The same document lists who was disabled or deleted; polled far more often.
+            revocations=Revocations(
+                # Polled in the background: no span per poll (a request's fetch has one).
+                local_jwks
+                or http_jwks_fetcher(config.jwks_url, tracer_provider=NoOpTracerProvider()),
+                poll_s=config.revocation_max_stale_s / 5,
+                max_stale_s=config.revocation_max_stale_s,
+            ),
         )
         api_keys = next((r.mount.api_keys for r in self._running if r.mount.api_keys), None)
         if api_keys is None and config.user_address:

@@ -28,14 +28,20 @@ log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 1 << 20
 DOCUMENT_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._~-")
 MAX_TEXT = 16_384
+MAX_DEPTH = 32  # the line's object counts as 1; metadata nests at most 31 deep
 
 
 def parse_line(raw: bytes, default_owner: str, may_assign_owner: bool = False) -> DocumentInput:
     """One JSONL line as a document, or ValueError saying what is wrong."""
+    too_deep = f"nested more than {MAX_DEPTH} levels deep"
     try:
         entry = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"not JSON: {error}") from None
+    except RecursionError:  # the decoder's own limit, long before our bound is checked
+        raise ValueError(too_deep) from None
+    if nesting_depth(entry) > MAX_DEPTH:
+        raise ValueError(too_deep)
     if not isinstance(entry, dict):
         raise ValueError("not a JSON object")
     doc_id, text = entry.get("id"), entry.get("text")
@@ -57,6 +63,21 @@ def parse_line(raw: bytes, default_owner: str, may_assign_owner: bool = False) -
     if owner != default_owner and not may_assign_owner:
         raise ValueError("only admins may import documents owned by others")
     return DocumentInput(doc_id, text, metadata, owner)
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value; without
+    recursion, so a deep value cannot exhaust the stack here either."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        current, depth = pending.pop()
+        if not isinstance(current, dict | list):
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_DEPTH:  # deeper is refused anyway: stop looking there
+            children = current.values() if isinstance(current, dict) else current
+            pending.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 class Importer:
@@ -146,8 +167,11 @@ class Importer:
                 return
             try:
                 document = parse_line(raw, owner, may_assign_owner)
-            except ValueError as error:
-                failed.append({"line": line_number, "message": str(error)})
+            except Exception as error:  # one bad line never fails the whole job
+                if not isinstance(error, ValueError):
+                    log.warning("import line %d: %r", line_number, error)
+                    error = ValueError(f"unreadable line ({type(error).__name__})")
+                failed.append({"line": line_number, "message": str(error)[:500]})
                 return
             # A later line with the same id replaces the earlier one in this batch too.
             batch[:] = [d for d in batch if d.id != document.id]

@@ -2,7 +2,11 @@
 
 Steps, in order: chat, recommend, search and notify PurgeUserData, then the
 account itself. Before the first step the account is disabled (no login,
-refresh or API key), in the transaction that records the saga.
+refresh or API key), in the transaction that records the saga, and its tokens
+are revoked from that moment (aimesh_runtime/revocation.py). No step runs
+until that revocation is in force in every service (`revocation_wait_s` after
+the saga began): a purge that ran earlier could be followed by data the
+user's still-accepted token creates, which no saga would ever erase.
 
 - Each peer step calls the peer's stub with a deadline, through a breaker,
   with this service's own token (admin scopes of the peers). PurgeUserData
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import random
 import uuid
@@ -79,8 +84,10 @@ class Deletions:
         retry_max_s: float = 300.0,
         lease_s: float = 60.0,
         resume_interval_s: float = 5.0,
+        revocation_wait_s: float = 0.0,
     ) -> None:
         self._store = store
+        self._revocation_wait_s = revocation_wait_s
         self._peers = peers
         self._retry_base_s = retry_base_s
         self._retry_max_s = retry_max_s
@@ -162,9 +169,12 @@ class Deletions:
         step = next((s for s in saga.steps if s.state == "PENDING"), None)
         if saga.state != "RUNNING" or step is None:
             return False
-        if step.next_attempt_time is not None:
+        in_force_at = saga.create_time + dt.timedelta(seconds=self._revocation_wait_s)
+        for due in (in_force_at, step.next_attempt_time):
+            if due is None:
+                continue
             now = await self._store.now()
-            wait_s = (step.next_attempt_time - now).total_seconds()
+            wait_s = (due - now).total_seconds()
             if wait_s > 0:
                 # Sleep in slices, renewing the lease so nobody else takes over.
                 await asyncio.sleep(min(wait_s, self._lease_s / 3))

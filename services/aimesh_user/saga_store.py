@@ -114,6 +114,20 @@ class DeletionStore:
             tuple(_step(step) for step in steps),
         )  # fmt: skip
 
+    async def not_before(self, within_s: float) -> dict[str, float]:
+        """Per user disabled in the last `within_s` seconds, when (epoch seconds):
+        the saga's row is written in the transaction that disables the user, and
+        stays after the account is gone. Tokens issued before are refused, also
+        after an aborted saga enabled the account again (the user logs in anew)."""
+        rows = await self._pool.fetch(
+            """SELECT user_id, extract(epoch FROM max(create_time)) AS not_before
+                 FROM user_deletions
+                WHERE create_time > now() - make_interval(secs => $1)
+                GROUP BY user_id""",
+            within_s,
+        )
+        return {str(row["user_id"]): float(row["not_before"]) for row in rows}
+
     async def now(self) -> dt.datetime:
         """The database's clock, which next_attempt_time is computed with."""
         now: dt.datetime = await self._pool.fetchval("SELECT now()")

@@ -4,6 +4,7 @@ peers, servicer, side routes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import uuid
@@ -19,11 +20,13 @@ from aimesh.notify.v1 import notify_service_pb2, notify_service_pb2_grpc
 from aimesh.recommend.v1 import recommend_service_pb2, recommend_service_pb2_grpc
 from aimesh.search.v1 import search_service_pb2, search_service_pb2_grpc
 from aimesh.user.v1 import user_service_pb2, user_service_pb2_grpc
+from aimesh_runtime import revocation
 from aimesh_runtime.client import connect
 from aimesh_runtime.config import ConfigError
 from aimesh_runtime.resilience import CircuitBreaker
 from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
 from aimesh_user.accounts import Accounts, LocalApiKeys
+from aimesh_user.registration import RegisterThrottle
 from aimesh_user.saga import PEER_ADDRESS_ENV, Deletions, Purge
 from aimesh_user.saga_store import DeletionStore
 from aimesh_user.servicer import UserServicer
@@ -32,6 +35,7 @@ from aimesh_user.signing import KeyRing
 from aimesh_user.store import UserStore
 
 log = logging.getLogger(__name__)
+REVOCATION_MARGIN_S = 1.0
 KEY_MAINTENANCE_INTERVAL_S = 60.0
 SERVICE_SUBJECT = "service-user"  # the sub of tokens this service mints for itself
 SERVICE_ACCOUNT_EMAIL = "services@aimesh.local"
@@ -92,15 +96,48 @@ async def mount(context: ServiceContext) -> Mount:
         return lambda: (("authorization", f"Bearer {keys.mint(SERVICE_SUBJECT, scopes)}"),)
 
     peers, channels = _peers(context, settings, service_metadata(SAGA_SCOPES))
+    revocation_refresh_s = context.config.revocation_max_stale_s / 5
+    deletion_store = DeletionStore(
+        context.pool, f"{socket.gethostname()}:{uuid.uuid4().hex}", settings.deletion_lease_s
+    )
     deletions = Deletions(
-        DeletionStore(
-            context.pool, f"{socket.gethostname()}:{uuid.uuid4().hex}", settings.deletion_lease_s
-        ),
+        deletion_store,
         peers,
         retry_max_s=settings.deletion_retry_max_s,
         lease_s=settings.deletion_lease_s,
         resume_interval_s=settings.deletion_resume_s,
+        # By then the list served below has it and every verifier has refetched
+        # that list, or refuses all tokens.
+        revocation_wait_s=(
+            context.config.revocation_max_stale_s + revocation_refresh_s + REVOCATION_MARGIN_S
+        ),
     )
+    # A not-before time is kept as long as any token issued before it may live.
+    revocation_window_s = context.config.jwt_max_lifetime_s + 60.0  # and the verifiers' leeway
+
+    async def jwks_document() -> dict[str, Any]:
+        """This process's verifier's source: the keys, and who was disabled or
+        deleted, both read fresh from the database."""
+        document = dict(await keys.fetch_jwks())
+        document[revocation.DOCUMENT_MEMBER] = await deletion_store.not_before(revocation_window_s)
+        return document
+
+    # The HTTP route answers from memory on the side server's thread (it must not
+    # wait on the event loop), so the not-before list is reread every
+    # revocation_refresh_s; the saga's wait counts that lag in.
+    served_not_before = [await deletion_store.not_before(revocation_window_s)]
+
+    async def refresh_not_before() -> None:
+        while True:
+            await asyncio.sleep(revocation_refresh_s)
+            try:
+                served_not_before[0] = await deletion_store.not_before(revocation_window_s)
+            except Exception:
+                log.exception("reading the not-before list failed")
+
+    def jwks_route() -> tuple[str, bytes]:
+        document = {"keys": keys.jwks(), revocation.DOCUMENT_MEMBER: served_not_before[0]}
+        return "application/json", json.dumps(document, separators=(",", ":")).encode()
 
     async def close() -> None:
         await deletions.close()
@@ -119,13 +156,22 @@ async def mount(context: ServiceContext) -> Mount:
         servicers=[
             (
                 user_service_pb2_grpc.add_UserServiceServicer_to_server,
-                UserServicer(accounts, keys, deletions, settings.deletion_wait_s),
+                UserServicer(
+                    accounts,
+                    keys,
+                    deletions,
+                    settings.deletion_wait_s,
+                    RegisterThrottle(
+                        settings.register_per_client_per_hour,
+                        settings.register_per_email_per_hour,
+                    ),
+                ),
             )
         ],
-        jwks=keys.fetch_jwks,
+        jwks=jwks_document,
         api_keys=LocalApiKeys(accounts, keys),
-        routes={"/.well-known/jwks.json": lambda: ("application/json", keys.jwks_json())},
-        background=[maintain_keys, deletions.resume_forever],
+        routes={"/.well-known/jwks.json": jwks_route},
+        background=[maintain_keys, deletions.resume_forever, refresh_not_before],
         close=close,
         credentials=service_metadata(["notify.write"]),
     )

@@ -9,10 +9,12 @@ from google.protobuf import duration_pb2
 
 from aimesh.user.v1 import user_service_pb2 as pb
 from aimesh.user.v1 import user_service_pb2_grpc
+from aimesh_runtime.context import call_scope
 from aimesh_runtime.context import principal as caller
 from aimesh_runtime.errors import InvalidArgument
 from aimesh_runtime.pages import timestamp
 from aimesh_user.accounts import Accounts, scopes_of
+from aimesh_user.registration import RegisterThrottle
 from aimesh_user.saga import Deletions, deletion_name
 from aimesh_user.saga_store import DeletionRow
 from aimesh_user.signing import KeyRing
@@ -88,9 +90,15 @@ def deletion_proto(row: DeletionRow) -> pb.UserDeletion:
 
 class UserServicer(user_service_pb2_grpc.UserServiceServicer):
     def __init__(
-        self, accounts: Accounts, keys: KeyRing, deletions: Deletions, wait_s: float
+        self,
+        accounts: Accounts,
+        keys: KeyRing,
+        deletions: Deletions,
+        wait_s: float,
+        register_throttle: RegisterThrottle,
     ) -> None:
         self._accounts = accounts
+        self._register_throttle = register_throttle
         self._keys = keys
         self._deletions = deletions
         self._wait_s = wait_s
@@ -98,6 +106,8 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
     async def Register(
         self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterResponse:
+        scope = call_scope()
+        self._register_throttle.admit(scope.client if scope else "", request.email)
         row = await self._accounts.register(request.email, request.password, request.display_name)
         return pb.RegisterResponse(user=user_proto(row))
 

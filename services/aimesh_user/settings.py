@@ -52,6 +52,16 @@ class UserSettings:
     search_address: str = setting(
         "AIMESH_SEARCH_ADDRESS", "host:port of search, for the deletion saga.", ""
     )
+    register_per_client_per_hour: int = setting(
+        "AIMESH_USER_REGISTER_PER_CLIENT_PER_HOUR",
+        "Register calls a client address may make an hour (a burst of as many at once).",
+        20,
+    )
+    register_per_email_per_hour: int = setting(
+        "AIMESH_USER_REGISTER_PER_EMAIL_PER_HOUR",
+        "Register calls for one email an hour, from anywhere.",
+        5,
+    )
     deletion_step_timeout_s: float = setting(
         "AIMESH_USER_DELETION_STEP_TIMEOUT_S", "Deadline of each PurgeUserData call.", 10.0
     )
@@ -90,6 +100,8 @@ class UserSettings:
                 "go together"
             )
 
+        if self.register_per_client_per_hour < 1 or self.register_per_email_per_hour < 1:
+            raise ConfigError("AIMESH_USER_REGISTER_PER_*_PER_HOUR must be at least 1")
         if self.deletion_step_timeout_s <= 0 or self.deletion_retry_max_s <= 0:
             raise ConfigError(
                 "AIMESH_USER_DELETION_STEP_TIMEOUT_S and _RETRY_MAX_S must be positive"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +14,13 @@ from tests.conftest import Running, start_server
 from tests.fakes.anthropic_server import FakeAnthropic
 from tests.fakes.search import FakeSearch
 
-CANARY = "CANARY-test-4f1c9e2b7d3a8c60"
+CANARY = re.compile(r"CANARY-[0-9a-f]{24}")  # drawn per request; read from the system prompt
+
+
+def canary_of(system: str) -> str:
+    found = CANARY.search(system)
+    assert found is not None, "the system prompt carries no canary"
+    return found.group(0)
 
 
 async def start_chat(
@@ -29,7 +36,6 @@ async def start_chat(
         "AIMESH_JWKS_URL": f"http://127.0.0.1:{user_server.http_port}/.well-known/jwks.json",
         "AIMESH_USER_ADDRESS": user_server.address,
         "AIMESH_SEARCH_ADDRESS": search.address,
-        "AIMESH_CHAT_CANARY": CANARY,
         "AIMESH_CHAT_FIRST_TOKEN_TIMEOUT_S": "5",
         **env,
     }

@@ -17,7 +17,7 @@ from aimesh.chat.v1 import chat_service_pb2_grpc
 from tests.conftest import Running, admin_token, bearer, register_and_login
 from tests.fakes.anthropic_server import FakeAnthropic, Scenario
 from tests.fakes.chat_harness import (
-    CANARY,
+    canary_of,
     collect,
     kinds,
     new_conversation,
@@ -140,11 +140,18 @@ async def test_prompt_delimits_passages_as_untrusted_and_carries_the_canary(
     search.reset(SearchScenario(documents=[("x", sneaky)]))
     name = await new_conversation(stub, md)
     await collect(stub.StreamChat(ask(name, collection="collections/docs"), metadata=md))
-    system = fake.requests[0]["system"]
-    assert CANARY in system
-    assert system.count("<untrusted_document") == 1 and system.count("</untrusted_document>") == 1
-    body = system.split('<untrusted_document index="1">')[1].split("</untrusted_document>")[0]
-    assert "Fine print" in body and "<instructions>" not in body
+    await collect(stub.StreamChat(ask(name, collection="collections/docs"), metadata=md))
+    system, again = fake.requests[0]["system"], fake.requests[1]["system"]
+    assert canary_of(system) != canary_of(again)  # a canary and a boundary per request
+    element = system.split("<untrusted_document_")[1].split(" ")[0]
+    assert len(element) == 16 and element not in again
+    assert system.count("<untrusted_document") == 1 and system.count("</untrusted_document") == 1
+    opening, closing = (
+        f'<untrusted_document_{element} index="1">',
+        f"</untrusted_document_{element}>",
+    )
+    body = system.split(opening)[1].split(closing)[0]
+    assert "Fine print" in body and "<" not in body and "&lt;instructions&gt;" in body
     assert fake.requests[0]["messages"] == [{"role": "user", "content": "What routes calls?"}]
 
 
@@ -400,16 +407,19 @@ async def test_fifty_injected_documents_leak_no_canary(
     fake.reset(Scenario(obey_injections=True))
     search.reset(SearchScenario(documents=documents))
     name = await new_conversation(stub, md)
-    leaks = 0
+    sent = []
     for top_k in (20, 20, 10):
         events = await collect(
             stub.StreamChat(ask(name, collection="collections/docs", top_k=top_k), metadata=md)
         )
-        leaks += json.dumps([str(e) for e in events]).count(CANARY)
+        sent.append(json.dumps([str(e) for e in events]))
     stored = await stub.ListMessages(pb.ListMessagesRequest(parent=name), metadata=md)
-    leaks += sum(m.text.count(CANARY) for m in stored.messages)
+    canaries = [canary_of(request["system"]) for request in fake.requests]
+    leaks = sum(text.count(c) for text in sent for c in canaries)
+    leaks += sum(m.text.count(c) for m in stored.messages for c in canaries)
     # The naive model did repeat its instructions, canary included...
-    assert all(CANARY in log.text for log in fake.streams) and len(fake.streams) == 3
+    assert len(fake.streams) == len(set(canaries)) == 3
+    assert all(c in log.text for c, log in zip(canaries, fake.streams, strict=True))
     # ...and none of it reached the caller or the database.
     assert leaks == 0
     assert "[redacted]" in stored.messages[1].text

@@ -33,6 +33,7 @@ from aimesh.webhooks import WebhookError
 from aimesh.webhooks import verify as verify_webhook
 from aimesh_notify.sealing import SealError, SecretBox
 from aimesh_notify.server import SPEC
+from aimesh_notify.signing import new_secret
 from aimesh_runtime import db
 from tests.conftest import (
     ROOT,
@@ -687,7 +688,7 @@ async def test_secrets_are_sealed_after_create_and_rotate_and_still_sign(
         delivery = verify_webhook(received.body, received.headers, secrets)
         assert delivery.delivery_id == received.delivery and delivery.attempt == 1
     with pytest.raises(WebhookError):
-        verify_webhook(received.body, received.headers, ["whsec_other"])
+        verify_webhook(received.body, received.headers, [new_secret()])
 
 
 async def test_a_sealed_secret_copied_onto_another_subscription_does_not_open(

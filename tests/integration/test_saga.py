@@ -130,11 +130,14 @@ async def test_refused_before_any_erasure_aborts_and_enables_the_account(
                 pb.DeleteUserRequest(name="users/me"), metadata=bearer(token)
             )
             ended = await until_ended(running, started.deletion.name)
-            # Compensated: the account works again.
-            await users.Login(pb.LoginRequest(email=user.email, password="a-long-password-1"))
+            # Compensated: the account works again, with a new login (the tokens
+            # issued before the deletion began stay revoked).
+            login = await users.Login(
+                pb.LoginRequest(email=user.email, password="a-long-password-1")
+            )
             # The owner may read their own deletion; another member may not.
             own = await users.GetUserDeletion(
-                pb.GetUserDeletionRequest(name=ended.name), metadata=bearer(token)
+                pb.GetUserDeletionRequest(name=ended.name), metadata=bearer(login.access_token)
             )
             assert own.deletion.state == pb.USER_DELETION_STATE_ABORTED
             _, other = await register_and_login(users)

@@ -489,6 +489,20 @@ async def test_import_is_cancelled_then_resumed_without_loss(
         await expect(grpc.StatusCode.FAILED_PRECONDITION, feed(search, token, job, data, len(data)))
 
 
+async def test_a_deeply_nested_line_is_one_line_error_not_a_failed_job(
+    search_server: Running, token: str
+) -> None:
+    deep = b'{"id": "deep", "text": "t", "metadata": {"k": ' + b"[" * 100_000 + b"}}\n"
+    data = jsonl(3) + deep + jsonl(1).replace(b'"i0"', b'"last"')
+    channel, search = stub(search_server)
+    async with channel:
+        await make_collection(search, token, "nested")
+        job = (await feed(search, token, "collections/nested/importJobs/deep", data, 0)).import_job
+    assert job.state == pb.IMPORT_JOB_STATE_SUCCEEDED
+    assert (job.committed_lines, job.failed_lines) == (5, 1)
+    assert job.line_errors[0].line == 4 and "nested" in job.line_errors[0].message
+
+
 async def test_a_batch_full_of_bad_documents_is_still_invalid_argument(
     search_server: Running, token: str
 ) -> None:

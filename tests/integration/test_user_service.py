@@ -389,3 +389,48 @@ async def test_credential_guessing_is_rate_limited_per_client(new_database: Any)
         await running.server.stop(0.5)
     assert codes[:2] == [grpc.StatusCode.UNAUTHENTICATED] * 2
     assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes[2:]
+
+
+async def test_register_is_rate_limited_per_client_and_per_email(new_database: Any) -> None:
+    from aimesh_user.server import SPEC
+
+    running = await start_server(
+        [SPEC],
+        new_database,
+        extra_env={
+            "AIMESH_USER_REGISTER_PER_CLIENT_PER_HOUR": "3",
+            "AIMESH_USER_REGISTER_PER_EMAIL_PER_HOUR": "2",
+        },
+        trust_forwarded_for=True,
+    )
+
+    async def register(stub: Stub, email: str, client: str) -> grpc.StatusCode:
+        request = pb.RegisterRequest(email=email, password="a-long-password-1")
+        try:
+            await stub.Register(request, metadata=(("x-forwarded-for", client),))
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                assert details_of(error)["ErrorInfo"].reason == "REGISTER_RATE_LIMITED"  # type: ignore[attr-defined]
+                assert "RetryInfo" in details_of(error)
+            return error.code()
+        return grpc.StatusCode.OK
+
+    ok, taken, limited = (
+        grpc.StatusCode.OK, grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED
+    )  # fmt: skip
+    try:
+        async with running.channel() as channel:
+            stub = user_service_pb2_grpc.UserServiceStub(channel)
+            # One email probed from many places: its third try is refused.
+            probed = [
+                await register(stub, "Probed@example.com", f"198.51.100.{i}") for i in (1, 2, 3)
+            ]
+            assert probed == [ok, taken, limited]
+            # One place walking a list: its fourth try is refused, taken or not.
+            walked = [await register(stub, f"w{i}@example.com", "203.0.113.9") for i in range(3)]
+            assert walked == [ok, ok, ok]
+            assert await register(stub, "w0@example.com", "203.0.113.9") == limited
+            assert await register(stub, "fresh@example.com", "203.0.113.9") == limited
+            assert await register(stub, "fresh@example.com", "203.0.113.10") == ok
+    finally:
+        await running.server.stop(0.5)

@@ -20,7 +20,7 @@ from aimesh_notify.events import decode_cursor, encode_cursor
 from aimesh_notify.netguard import DeniedUrl, NetworkGuard, denial
 from aimesh_notify.queue import ReceiverPauses, WebhookSender, backoff_s, receiver_failed
 from aimesh_notify.sealing import SealError, SecretBox, UnknownKey, key_id
-from aimesh_notify.signing import Signed, signature_header
+from aimesh_notify.signing import Signed, new_secret, signature_header
 from aimesh_notify.store import Claimed
 from aimesh_runtime.errors import InvalidArgument
 
@@ -29,10 +29,25 @@ from aimesh_runtime.errors import InvalidArgument
     "address",
     ["127.0.0.1", "10.0.0.1", "172.31.255.255", "192.168.0.1", "169.254.169.254", "100.64.0.1",
      "0.0.0.0", "224.0.0.251", "255.255.255.255", "::1", "::", "fe80::1", "fd00:ec2::254",
-     "fc00::1", "ff02::1", "::ffff:10.0.0.1", "64:ff9b::a00:1"],
+     "fc00::1", "ff02::1", "::ffff:10.0.0.1", "64:ff9b::a00:1",
+     # IPv4-compatible and -translated forms of the metadata address and of public ones
+     "::a9fe:a9fe", "::169.254.169.254", "::ffff:0:a9fe:a9fe", "::8.8.8.8", "::ffff:0:8.8.8.8",
+     # not globally routable though on no explicit list
+     "2001:10::1", "2001:20::1"],
 )  # fmt: skip
 def test_denied_addresses(address: str) -> None:
     assert denial(ipaddress.ip_address(address)) is not None
+
+
+def test_an_embedded_ipv4_address_is_checked_even_where_its_prefix_is_not_listed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The explicit list is the second check: without it, is_global and the
+    # embedded address still refuse the metadata endpoint in every IPv6 form.
+    monkeypatch.setattr(netguard, "_NETWORKS", ())
+    for address in ("::a9fe:a9fe", "::ffff:0:a9fe:a9fe", "64:ff9b::a9fe:a9fe",
+                    "2002:a9fe:a9fe::1", "::ffff:169.254.169.254"):  # fmt: skip
+        assert "169.254.169.254" in (denial(ipaddress.ip_address(address)) or "")
 
 
 @pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700::1111"])
@@ -81,6 +96,9 @@ def test_backoff_is_exponential_with_full_jitter() -> None:
     assert backoff_s(10_000, 2.0, 60.0, lambda: 0.5) == 30.0
 
 
+OLD, NEW, OTHER = new_secret(), new_secret(), new_secret()
+
+
 def delivery_headers(signed: Signed, signature: str) -> dict[str, str]:
     return {
         "aimesh-delivery": signed.delivery_id,
@@ -121,14 +139,14 @@ def test_only_a_missing_answer_a_server_error_or_429_counts_against_a_receiver()
 
 def test_signatures_cover_timestamp_body_and_the_headers_acted_on() -> None:
     signed, body = Signed(1700000000, "42", "ev1", "user.deleted"), b'{"a":1}'
-    header = signature_header(["old", "new"], signed, body)
+    header = signature_header([OLD, NEW], signed, body)
     assert header.count("v1=") == 2 and header.count("v2=") == 2
     headers = delivery_headers(signed, header)
     at = signed.timestamp
-    for secret in ("old", "new"):
+    for secret in (OLD, NEW):
         assert verify_webhook(body, headers, secret, now=at).delivery_id == "42"
     with pytest.raises(WebhookError):
-        verify_webhook(body, headers, "other", now=at)
+        verify_webhook(body, headers, OTHER, now=at)
     # Replayed under another id, event or topic, or with another body: v2 fails.
     for name, value in [
         ("aimesh-delivery", "43"),
@@ -136,18 +154,16 @@ def test_signatures_cover_timestamp_body_and_the_headers_acted_on() -> None:
         ("aimesh-topic", "user.registered"),
     ]:
         with pytest.raises(WebhookError, match="no signature matches"):
-            verify_webhook(body, {**headers, name: value}, "new", now=at)
+            verify_webhook(body, {**headers, name: value}, NEW, now=at)
     with pytest.raises(WebhookError, match="no signature matches"):
-        verify_webhook(b'{"a":2}', headers, "new", now=at)
+        verify_webhook(b'{"a":2}', headers, NEW, now=at)
     # v1 alone (a notify before v2) passes only when asked for, and covers the body.
     v1_only = {**headers, "aimesh-signature": header.split(",")[0]}
     with pytest.raises(WebhookError, match="only v1 signatures"):
-        verify_webhook(body, v1_only, "old", now=at)
-    assert verify_webhook(body, v1_only, "old", now=at, accept_v1_only=True).topic == (
-        "user.deleted"
-    )
+        verify_webhook(body, v1_only, OLD, now=at)
+    assert verify_webhook(body, v1_only, OLD, now=at, accept_v1_only=True).topic == ("user.deleted")
     with pytest.raises(WebhookError, match="no signature matches"):
-        verify_webhook(b'{"a":2}', v1_only, "old", now=at, accept_v1_only=True)
+        verify_webhook(b'{"a":2}', v1_only, OLD, now=at, accept_v1_only=True)
 
 
 def test_sealed_secrets_open_only_under_their_key_and_subscription() -> None:
@@ -209,25 +225,65 @@ def test_the_client_package_checks_headers_timestamps_and_secrets() -> None:
     signed, body = Signed(1_700_000_000, "42", "ev1", "user.deleted"), b'{"job": 1}'
     now = signed.timestamp
     headers = {
-        **delivery_headers(signed, signature_header(["old", "new"], signed, body)),
+        **delivery_headers(signed, signature_header([OLD, NEW], signed, body)),
         "aimesh-attempt": "3",
     }
     headers["Aimesh-Delivery"] = headers.pop("aimesh-delivery")  # frameworks vary the case
-    delivery = verify_webhook(body, headers, ["new"], now=now + 10)
+    delivery = verify_webhook(body, headers, [NEW], now=now + 10)
     assert (delivery.delivery_id, delivery.event_id, delivery.topic, delivery.attempt) == (
         "42", "ev1", "user.deleted", 3
     )  # fmt: skip
-    assert verify_webhook(body, headers, "old", now=now - 299).timestamp == now
+    assert verify_webhook(body, headers, OLD, now=now - 299).timestamp == now
     bad = [
         (body, headers, [], now, "no secret"),
-        (body, headers, ["new"], now + 301, "beyond the 300 s allowed"),  # a replay
-        (body, {**headers, "aimesh-timestamp": str(now + 1)}, ["new"], now, "no signature"),
-        (body, {**headers, "aimesh-timestamp": "soon"}, ["new"], now, "whole number"),
-        (body, {**headers, "aimesh-signature": "v0=abc"}, ["new"], now, "no signature in"),
+        (body, headers, [NEW], now + 301, "beyond the 300 s allowed"),  # a replay
+        (body, {**headers, "aimesh-timestamp": str(now + 1)}, [NEW], now, "no signature"),
+        (body, {**headers, "aimesh-timestamp": "soon"}, [NEW], now, "whole number"),
+        (body, {**headers, "aimesh-signature": "v0=abc"}, [NEW], now, "no signature in"),
     ]
     for sent_body, sent_headers, secrets, at, reason in bad:
         with pytest.raises(WebhookError, match=reason):
             verify_webhook(sent_body, sent_headers, secrets, now=at)
+
+
+def test_verify_refuses_empty_or_malformed_secrets() -> None:
+    signed, body = Signed(1_700_000_000, "42", "ev1", "user.deleted"), b"{}"
+    for secret in ("", "whsec_", "whsec_short", " " + NEW, NEW + "!", "sk_" + NEW[6:]):
+        # Signed with that very secret: a receiver with an unset variable holds "".
+        headers = delivery_headers(signed, signature_header([secret], signed, body))
+        for secrets in (secret, [secret], [NEW, secret]):
+            with pytest.raises(WebhookError, match="not a notify webhook secret"):
+                verify_webhook(body, headers, secrets, now=signed.timestamp)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("aimesh-timestamp", "1" * 5000, "whole number"),
+        ("aimesh-timestamp", "9" * 400, "whole number"),
+        ("aimesh-timestamp", "١٧٠٠٠٠٠٠٠٠", "whole number"),  # Arabic-Indic digits
+        ("aimesh-timestamp", "１７００００００００", "whole number"),  # full-width digits
+        ("aimesh-timestamp", "-1700000000", "whole number"),
+        ("aimesh-timestamp", "1" * 13, "whole number"),
+        ("aimesh-signature", "v2=" + "é" * 64, "64 lowercase hex"),
+        ("aimesh-signature", "v2=" + "A" * 64, "64 lowercase hex"),
+        ("aimesh-signature", "v2=" + "a" * 63, "64 lowercase hex"),
+        ("aimesh-signature", "v2=" + "a" * 5000, "64 lowercase hex"),
+        ("aimesh-signature", "v2=", "64 lowercase hex"),
+        ("aimesh-attempt", "9" * 5000, "no signature matches"),  # read as 0, then the check
+    ],
+)
+def test_verify_raises_only_webhook_error_on_crafted_headers(
+    name: str, value: str, reason: str
+) -> None:
+    signed, body = Signed(1_700_000_000, "42", "ev1", "user.deleted"), b"{}"
+    headers = delivery_headers(signed, signature_header([NEW], signed, body))
+    tampered = {**headers, name: value}
+    if name == "aimesh-attempt":
+        tampered["aimesh-delivery"] = "43"
+    with pytest.raises(WebhookError, match=reason):
+        verify_webhook(body, tampered, NEW, now=signed.timestamp)
+    assert verify_webhook(body, headers, NEW, now=signed.timestamp).attempt == 1
 
 
 def test_cursors_round_trip_and_garbage_is_invalid() -> None:

@@ -34,6 +34,16 @@ def test_bad_lines_say_what_is_wrong(raw: bytes, problem: str) -> None:
         parse_line(raw, "users/me")
 
 
+def test_deeply_nested_lines_are_a_line_error_not_a_crash() -> None:
+    def line(metadata: str) -> bytes:
+        return b'{"id": "a", "text": "t", "metadata": {"k": ' + metadata.encode() + b"}}"
+
+    assert parse_line(line("[" * 30 + "]" * 30), "users/me").metadata["k"]
+    for metadata in ("[" * 31 + "]" * 31, "[" * 100_000, "[" * 5_000 + "]" * 5_000):
+        with pytest.raises(ValueError, match="nested more than 32 levels"):
+            parse_line(line(metadata), "users/me")
+
+
 def test_admins_may_import_for_others() -> None:
     line = b'{"id": "a", "text": "t", "owner": "users/else"}'
     assert parse_line(line, "users/me", may_assign_owner=True).owner == "users/else"
