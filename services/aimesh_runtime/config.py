@@ -153,8 +153,9 @@ class RuntimeConfig:
     revocation_max_stale_s: float = setting(
         "AIMESH_REVOCATION_MAX_STALE_S",
         "Refuse tokens (UNAVAILABLE) when the users' not-before list is older than this; "
-        "the user deletion saga waits this long for revocation. The same value everywhere.",
-        5.0,
+        "the user deletion saga waits this long for revocation. The same value everywhere. "
+        "30 s rides out a user-service restart without refusing every token.",
+        30.0,
     )
     user_address: str = setting(
         "AIMESH_USER_ADDRESS", "host:port of the user service, to exchange API keys.", ""
