@@ -21,6 +21,32 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _Visibility:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VisibilityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Visibility.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VISIBILITY_UNSPECIFIED: _Visibility.ValueType  # 0
+    """Not set: private."""
+    VISIBILITY_PRIVATE: _Visibility.ValueType  # 1
+    """Its owner only (and admins and service accounts)."""
+    VISIBILITY_ORGANISATION: _Visibility.ValueType  # 2
+    """Every member of the organisation may read and search it."""
+
+class Visibility(_Visibility, metaclass=_VisibilityEnumTypeWrapper):
+    """Kind of vector index.
+    Who may read and search a collection.
+    """
+
+VISIBILITY_UNSPECIFIED: Visibility.ValueType  # 0
+"""Not set: private."""
+VISIBILITY_PRIVATE: Visibility.ValueType  # 1
+"""Its owner only (and admins and service accounts)."""
+VISIBILITY_ORGANISATION: Visibility.ValueType  # 2
+"""Every member of the organisation may read and search it."""
+Global___Visibility: _TypeAlias = Visibility  # noqa: Y015
+
 class _IndexType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -34,8 +60,7 @@ class _IndexTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IndexType.V
     INDEX_TYPE_APPROXIMATE: _IndexType.ValueType  # 2
     """An approximate index (IVF or HNSW), trained on the collection."""
 
-class IndexType(_IndexType, metaclass=_IndexTypeEnumTypeWrapper):
-    """Kind of vector index."""
+class IndexType(_IndexType, metaclass=_IndexTypeEnumTypeWrapper): ...
 
 INDEX_TYPE_UNSPECIFIED: IndexType.ValueType  # 0
 """Not set."""
@@ -100,6 +125,8 @@ class Collection(_message.Message):
     INDEX_TYPE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    VISIBILITY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, "collections/{collection}"."""
     display_name: _builtins.str
@@ -119,6 +146,16 @@ class Collection(_message.Message):
     index_type: Global___IndexType.ValueType
     """Kind of index serving the collection now; small collections are searched
     exactly, large ones by an approximate index trained automatically.
+    """
+    owner: _builtins.str
+    """The user who created it ("users/{id}"); empty for the platform's own
+    collections (those made before collections had owners), which admins and
+    service accounts manage.
+    """
+    visibility: Global___Visibility.ValueType
+    """Who may read and search it. Unspecified means private. Only its owner,
+    an admin or a service account may change it or its documents, whatever
+    the visibility.
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -140,10 +177,12 @@ class Collection(_message.Message):
         index_type: Global___IndexType.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        owner: _builtins.str = ...,
+        visibility: Global___Visibility.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "dimension", b"dimension", "display_name", b"display_name", "document_count", b"document_count", "embedding_model", b"embedding_model", "index_type", b"index_type", "max_input_tokens", b"max_input_tokens", "name", b"name", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "dimension", b"dimension", "display_name", b"display_name", "document_count", b"document_count", "embedding_model", b"embedding_model", "index_type", b"index_type", "max_input_tokens", b"max_input_tokens", "name", b"name", "owner", b"owner", "update_time", b"update_time", "visibility", b"visibility"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
