@@ -68,6 +68,7 @@ def event_proto(row: EventRow) -> pb.Event:
         payload=row.payload,
         content_type=row.content_type,
         idempotency_key=row.idempotency_key,
+        publisher=row.publisher,
         publish_time=timestamp(row.publish_time),
     )
 
@@ -167,7 +168,11 @@ class NotifyServicer(notify_service_pb2_grpc.NotifyServiceServicer):
         self, request: pb.PublishRequest, context: grpc.aio.ServicerContext
     ) -> pb.PublishResponse:
         published = await self._events.publish(
-            request.topic, request.idempotency_key, request.payload, request.content_type
+            request.topic,
+            request.idempotency_key,
+            request.payload,
+            request.content_type,
+            publisher=f"users/{caller().subject}",
         )
         return pb.PublishResponse(event=event_proto(published.event), duplicate=published.duplicate)
 
@@ -178,7 +183,8 @@ class NotifyServicer(notify_service_pb2_grpc.NotifyServiceServicer):
             [
                 Publish(r.topic, r.idempotency_key, r.payload, r.content_type)
                 for r in request.requests
-            ]
+            ],
+            publisher=f"users/{caller().subject}",
         )
         return pb.PublishBatchResponse(
             responses=[

@@ -132,7 +132,7 @@ def _holders(message: Any, path: tuple[str, ...]) -> Iterator[Any]:
         return
     head = path[0]
     field = message.DESCRIPTOR.fields_by_name[head]
-    if field.label == FieldDescriptor.LABEL_REPEATED:
+    if field.is_repeated:
         for element in getattr(message, head):
             yield from _holders(element, path[1:])
     elif message.HasField(head):

@@ -191,6 +191,7 @@ class Event(_message.Message):
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     PUBLISH_TIME_FIELD_NUMBER: _builtins.int
+    PUBLISHER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Id assigned by the service, unique; receivers dedupe on it."""
     topic: _builtins.str
@@ -201,6 +202,11 @@ class Event(_message.Message):
     """Media type of the payload, e.g. "application/json"."""
     idempotency_key: _builtins.str
     """The publisher's idempotency key."""
+    publisher: _builtins.str
+    """Who published it, "users/{user}" (a member, or a service account for the
+    platform's topics); webhooks get it in the aimesh-publisher header, under
+    the v3 signature. Empty for events published before it was recorded.
+    """
     @_builtins.property
     def publish_time(self) -> _timestamp_pb2.Timestamp:
         """When it was first published."""
@@ -214,10 +220,11 @@ class Event(_message.Message):
         content_type: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
         publish_time: _timestamp_pb2.Timestamp | None = ...,
+        publisher: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["publish_time", b"publish_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "id", b"id", "idempotency_key", b"idempotency_key", "payload", b"payload", "publish_time", b"publish_time", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "id", b"id", "idempotency_key", b"idempotency_key", "payload", b"payload", "publish_time", b"publish_time", "publisher", b"publisher", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
