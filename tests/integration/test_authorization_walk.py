@@ -11,9 +11,11 @@ are checked to pass where the rules let them.
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -34,6 +36,7 @@ from aimesh.search.v1 import search_service_pb2_grpc
 from aimesh.user.v1 import user_service_pb2 as user_pb
 from aimesh.user.v1 import user_service_pb2_grpc
 from aimesh_notify.topics import app_namespace
+from aimesh_runtime import db
 from tests.conftest import (
     Running,
     admin_token,
@@ -467,3 +470,34 @@ async def test_chat_grounds_only_on_what_the_caller_may_read(
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await ask(bob)
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_collections_from_before_owners_become_the_platforms_and_stay_readable(
+    new_database: Any, tmp_path: Path
+) -> None:
+    from aimesh_search.server import SPEC as SEARCH
+
+    before = tmp_path / "before"
+    before.mkdir()
+    for migration in sorted(SEARCH.migrations.glob("*.sql")):
+        if migration.name < "0003":
+            shutil.copy(migration, before)
+    pool = await db.create_pool(await new_database("search"))
+    try:
+        await db.migrate(pool, before)
+        await pool.execute(
+            "INSERT INTO collections (id, embedding_model, dimension, max_input_tokens)"
+            " VALUES ('old', 'm', 3, 8)"
+        )
+        await db.migrate(pool, SEARCH.migrations)
+        await pool.execute(
+            "INSERT INTO collections (id, embedding_model, dimension, max_input_tokens, owner)"
+            " VALUES ('new', 'm', 3, 8, 'users/a')"
+        )
+        rows = await pool.fetch("SELECT id, owner, visibility FROM collections ORDER BY id")
+        assert [tuple(row) for row in rows] == [
+            ("new", "users/a", "PRIVATE"),
+            ("old", "", "ORGANISATION"),
+        ]
+    finally:
+        await pool.close()
