@@ -30,7 +30,7 @@ from google.protobuf.descriptor import FieldDescriptor, ServiceDescriptor
 
 from aimesh.options.v1 import access_pb2
 from aimesh_runtime.auth import INFRASTRUCTURE_PREFIXES, Principal
-from aimesh_runtime.errors import PermissionDenied, ServiceError
+from aimesh_runtime.errors import InvalidArgument, PermissionDenied, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +209,9 @@ class OwnershipGuard:
     ) -> None:
         kind = name.split("/", 1)[0] if "/" in name else rule.field[-1]
         resolver = self._resolvers.get(kind)
-        if resolver is None:
-            log.error("no owner resolver for %r (field %s)", kind, ".".join(rule.field))
-            raise PermissionDenied(f"cannot tell who owns {name}", reason="NO_OWNER_RESOLVER")
+        if resolver is None:  # not a name of this service's (or a resolver is missing)
+            log.warning("no owner resolver for %r (field %s)", kind, ".".join(rule.field))
+            raise InvalidArgument.field(".".join(rule.field), f"{name!r} is not a name known here")
         owner = await resolver.owner(name)
         if owner is None:
             return  # the handler answers NOT_FOUND (or creates it)

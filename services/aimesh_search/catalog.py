@@ -209,6 +209,14 @@ class Catalog:
         owner, visibility = found
         return Owner(owner.removeprefix("users/"), shared=visibility == "ORGANISATION")
 
+    async def update_collection(
+        self, collection_id: str, display_name: str | None, visibility: str | None
+    ) -> CollectionRow:
+        if not await self._store.update_collection(collection_id, display_name, visibility):
+            name = f"collections/{collection_id}"
+            raise NotFound(f"{name} does not exist", metadata={"name": name})
+        return await self._collection(collection_id)
+
     async def get_collection(self, collection_id: str) -> CollectionRow:
         return await self._collection(collection_id)
 

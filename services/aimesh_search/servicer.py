@@ -12,12 +12,14 @@ from aimesh.search.v1 import search_service_pb2 as pb
 from aimesh.search.v1 import search_service_pb2_grpc
 from aimesh_runtime.auth import Principal
 from aimesh_runtime.context import principal as caller
-from aimesh_runtime.errors import PermissionDenied
+from aimesh_runtime.errors import InvalidArgument, PermissionDenied
 from aimesh_runtime.ownership import is_service_account
 from aimesh_runtime.pages import timestamp
 from aimesh_search.catalog import Catalog, DocumentInput, Query
 from aimesh_search.importer import Importer
 from aimesh_search.store import CollectionRow, DocumentRow, ImportJobRow
+
+UPDATABLE_COLLECTION_FIELDS = frozenset({"display_name", "visibility"})
 
 
 def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
@@ -162,6 +164,26 @@ class SearchServicer(search_service_pb2_grpc.SearchServiceServicer):
         return pb.ListCollectionsResponse(
             collections=[collection_proto(r, self._catalog) for r in rows], next_page_token=token
         )
+
+    async def UpdateCollection(
+        self, request: pb.UpdateCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateCollectionResponse:
+        c, paths = request.collection, set(request.update_mask.paths)
+        unknown = sorted(paths - UPDATABLE_COLLECTION_FIELDS)
+        if unknown or not paths:
+            raise InvalidArgument.field(
+                "update_mask", f"can change only {', '.join(sorted(UPDATABLE_COLLECTION_FIELDS))}"
+            )
+        visibility = None
+        if "visibility" in paths:
+            shared = c.visibility == pb.VISIBILITY_ORGANISATION
+            visibility = "ORGANISATION" if shared else "PRIVATE"
+        row = await self._catalog.update_collection(
+            _collection_id(c.name),
+            c.display_name if "display_name" in paths else None,
+            visibility,
+        )
+        return pb.UpdateCollectionResponse(collection=collection_proto(row, self._catalog))
 
     async def DeleteCollection(
         self, request: pb.DeleteCollectionRequest, context: grpc.aio.ServicerContext

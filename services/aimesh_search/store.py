@@ -143,6 +143,18 @@ class SearchStore:
         )  # fmt: skip
         return [CollectionRow(**dict(row)) for row in rows]
 
+    async def update_collection(
+        self, collection_id: str, display_name: str | None, visibility: str | None
+    ) -> bool:
+        """Set the given fields (None: keep); False if there is no such collection."""
+        found = await self._pool.fetchval(
+            """UPDATE collections SET display_name = coalesce($2, display_name),
+                   visibility = coalesce($3, visibility), update_time = now()
+               WHERE id = $1 RETURNING id""",
+            collection_id, display_name, visibility,
+        )  # fmt: skip
+        return found is not None
+
     async def collection_owner(self, collection_id: str) -> tuple[str, str] | None:
         """(owner, visibility) of a collection, or None if it does not exist."""
         row = await self._pool.fetchrow(

@@ -92,6 +92,12 @@ ATTACKS: dict[str, Callable[[Alice], Any]] = {
     # search
     "GetCollection": lambda a: search_pb.GetCollectionRequest(name=a.collection),
     "DeleteCollection": lambda a: search_pb.DeleteCollectionRequest(name=a.collection),
+    "UpdateCollection": lambda a: search_pb.UpdateCollectionRequest(
+        collection=search_pb.Collection(
+            name=a.collection, visibility=search_pb.VISIBILITY_ORGANISATION
+        ),
+        update_mask=field_mask_pb2.FieldMask(paths=["visibility"]),
+    ),
     "UpsertDocuments": lambda a: search_pb.UpsertDocumentsRequest(
         parent=a.collection,
         documents=[search_pb.Document(name=f"{a.collection}/documents/planted", text="lies")],
@@ -380,14 +386,27 @@ async def test_admins_and_service_accounts_pass_where_the_rules_let_them(
     collection_id = f"shared{uuid.uuid4().hex[:8]}"
     await search.CreateCollection(
         search_pb.CreateCollectionRequest(
-            collection_id=collection_id,
-            collection=search_pb.Collection(visibility=search_pb.VISIBILITY_ORGANISATION),
+            collection_id=collection_id, collection=search_pb.Collection()
         ),
         metadata=alice_md,
     )
     shared = f"collections/{collection_id}"
     _, bob_token = await register_and_login(users)
     bob = bearer(bob_token)
+    # Private until its owner shares it.
+    with pytest.raises(grpc.aio.AioRpcError) as hidden:
+        await search.GetCollection(search_pb.GetCollectionRequest(name=shared), metadata=bob)
+    assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+    share = search_pb.UpdateCollectionRequest(
+        collection=search_pb.Collection(name=shared, visibility=search_pb.VISIBILITY_ORGANISATION),
+        update_mask=field_mask_pb2.FieldMask(paths=["visibility"]),
+    )
+    updated = await search.UpdateCollection(share, metadata=alice_md)
+    assert updated.collection.visibility == search_pb.VISIBILITY_ORGANISATION
+    assert updated.collection.owner == me.name
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await search.UpdateCollection(share, metadata=bob)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # Shared: Bob reads and lists it, but cannot write into it.
     await search.GetCollection(search_pb.GetCollectionRequest(name=shared), metadata=bob)
     listed = await search.ListCollections(search_pb.ListCollectionsRequest(), metadata=bob)
