@@ -96,11 +96,7 @@ def rules_for(services: Iterable[ServiceDescriptor]) -> dict[str, OwnershipRule]
                 problems.append(f"{path} has no ownership rule")
                 continue
             field = tuple(access.ownership_field.split(".")) if access.ownership_field else ()
-            needs_field = access.ownership in (
-                access_pb2.OWNERSHIP_CALLER,
-                access_pb2.OWNERSHIP_OWNED,
-            )
-            if needs_field and not field:
+            if access.ownership in NEEDS_FIELD and not field:
                 problems.append(f"{path}: ownership_field is required for its rule")
                 continue
             if field and not _field_exists(method.input_type, field):
@@ -118,7 +114,7 @@ def _field_exists(message: Any, path: tuple[str, ...]) -> bool:
         if field is None:
             return False
         if index == len(path) - 1:
-            return bool(field.type == FieldDescriptor.TYPE_STRING)
+            return field.type == FieldDescriptor.TYPE_STRING and not field.is_repeated
         if field.message_type is None:
             return False
         message = field.message_type
