@@ -92,6 +92,14 @@ class Claimed:
 
 
 @dataclass(frozen=True)
+class TopicGrantRow:
+    id: str
+    topic_prefix: str
+    grantee: str  # a user id
+    create_time: dt.datetime
+
+
+@dataclass(frozen=True)
 class QueueStats:
     """Deliveries by state, across every worker, and how late the oldest due one is."""
 
@@ -286,6 +294,39 @@ class NotifyStore:
             secret,
         )
         return _subscription(row)
+
+    # topic grants
+
+    async def create_topic_grant(self, grant_id: str, prefix: str, grantee: str) -> TopicGrantRow:
+        """The new grant, or the one that already gives `grantee` this prefix."""
+        row = await self._pool.fetchrow(
+            """INSERT INTO topic_grants (id, topic_prefix, grantee) VALUES ($1, $2, $3)
+               ON CONFLICT (topic_prefix, grantee) DO UPDATE SET grantee = EXCLUDED.grantee
+               RETURNING *""",
+            grant_id, prefix, grantee,
+        )  # fmt: skip
+        return TopicGrantRow(**dict(row))
+
+    async def topic_grants(
+        self, after: tuple[dt.datetime, str] | None, limit: int
+    ) -> list[TopicGrantRow]:
+        rows = await self._pool.fetch(
+            """SELECT * FROM topic_grants
+               WHERE $1::timestamptz IS NULL OR (create_time, id) > ($1, $2)
+               ORDER BY create_time, id LIMIT $3""",
+            after[0] if after else None, after[1] if after else "", limit,
+        )  # fmt: skip
+        return [TopicGrantRow(**dict(row)) for row in rows]
+
+    async def all_topic_grants(self) -> list[tuple[str, str]]:
+        rows = await self._pool.fetch("SELECT topic_prefix, grantee FROM topic_grants")
+        return [(row["topic_prefix"], row["grantee"]) for row in rows]
+
+    async def delete_topic_grant(self, grant_id: str) -> bool:
+        found = await self._pool.fetchval(
+            "DELETE FROM topic_grants WHERE id = $1 RETURNING id", grant_id
+        )
+        return found is not None
 
     async def subscription(
         self, subscription_id: str, owner_id: str | None

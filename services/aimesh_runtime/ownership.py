@@ -54,6 +54,8 @@ class Owner:
     shared: bool = False
     # Only service accounts may change it, not even admins (the platform's topics).
     services_only: bool = False
+    # Users besides the owner who may change it (topics an admin granted).
+    writers: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -220,7 +222,7 @@ class OwnershipGuard:
         if privileged:
             return
         mine = bool(owner.user_id) and owner.user_id == principal.subject
-        if mine:
+        if mine or principal.subject in owner.writers:
             return
         if not owner.shared:
             raise resolver.not_found(name)

@@ -170,6 +170,11 @@ ATTACKS: dict[str, Callable[[Alice], Any]] = {
     "Subscribe": lambda a: notify_pb.SubscribeRequest(subscription=a.subscription),
     "ListDeliveries": lambda a: notify_pb.ListDeliveriesRequest(parent=a.subscription),
     "RedriveDeadLetters": lambda a: notify_pb.RedriveDeadLettersRequest(parent=a.subscription),
+    "CreateTopicGrant": lambda a: notify_pb.CreateTopicGrantRequest(
+        topic_grant=notify_pb.TopicGrant(topic_prefix="orders.", grantee="users/bob")
+    ),
+    "ListTopicGrants": lambda a: notify_pb.ListTopicGrantsRequest(),
+    "DeleteTopicGrant": lambda a: notify_pb.DeleteTopicGrantRequest(name="topicGrants/any"),
 }
 
 

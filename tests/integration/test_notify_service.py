@@ -214,6 +214,31 @@ async def test_members_publish_only_under_their_own_namespace(
         assert await code_of(stub.PublishBatch(batch, metadata=who)) == (
             grpc.StatusCode.PERMISSION_DENIED
         )
+    # An admin grants a prefix: its grantee publishes there, until the grant goes.
+    prefix = f"orders{uuid.uuid4().hex[:8]}."
+    member = "users/" + namespace(md).split(".")[1][1:]
+    request = pb.CreateTopicGrantRequest(
+        topic_grant=pb.TopicGrant(topic_prefix=prefix, grantee=member)
+    )
+    assert await code_of(stub.CreateTopicGrant(request, metadata=md)) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    grant = (await stub.CreateTopicGrant(request, metadata=admin)).topic_grant
+    listed = await stub.ListTopicGrants(pb.ListTopicGrantsRequest(), metadata=admin)
+    assert grant in listed.topic_grants and grant.grantee == member
+    await publish(stub, md, prefix + "paid", b"{}")
+    granted = pb.PublishRequest(topic=prefix + "paid", idempotency_key=uuid.uuid4().hex)
+    assert await code_of(stub.Publish(granted, metadata=other)) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    await stub.DeleteTopicGrant(pb.DeleteTopicGrantRequest(name=grant.name), metadata=admin)
+    assert await code_of(stub.Publish(granted, metadata=md)) == grpc.StatusCode.PERMISSION_DENIED
+    platform = pb.CreateTopicGrantRequest(
+        topic_grant=pb.TopicGrant(topic_prefix="user.", grantee=member)
+    )
+    assert await code_of(stub.CreateTopicGrant(platform, metadata=admin)) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
     own = await publish(stub, md, topic(md), b"{}", key=f"mine:{namespace(md)}")
     # Another member reusing the key gets no answer about the first event.
     reuse = pb.PublishRequest(

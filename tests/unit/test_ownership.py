@@ -11,7 +11,7 @@ from aimesh.search.v1 import search_service_pb2 as search_pb
 from aimesh.webhooks import WebhookError
 from aimesh.webhooks import verify as verify_webhook
 from aimesh_notify.signing import Signed, signature_header
-from aimesh_notify.topics import app_namespace, topic_owner
+from aimesh_notify.topics import Topics, app_namespace
 from aimesh_runtime.auth import Principal
 from aimesh_runtime.errors import NotFound, PermissionDenied, ServiceError
 from aimesh_runtime.ownership import SERVICE_SCOPE, Owner, OwnerResolver, OwnershipGuard, rules_for
@@ -35,11 +35,18 @@ def hidden(name: str) -> ServiceError:
     return NotFound(f"{name} does not exist", reason="HIDDEN")
 
 
+class Grants:
+    """The one grant an admin made: c3d4 may publish under orders.eu."""
+
+    async def all_topic_grants(self) -> list[tuple[str, str]]:
+        return [("orders.eu.", "c3d4")]
+
+
 GUARD = OwnershipGuard(
     rules_for(SERVICES),
     {
         "collections": OwnerResolver(collection_owner, hidden),
-        "topic": OwnerResolver(topic_owner, hidden),
+        "topic": OwnerResolver(Topics(Grants()).owner, hidden),  # type: ignore[arg-type]
     },
 )
 SEARCH = "/aimesh.search.v1.SearchService/"
@@ -131,6 +138,9 @@ async def test_topics_platform_for_services_apps_for_their_member() -> None:
     error = await refused(NOTIFY + "Publish", member, notify_pb.PublishRequest(topic="orders.paid"))
     assert isinstance(error, PermissionDenied)
     await GUARD.check(NOTIFY + "Publish", ADMIN, notify_pb.PublishRequest(topic="orders.paid"))
+    granted = notify_pb.PublishRequest(topic="orders.eu.paid")
+    await GUARD.check(NOTIFY + "Publish", stranger, granted)
+    assert isinstance(await refused(NOTIFY + "Publish", member, granted), PermissionDenied)
     assert app_namespace("Has-Dash") is None
 
 
