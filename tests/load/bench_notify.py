@@ -400,7 +400,14 @@ async def store_ceiling(admin_url: str) -> float:
     async def publisher() -> None:
         for start in starts:
             events = [
-                (uuid.uuid4().hex, "bench.job.done", b'{"job": %d}' % n, "application/json", f"{n}")
+                (
+                    uuid.uuid4().hex,
+                    "bench.job.done",
+                    b'{"job": %d}' % n,
+                    "application/json",
+                    f"{n}",
+                    "users/bench",
+                )
                 for n in range(start, min(start + PUBLISH_BATCH, JOBS))
             ]
             await store.publish_batch(events, lambda known: None)
