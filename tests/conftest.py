@@ -136,5 +136,21 @@ async def admin_token(users: user_service_pb2_grpc.UserServiceStub) -> str:
     return str(login.access_token)
 
 
+async def service_token(users: user_service_pb2_grpc.UserServiceStub) -> str:
+    """A token of a fresh service account (role "service", granted by the admin)."""
+    password = "a-long-password-svc"
+    user, _ = await register_and_login(users, password)
+    admin = bearer(await admin_token(users))
+    await users.UpdateUser(
+        user_pb.UpdateUserRequest(
+            user=user_pb.User(name=user.name, roles=[user_pb.ROLE_SERVICE]),
+            update_mask={"paths": ["roles"]},
+        ),
+        metadata=admin,
+    )
+    login = await users.Login(user_pb.LoginRequest(email=user.email, password=password))
+    return str(login.access_token)
+
+
 def bearer(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)

@@ -9,6 +9,9 @@ keyed with the secret:
   aimesh-event-id and aimesh-topic, each followed by a line feed, then the raw
   body: it binds the headers a receiver acts on, so a captured request cannot
   be replayed under another delivery id or topic. verify() requires it.
+- `v3=<hex>` as v2 with the value of aimesh-publisher ("users/{id}", who
+  published the event) after the topic. verify() checks it when present and
+  then returns the publisher; from v2 alone the publisher is unknown ("").
 - `v1=<hex>` over "{aimesh-timestamp}.{raw body}", for receivers written
   before v2; verify() takes it alone only with accept_v1_only=True (deliveries
   from notify releases before v2).
@@ -33,7 +36,7 @@ import hmac
 import re
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DEFAULT_TOLERANCE_S = 300.0
 
@@ -56,6 +59,9 @@ class Delivery:
     topic: str
     attempt: int
     timestamp: int  # seconds since the epoch, when this attempt was signed
+    # Who published the event ("users/{id}"), covered by the v3 signature; "" when
+    # the delivery had no v3 signature, so an unsigned header is never reported.
+    publisher: str = ""
 
 
 def verify(
@@ -93,9 +99,15 @@ def verify(
         timestamp,
     )
     parts = [part.strip() for part in lowered.get("aimesh-signature", "").split(",")]
+    v3 = [part[3:] for part in parts if part.startswith("v3=")]
     v2 = [part[3:] for part in parts if part.startswith("v2=")]
     v1 = [part[3:] for part in parts if part.startswith("v1=")]
-    if v2:
+    if v3:
+        publisher = lowered.get("aimesh-publisher", "")
+        delivery = replace(delivery, publisher=publisher)
+        signed = [raw_timestamp, delivery.delivery_id, delivery.event_id, delivery.topic, publisher]
+        message, sent = "\n".join(signed).encode() + b"\n" + body, v3
+    elif v2:
         fields = (raw_timestamp, delivery.delivery_id, delivery.event_id, delivery.topic)
         message, sent = "\n".join(fields).encode() + b"\n" + body, v2
     elif v1 and accept_v1_only:

@@ -14,6 +14,7 @@ from typing import Generic, TypeVar
 
 from aimesh_chat.store import ChatStore, ConversationRow, MessageRow
 from aimesh_runtime.errors import InvalidArgument, NotFound
+from aimesh_runtime.ownership import Owner
 from aimesh_runtime.pages import (
     bad_page_token,
     decode_keyset,
@@ -78,6 +79,12 @@ def not_found(name: str) -> NotFound:
 class Conversations:
     def __init__(self, store: ChatStore) -> None:
         self._store = store
+
+    async def owner_of(self, name: str) -> Owner | None:
+        """Who owns the conversation `name` ("conversations/{id}/...") lies in."""
+        conversation_id = name.removeprefix("conversations/").split("/", 1)[0]
+        owner_id = await self._store.conversation_owner(conversation_id)
+        return None if owner_id is None else Owner(owner_id)
 
     async def create(self, owner_id: str, display_name: str) -> ConversationRow:
         return await self._store.create_conversation(new_id(), owner_id, display_name)

@@ -15,7 +15,7 @@ from aimesh.chat.v1 import chat_service_pb2, chat_service_pb2_grpc
 from aimesh.search.v1 import search_service_pb2
 from aimesh_chat.answering import Answering, AnswerLimits
 from aimesh_chat.budgets import Budgets
-from aimesh_chat.conversations import Conversations
+from aimesh_chat.conversations import Conversations, not_found
 from aimesh_chat.providers import (
     AnthropicProvider,
     ModelError,
@@ -29,6 +29,7 @@ from aimesh_chat.settings import ChatSettings
 from aimesh_chat.store import ChatStore
 from aimesh_runtime.client import connect
 from aimesh_runtime.metrics import ModelMetrics
+from aimesh_runtime.ownership import OwnerResolver
 from aimesh_runtime.resilience import CircuitBreaker
 from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
 
@@ -116,6 +117,7 @@ async def mount(context: ServiceContext) -> Mount:
             )
         ],
         close=close,
+        owners={"conversations": OwnerResolver(conversations.owner_of, not_found)},
     )
 
 

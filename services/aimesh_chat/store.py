@@ -109,6 +109,13 @@ class ChatStore:
         )
         return _conversation(row)
 
+    async def conversation_owner(self, conversation_id: str) -> str | None:
+        """The owner's user id, or None if there is no such conversation."""
+        owner: str | None = await self._pool.fetchval(
+            "SELECT owner_id FROM conversations WHERE id = $1", conversation_id
+        )
+        return owner
+
     async def conversation_of(self, conversation_id: str, owner_id: str) -> ConversationRow | None:
         """The conversation if `owner_id` owns it: someone else's reads as absent."""
         row = await self._pool.fetchrow(

@@ -178,8 +178,13 @@ def key_reused(key: str, event_id: str) -> AlreadyExists:
     )
 
 
-def check_same(first: EventRow, topic: str, payload: bytes, content_type: str) -> None:
+def check_same(
+    first: EventRow, topic: str, payload: bytes, content_type: str, publisher: str
+) -> None:
     """AlreadyExists unless the key's first event is the one now published again."""
+    if first.publisher != publisher:
+        # Someone else's key: do not hand out their event.
+        raise key_reused(first.idempotency_key, "")
     if (first.topic, first.payload, first.content_type) != (topic, payload, content_type):
         raise key_reused(first.idempotency_key, first.id)
 
@@ -224,10 +229,14 @@ class Events:
         self._announcer = announcer
         self._poll_s = poll_s
 
-    async def publish(self, topic: str, key: str, payload: bytes, content_type: str) -> Published:
+    async def publish(
+        self, topic: str, key: str, payload: bytes, content_type: str, publisher: str
+    ) -> Published:
         check_publish(payload, key)
         content_type = content_type or DEFAULT_CONTENT_TYPE
-        event = await self._store.publish(uuid.uuid4().hex, topic, payload, content_type, key)
+        event = await self._store.publish(
+            uuid.uuid4().hex, topic, payload, content_type, key, publisher
+        )
         if event is not None:
             self._bell.ring()  # this process's worker and sequencer
             self._announcer.poke()  # everyone else's
@@ -238,10 +247,10 @@ class Events:
                 "the idempotency key's event was just removed by retention; publish again",
                 reason="EVENT_PRUNED",
             )
-        check_same(first, topic, payload, content_type)
+        check_same(first, topic, payload, content_type, publisher)
         return Published(first, duplicate=True)
 
-    async def publish_batch(self, requests: Sequence[Publish]) -> list[Published]:
+    async def publish_batch(self, requests: Sequence[Publish], publisher: str) -> list[Published]:
         """Publish each as `publish` would, in one transaction: all or nothing."""
         wanted: list[Publish] = []
         firsts: dict[str, Publish] = {}  # key: its first request in the batch
@@ -256,11 +265,11 @@ class Events:
         def check(known: list[EventRow]) -> None:
             for event in known:
                 request = firsts[event.idempotency_key]
-                check_same(event, request.topic, request.payload, request.content_type)
+                check_same(event, request.topic, request.payload, request.content_type, publisher)
 
         new, known = await self._store.publish_batch(
             [
-                (uuid.uuid4().hex, r.topic, r.payload, r.content_type, r.key)
+                (uuid.uuid4().hex, r.topic, r.payload, r.content_type, r.key, publisher)
                 for r in firsts.values()
             ],
             check,

@@ -128,17 +128,22 @@ class WebhookSender:
         # Connect to the address that was checked, not to a fresh lookup; the
         # Host header and TLS keep the name.
         origin = Origin(target.scheme, target.address or target.host, target.port, target.host)
-        if any("\r" in v or "\n" in v for v in (claimed.content_type, claimed.topic)):
+        if any(
+            "\r" in v or "\n" in v for v in (claimed.content_type, claimed.topic, claimed.publisher)
+        ):
             return 0, "internal: a header value holds a line break"  # validated at publish
         timestamp = int(time.time())
         payload = claimed.payload
-        signed = Signed(timestamp, str(claimed.id), claimed.event_id, claimed.topic)
+        signed = Signed(
+            timestamp, str(claimed.id), claimed.event_id, claimed.topic, claimed.publisher
+        )
         headers = (
             f"content-type: {claimed.content_type}\r\n"
             f"user-agent: aimesh-notify/1\r\n"
             f"aimesh-delivery: {claimed.id}\r\n"
             f"aimesh-event-id: {claimed.event_id}\r\n"
             f"aimesh-topic: {claimed.topic}\r\n"
+            f"aimesh-publisher: {claimed.publisher}\r\n"
             f"aimesh-attempt: {claimed.attempt}\r\n"
             f"aimesh-timestamp: {timestamp}\r\n"
             f"aimesh-signature: {signature_header(claimed.secrets, signed, payload)}\r\n"

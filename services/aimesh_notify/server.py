@@ -26,9 +26,12 @@ from aimesh_notify.sealing import SecretBox, seal_at_rest
 from aimesh_notify.servicer import NotifyServicer
 from aimesh_notify.settings import NotifySettings
 from aimesh_notify.store import NotifyStore
-from aimesh_notify.subscriptions import Subscriptions
+from aimesh_notify.subscriptions import Subscriptions, not_found
+from aimesh_notify.topics import Topics
 from aimesh_runtime import db
 from aimesh_runtime.config import database_url
+from aimesh_runtime.errors import PermissionDenied, ServiceError
+from aimesh_runtime.ownership import OwnerResolver
 from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ async def mount(context: ServiceContext) -> Mount:
     url = database_url("notify", context.environ)
     bell = Bell(url)
     subscriptions = Subscriptions(store, guard, box)
+    topics = Topics(store)
     announcer = Announcer(store)
     events = Events(store, subscriptions, bell, announcer, poll_s=settings.poll_s)
     background: list[Callable[[], Coroutine[Any, Any, None]]] = [
@@ -110,12 +114,22 @@ async def mount(context: ServiceContext) -> Mount:
         servicers=[
             (
                 notify_service_pb2_grpc.add_NotifyServiceServicer_to_server,
-                NotifyServicer(subscriptions, events, Deliveries(store, subscriptions)),
+                NotifyServicer(subscriptions, events, Deliveries(store, subscriptions), topics),
             )
         ],
         background=background,
         close=close,
+        owners={
+            "subscriptions": OwnerResolver(subscriptions.owner_of, not_found),
+            # Topics are no names: the rules name the field ("topic").
+            "topic": OwnerResolver(topics.owner, _no_topic),
+        },
     )
+
+
+def _no_topic(topic: str) -> ServiceError:
+    # Unreachable: every topic resolves to an owner.
+    return PermissionDenied(f"cannot publish to {topic}", reason="TOPIC_NOT_ALLOWED")
 
 
 SPEC = ServiceSpec(

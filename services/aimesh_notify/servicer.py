@@ -12,8 +12,9 @@ from aimesh.notify.v1 import notify_service_pb2 as pb
 from aimesh.notify.v1 import notify_service_pb2_grpc
 from aimesh_notify.deliveries import Deliveries
 from aimesh_notify.events import Events, Publish
-from aimesh_notify.store import DeliveryRow, EventRow, SubscriptionRow
+from aimesh_notify.store import DeliveryRow, EventRow, SubscriptionRow, TopicGrantRow
 from aimesh_notify.subscriptions import Subscriptions, Webhook, subscription_name
+from aimesh_notify.topics import Topics, grant_name
 from aimesh_runtime.context import principal as caller
 from aimesh_runtime.pages import timestamp
 
@@ -61,6 +62,15 @@ def subscription_proto(row: SubscriptionRow) -> pb.Subscription:
     return message
 
 
+def topic_grant_proto(row: TopicGrantRow) -> pb.TopicGrant:
+    return pb.TopicGrant(
+        name=grant_name(row.id),
+        topic_prefix=row.topic_prefix,
+        grantee=f"users/{row.grantee}",
+        create_time=timestamp(row.create_time),
+    )
+
+
 def event_proto(row: EventRow) -> pb.Event:
     return pb.Event(
         id=row.id,
@@ -68,6 +78,7 @@ def event_proto(row: EventRow) -> pb.Event:
         payload=row.payload,
         content_type=row.content_type,
         idempotency_key=row.idempotency_key,
+        publisher=row.publisher,
         publish_time=timestamp(row.publish_time),
     )
 
@@ -102,11 +113,33 @@ def webhook_of(subscription: pb.Subscription) -> Webhook | None:
 
 class NotifyServicer(notify_service_pb2_grpc.NotifyServiceServicer):
     def __init__(
-        self, subscriptions: Subscriptions, events: Events, deliveries: Deliveries
+        self, subscriptions: Subscriptions, events: Events, deliveries: Deliveries, topics: Topics
     ) -> None:
         self._subscriptions = subscriptions
         self._events = events
         self._deliveries = deliveries
+        self._topics = topics
+
+    async def CreateTopicGrant(
+        self, request: pb.CreateTopicGrantRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateTopicGrantResponse:
+        grant = request.topic_grant
+        row = await self._topics.grant(grant.topic_prefix, grant.grantee)
+        return pb.CreateTopicGrantResponse(topic_grant=topic_grant_proto(row))
+
+    async def ListTopicGrants(
+        self, request: pb.ListTopicGrantsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListTopicGrantsResponse:
+        rows, token = await self._topics.list(request.page_size, request.page_token)
+        return pb.ListTopicGrantsResponse(
+            topic_grants=[topic_grant_proto(row) for row in rows], next_page_token=token
+        )
+
+    async def DeleteTopicGrant(
+        self, request: pb.DeleteTopicGrantRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteTopicGrantResponse:
+        await self._topics.revoke(request.name)
+        return pb.DeleteTopicGrantResponse()
 
     async def CreateSubscription(
         self, request: pb.CreateSubscriptionRequest, context: grpc.aio.ServicerContext
@@ -167,7 +200,11 @@ class NotifyServicer(notify_service_pb2_grpc.NotifyServiceServicer):
         self, request: pb.PublishRequest, context: grpc.aio.ServicerContext
     ) -> pb.PublishResponse:
         published = await self._events.publish(
-            request.topic, request.idempotency_key, request.payload, request.content_type
+            request.topic,
+            request.idempotency_key,
+            request.payload,
+            request.content_type,
+            publisher=f"users/{caller().subject}",
         )
         return pb.PublishResponse(event=event_proto(published.event), duplicate=published.duplicate)
 
@@ -178,7 +215,8 @@ class NotifyServicer(notify_service_pb2_grpc.NotifyServiceServicer):
             [
                 Publish(r.topic, r.idempotency_key, r.payload, r.content_type)
                 for r in request.requests
-            ]
+            ],
+            publisher=f"users/{caller().subject}",
         )
         return pb.PublishBatchResponse(
             responses=[

@@ -46,6 +46,7 @@ class EventRow:
     content_type: str
     idempotency_key: str
     publish_time: dt.datetime
+    publisher: str = ""  # "users/{id}"; "" for events from before it was recorded
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,15 @@ class Claimed:
     topic: str
     payload: bytes
     content_type: str
+    publisher: str = ""
+
+
+@dataclass(frozen=True)
+class TopicGrantRow:
+    id: str
+    topic_prefix: str
+    grantee: str  # a user id
+    create_time: dt.datetime
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,7 @@ def _event(row: asyncpg.Record) -> EventRow:
         row["content_type"],
         row["idempotency_key"],
         row["publish_time"],
+        row["publisher"],
     )
 
 
@@ -152,8 +163,8 @@ def _event(row: asyncpg.Record) -> EventRow:
 # which would serialise every publish behind one disk flush.
 _PUBLISH = """
 WITH inserted AS (
-    INSERT INTO events (id, topic, payload, content_type, idempotency_key)
-    VALUES ($1, $2, $3, $4, $5)
+    INSERT INTO events (id, topic, payload, content_type, idempotency_key, publisher)
+    VALUES ($1, $2, $3, $4, $5, $6)
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING *
 ), queued AS (
@@ -169,11 +180,12 @@ SELECT i.*, (SELECT count(*) FROM queued) AS queued FROM inserted i
 # statement; those whose key exists come back absent.
 _PUBLISH_BATCH = """
 WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::text[])
-        WITH ORDINALITY AS r(id, topic, payload, content_type, idempotency_key, n)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::text[],
+                         $6::text[])
+        WITH ORDINALITY AS r(id, topic, payload, content_type, idempotency_key, publisher, n)
 ), inserted AS (
-    INSERT INTO events (id, topic, payload, content_type, idempotency_key)
-    SELECT id, topic, payload, content_type, idempotency_key FROM input ORDER BY n
+    INSERT INTO events (id, topic, payload, content_type, idempotency_key, publisher)
+    SELECT id, topic, payload, content_type, idempotency_key, publisher FROM input ORDER BY n
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING *
 ), queued AS (
@@ -224,7 +236,7 @@ WHERE d.id = due.id AND s.id = d.subscription_id AND e.pos = d.event_pos
 RETURNING d.id, d.subscription_id, d.status, d.attempts, due.was, d.lease, d.run_after,
     s.url, s.timeout_ms, s.secret, s.previous_secret,
     s.previous_secret_expire_time > now() AS previous_live,
-    e.id AS event_id, e.topic, e.payload, e.content_type
+    e.id AS event_id, e.topic, e.payload, e.content_type, e.publisher
 """
 
 _COMPLETE = """
@@ -282,6 +294,39 @@ class NotifyStore:
             secret,
         )
         return _subscription(row)
+
+    # topic grants
+
+    async def create_topic_grant(self, grant_id: str, prefix: str, grantee: str) -> TopicGrantRow:
+        """The new grant, or the one that already gives `grantee` this prefix."""
+        row = await self._pool.fetchrow(
+            """INSERT INTO topic_grants (id, topic_prefix, grantee) VALUES ($1, $2, $3)
+               ON CONFLICT (topic_prefix, grantee) DO UPDATE SET grantee = EXCLUDED.grantee
+               RETURNING *""",
+            grant_id, prefix, grantee,
+        )  # fmt: skip
+        return TopicGrantRow(**dict(row))
+
+    async def topic_grants(
+        self, after: tuple[dt.datetime, str] | None, limit: int
+    ) -> list[TopicGrantRow]:
+        rows = await self._pool.fetch(
+            """SELECT * FROM topic_grants
+               WHERE $1::timestamptz IS NULL OR (create_time, id) > ($1, $2)
+               ORDER BY create_time, id LIMIT $3""",
+            after[0] if after else None, after[1] if after else "", limit,
+        )  # fmt: skip
+        return [TopicGrantRow(**dict(row)) for row in rows]
+
+    async def all_topic_grants(self) -> list[tuple[str, str]]:
+        rows = await self._pool.fetch("SELECT topic_prefix, grantee FROM topic_grants")
+        return [(row["topic_prefix"], row["grantee"]) for row in rows]
+
+    async def delete_topic_grant(self, grant_id: str) -> bool:
+        found = await self._pool.fetchval(
+            "DELETE FROM topic_grants WHERE id = $1 RETURNING id", grant_id
+        )
+        return found is not None
 
     async def subscription(
         self, subscription_id: str, owner_id: str | None
@@ -409,18 +454,20 @@ class NotifyStore:
     # Events
 
     async def publish(
-        self, event_id: str, topic: str, payload: bytes, content_type: str, key: str
+        self, event_id: str, topic: str, payload: bytes, content_type: str, key: str, publisher: str
     ) -> EventRow | None:
         """The new event, or None if the key was already used."""
-        row = await self._pool.fetchrow(_PUBLISH, event_id, topic, payload, content_type, key)
+        row = await self._pool.fetchrow(
+            _PUBLISH, event_id, topic, payload, content_type, key, publisher
+        )
         return None if row is None else _event(row)
 
     async def publish_batch(
         self,
-        events: Sequence[tuple[str, str, bytes, str, str]],
+        events: Sequence[tuple[str, str, bytes, str, str, str]],
         check: Callable[[list[EventRow]], None],
     ) -> tuple[list[EventRow], list[EventRow]]:
-        """Store (id, topic, payload, content_type, key) events whose keys are
+        """Store (id, topic, payload, content_type, key, publisher) events whose keys are
         new, in one transaction: the new events, and the first events of the
         keys already known. `check` sees those known ones before the commit and
         may raise, which stores nothing."""
@@ -535,6 +582,7 @@ class NotifyStore:
                     row["topic"],
                     bytes(row["payload"]),
                     row["content_type"],
+                    row["publisher"],
                 )
             )
         return claimed, dead

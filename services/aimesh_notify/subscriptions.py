@@ -19,6 +19,7 @@ from aimesh_notify.signing import new_secret
 from aimesh_notify.store import NotifyStore, SubscriptionRow
 from aimesh_runtime.auth import Principal
 from aimesh_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from aimesh_runtime.ownership import Owner
 from aimesh_runtime.pages import decode_keyset, encode_keyset, page_size
 
 ADMIN_SCOPE = "notify.admin"
@@ -131,6 +132,12 @@ class Subscriptions:
             self._box.seal(subscription_id, secret) if secret else None,
         )
         return row, secret
+
+    async def owner_of(self, name: str) -> Owner | None:
+        """Who owns the subscription `name`; None if there is none."""
+        subscription_id = name.removeprefix("subscriptions/").split("/", 1)[0]
+        row = await self._store.subscription(subscription_id, None)
+        return None if row is None else Owner(row.owner_id)
 
     async def get(self, caller: Principal, name: str, field: str = "name") -> SubscriptionRow:
         row = await self._store.subscription(parse_subscription(name, field), owner_scope(caller))

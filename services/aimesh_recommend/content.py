@@ -96,7 +96,11 @@ class ContentIndex:
             await self._stub.CreateCollection(
                 search_pb.CreateCollectionRequest(
                     collection_id=self._collection,
-                    collection=search_pb.Collection(display_name="recommend items"),
+                    # Members' SimilarItems search it with their own credentials.
+                    collection=search_pb.Collection(
+                        display_name="recommend items",
+                        visibility=search_pb.VISIBILITY_ORGANISATION,
+                    ),
                 ),
                 timeout=self.budget_s(),
             )

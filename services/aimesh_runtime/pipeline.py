@@ -49,6 +49,7 @@ from aimesh_runtime.errors import (
     internal_status,
 )
 from aimesh_runtime.metrics import MethodMetrics, RpcMetrics
+from aimesh_runtime.ownership import OwnershipGuard
 from aimesh_runtime.ratelimit import RateLimiter
 
 log = logging.getLogger("aimesh.rpc")
@@ -103,6 +104,7 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         anonymous_limiter: RateLimiter | None = None,
         trust_forwarded_for: bool = False,
         slow_call_s: float = 1.0,
+        ownership: OwnershipGuard | None = None,
     ) -> None:
         self._policies = policies
         self._metrics = metrics
@@ -115,6 +117,8 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         self._anonymous_limiter = anonymous_limiter or RateLimiter(rate=10.0, burst=30)
         self._trust_forwarded_for = trust_forwarded_for
         self._slow_call_s = slow_call_s
+        # Whose objects each method may touch (issue 20); checked after validation.
+        self._ownership = ownership
         self._validator = protovalidate.Validator()
         self._tracing = not isinstance(tracer, trace.NoOpTracer)
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
@@ -237,18 +241,26 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
                     raise
             self._admit(info, call.scope, principal, metadata, context)
             if streaming_request:  # each message is checked as the handler reads it
-                request = self._validated_stream(request)
+                request = self._validated_stream(request, info.name, principal)
             else:
                 self._validate(request)
+                await self._check_ownership(info.name, principal, request)
         except BaseException as error:
             await self._fail(call, error, context)
             raise
         return call, request
 
-    async def _validated_stream(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async def _validated_stream(
+        self, requests: AsyncIterator[Any], method: str, principal: Principal
+    ) -> AsyncIterator[Any]:
         async for request in requests:
             self._validate(request)
+            await self._check_ownership(method, principal, request)
             yield request
+
+    async def _check_ownership(self, method: str, principal: Principal, request: Any) -> None:
+        if self._ownership is not None:
+            await self._ownership.check(method, principal, request)
 
     def _validate(self, request: Any) -> None:
         if isinstance(request, Undecodable):

@@ -47,6 +47,7 @@ from aimesh_runtime.faults import fault_interceptors
 from aimesh_runtime.httpside import Route, SideServer
 from aimesh_runtime.metrics import RpcMetrics
 from aimesh_runtime.outbox import OutboxRelay
+from aimesh_runtime.ownership import OwnerResolver, OwnershipGuard, rules_for
 from aimesh_runtime.pipeline import ServerPipeline
 from aimesh_runtime.ratelimit import RateLimiter
 from aimesh_runtime.revocation import Revocations
@@ -87,6 +88,8 @@ class Mount:
     # Metadata for calls made on the service's own behalf (the outbox relay's);
     # the user service mints tokens, others send AIMESH_SERVICE_API_KEY.
     credentials: Callable[[], Sequence[tuple[str, str]]] | None = None
+    # "Who owns this name" for the ownership rules, by kind of name (see ownership.py).
+    owners: dict[str, OwnerResolver] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,9 @@ class AimeshServer:
 
     async def start(self) -> None:
         config = self.config
+        descriptors = [d for spec in self.specs for d in spec.services]
+        # A method without an ownership rule: refuse to start, before touching a database.
+        ownership_rules = rules_for(descriptors)
         for spec in self.specs:
             url = database_url(spec.name, self.environ)
             pool = await db.create_pool(url)
@@ -184,7 +190,7 @@ class AimeshServer:
             mount = await spec.mount(context)
             self._running.append(_Running(spec, pool, mount, db.DatabaseProbe(url)))
         verifier, api_keys = self._auth()
-        descriptors = [d for spec in self.specs for d in spec.services]
+        owners = {kind: r for running in self._running for kind, r in running.mount.owners.items()}
         pipeline = ServerPipeline(
             policies=policies_for(descriptors),
             metrics=RpcMetrics(self.metrics_registry),
@@ -197,6 +203,7 @@ class AimeshServer:
             ),
             trust_forwarded_for=config.trust_forwarded_for,
             slow_call_s=config.slow_call_s,
+            ownership=OwnershipGuard(ownership_rules, owners),
         )
         grpc_server = grpc.aio.server(
             # Injected faults (AIMESH_FAULT_*) act in front of the pipeline, as a sidecar's do.

@@ -26,6 +26,7 @@ from aimesh_runtime.errors import (
     InvalidArgument,
     NotFound,
 )
+from aimesh_runtime.ownership import Owner
 from aimesh_runtime.pages import bad_page_token, decode_page_token, encode_page_token, page_size
 from aimesh_runtime.resilience import FirstLoad
 from aimesh_search import filters
@@ -159,7 +160,13 @@ class Catalog:
             )
 
     async def create_collection(
-        self, collection_id: str, display_name: str, model: str, dimension: int
+        self,
+        collection_id: str,
+        display_name: str,
+        model: str,
+        dimension: int,
+        owner: str,
+        visibility: str = "PRIVATE",
     ) -> CollectionRow:
         model = model or self._encoder.name
         if model != self._encoder.name:
@@ -175,7 +182,13 @@ class Catalog:
             )
         try:
             row = await self._store.insert_collection(
-                collection_id, display_name, model, dimension, self._encoder.max_tokens
+                collection_id,
+                display_name,
+                model,
+                dimension,
+                self._encoder.max_tokens,
+                owner,
+                visibility,
             )
         except Conflict:
             raise AlreadyExists(f"collections/{collection_id} already exists") from None
@@ -183,12 +196,35 @@ class Catalog:
         self._served[collection_id] = row
         return row
 
+    async def owner_of(self, name: str) -> Owner | None:
+        """Who owns the collection that `name` ("collections/{id}/...") lies in.
+
+        Read from the store on every call, not from this replica's cache: another
+        replica may have deleted the collection and someone else recreated it.
+        """
+        collection_id = name.removeprefix("collections/").split("/", 1)[0]
+        found = await self._store.collection_owner(collection_id)
+        if found is None:
+            return None
+        owner, visibility = found
+        return Owner(owner.removeprefix("users/"), shared=visibility == "ORGANISATION")
+
+    async def update_collection(
+        self, collection_id: str, display_name: str | None, visibility: str | None
+    ) -> CollectionRow:
+        if not await self._store.update_collection(collection_id, display_name, visibility):
+            name = f"collections/{collection_id}"
+            raise NotFound(f"{name} does not exist", metadata={"name": name})
+        return await self._collection(collection_id)
+
     async def get_collection(self, collection_id: str) -> CollectionRow:
         return await self._collection(collection_id)
 
-    async def list_collections(self, size: int, token: str) -> tuple[list[CollectionRow], str]:
+    async def list_collections(
+        self, size: int, token: str, visible_to: str | None = None
+    ) -> tuple[list[CollectionRow], str]:
         limit = page_size(size)
-        rows = await self._store.collections(decode_after(token), limit + 1)
+        rows = await self._store.collections(decode_after(token), limit + 1, visible_to)
         if len(rows) > limit:
             return rows[:limit], encode_page_token(rows[limit - 1].id)
         return rows, ""

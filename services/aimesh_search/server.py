@@ -12,7 +12,9 @@ import os
 from pathlib import Path
 
 from aimesh.search.v1 import search_service_pb2, search_service_pb2_grpc
+from aimesh_runtime.errors import NotFound
 from aimesh_runtime.metrics import ModelMetrics
+from aimesh_runtime.ownership import OwnerResolver
 from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
 from aimesh_search.batcher import BatcherMetrics, EncoderBatcher, QueryCache
 from aimesh_search.catalog import Catalog
@@ -89,7 +91,13 @@ async def mount(context: ServiceContext) -> Mount:
         background=[load_indexes],
         ready=lambda: catalog.loaded,
         close=close,
+        owners={"collections": OwnerResolver(catalog.owner_of, _hidden)},
     )
+
+
+def _hidden(name: str) -> NotFound:
+    """A collection the caller may not see reads exactly as a missing one."""
+    return NotFound(f"{name} does not exist", metadata={"name": name})
 
 
 SPEC = ServiceSpec(

@@ -10,12 +10,16 @@ from google.protobuf import json_format, struct_pb2
 
 from aimesh.search.v1 import search_service_pb2 as pb
 from aimesh.search.v1 import search_service_pb2_grpc
+from aimesh_runtime.auth import Principal
 from aimesh_runtime.context import principal as caller
-from aimesh_runtime.errors import PermissionDenied
+from aimesh_runtime.errors import InvalidArgument, PermissionDenied
+from aimesh_runtime.ownership import is_service_account
 from aimesh_runtime.pages import timestamp
 from aimesh_search.catalog import Catalog, DocumentInput, Query
 from aimesh_search.importer import Importer
 from aimesh_search.store import CollectionRow, DocumentRow, ImportJobRow
+
+UPDATABLE_COLLECTION_FIELDS = frozenset({"display_name", "visibility"})
 
 
 def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
@@ -45,6 +49,8 @@ def collection_proto(row: CollectionRow, catalog: Catalog) -> pb.Collection:
         index_type=pb.INDEX_TYPE_APPROXIMATE if approximate else pb.INDEX_TYPE_EXACT,
         create_time=timestamp(row.create_time),
         update_time=timestamp(row.update_time),
+        owner=row.owner,
+        visibility=pb.Visibility.Value(f"VISIBILITY_{row.visibility}"),
     )
 
 
@@ -116,6 +122,13 @@ def _owner(requested: str) -> str:
     return requested or me
 
 
+def _visible_to(principal: Principal) -> str | None:
+    """Whose collections a list shows besides the shared ones; None: all of them."""
+    if "search.admin" in principal.scopes or is_service_account(principal):
+        return None
+    return f"users/{principal.subject}"
+
+
 class SearchServicer(search_service_pb2_grpc.SearchServiceServicer):
     def __init__(self, catalog: Catalog, importer: Importer) -> None:
         self._catalog = catalog
@@ -125,8 +138,14 @@ class SearchServicer(search_service_pb2_grpc.SearchServiceServicer):
         self, request: pb.CreateCollectionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateCollectionResponse:
         c = request.collection
+        shared = c.visibility == pb.VISIBILITY_ORGANISATION
         row = await self._catalog.create_collection(
-            request.collection_id, c.display_name, c.embedding_model, c.dimension
+            request.collection_id,
+            c.display_name,
+            c.embedding_model,
+            c.dimension,
+            owner=f"users/{caller().subject}",
+            visibility="ORGANISATION" if shared else "PRIVATE",
         )
         return pb.CreateCollectionResponse(collection=collection_proto(row, self._catalog))
 
@@ -139,10 +158,32 @@ class SearchServicer(search_service_pb2_grpc.SearchServiceServicer):
     async def ListCollections(
         self, request: pb.ListCollectionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListCollectionsResponse:
-        rows, token = await self._catalog.list_collections(request.page_size, request.page_token)
+        rows, token = await self._catalog.list_collections(
+            request.page_size, request.page_token, _visible_to(caller())
+        )
         return pb.ListCollectionsResponse(
             collections=[collection_proto(r, self._catalog) for r in rows], next_page_token=token
         )
+
+    async def UpdateCollection(
+        self, request: pb.UpdateCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateCollectionResponse:
+        c, paths = request.collection, set(request.update_mask.paths)
+        unknown = sorted(paths - UPDATABLE_COLLECTION_FIELDS)
+        if unknown or not paths:
+            raise InvalidArgument.field(
+                "update_mask", f"can change only {', '.join(sorted(UPDATABLE_COLLECTION_FIELDS))}"
+            )
+        visibility = None
+        if "visibility" in paths:
+            shared = c.visibility == pb.VISIBILITY_ORGANISATION
+            visibility = "ORGANISATION" if shared else "PRIVATE"
+        row = await self._catalog.update_collection(
+            _collection_id(c.name),
+            c.display_name if "display_name" in paths else None,
+            visibility,
+        )
+        return pb.UpdateCollectionResponse(collection=collection_proto(row, self._catalog))
 
     async def DeleteCollection(
         self, request: pb.DeleteCollectionRequest, context: grpc.aio.ServicerContext

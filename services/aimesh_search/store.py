@@ -25,6 +25,8 @@ class CollectionRow:
     create_time: dt.datetime
     update_time: dt.datetime
     document_count: int = 0
+    owner: str = ""  # "users/{id}"; "" for the platform's
+    visibility: str = "PRIVATE"  # or "ORGANISATION"
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def _job(row: asyncpg.Record) -> ImportJobRow:
 
 
 COLLECTION_COLUMNS = """c.id, c.display_name, c.embedding_model, c.dimension, c.max_input_tokens,
-    c.create_time, c.update_time,
+    c.create_time, c.update_time, c.owner, c.visibility,
     (SELECT count(*) FROM documents d WHERE d.collection_id = c.id) AS document_count"""
 
 
@@ -100,14 +102,21 @@ class SearchStore:
     # collections
 
     async def insert_collection(
-        self, collection_id: str, display_name: str, model: str, dimension: int, max_tokens: int
+        self,
+        collection_id: str,
+        display_name: str,
+        model: str,
+        dimension: int,
+        max_tokens: int,
+        owner: str,
+        visibility: str,
     ) -> CollectionRow:
         try:
             await self._pool.execute(
-                """INSERT INTO collections
-                       (id, display_name, embedding_model, dimension, max_input_tokens)
-                   VALUES ($1, $2, $3, $4, $5)""",
-                collection_id, display_name, model, dimension, max_tokens,
+                """INSERT INTO collections (id, display_name, embedding_model, dimension,
+                                          max_input_tokens, owner, visibility)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+                collection_id, display_name, model, dimension, max_tokens, owner, visibility,
             )  # fmt: skip
         except asyncpg.UniqueViolationError:
             raise Conflict(collection_id) from None
@@ -121,13 +130,37 @@ class SearchStore:
         )
         return None if row is None else CollectionRow(**dict(row))
 
-    async def collections(self, after: str, limit: int) -> list[CollectionRow]:
+    async def collections(
+        self, after: str, limit: int, visible_to: str | None = None
+    ) -> list[CollectionRow]:
+        """A page of collections; only those `visible_to` may read ("users/{id}"), or all."""
         rows = await self._pool.fetch(
             f"""SELECT {COLLECTION_COLUMNS} FROM collections c
-                WHERE c.id > $1 ORDER BY c.id LIMIT $2""",
-            after, limit,
+                WHERE c.id > $1
+                  AND ($3::text IS NULL OR c.owner = $3 OR c.visibility = 'ORGANISATION')
+                ORDER BY c.id LIMIT $2""",
+            after, limit, visible_to,
         )  # fmt: skip
         return [CollectionRow(**dict(row)) for row in rows]
+
+    async def update_collection(
+        self, collection_id: str, display_name: str | None, visibility: str | None
+    ) -> bool:
+        """Set the given fields (None: keep); False if there is no such collection."""
+        found = await self._pool.fetchval(
+            """UPDATE collections SET display_name = coalesce($2, display_name),
+                   visibility = coalesce($3, visibility), update_time = now()
+               WHERE id = $1 RETURNING id""",
+            collection_id, display_name, visibility,
+        )  # fmt: skip
+        return found is not None
+
+    async def collection_owner(self, collection_id: str) -> tuple[str, str] | None:
+        """(owner, visibility) of a collection, or None if it does not exist."""
+        row = await self._pool.fetchrow(
+            "SELECT owner, visibility FROM collections WHERE id = $1", collection_id
+        )
+        return None if row is None else (row["owner"], row["visibility"])
 
     async def all_collections(self) -> list[CollectionRow]:
         return await self.collections("", 1_000_000)
@@ -184,9 +217,13 @@ class SearchStore:
         return vector_id
 
     async def delete_owned(self, owner: str) -> dict[str, list[int]]:
-        rows = await self._pool.fetch(
-            "DELETE FROM documents WHERE owner = $1 RETURNING collection_id, vector_id", owner
-        )
+        async with self._pool.acquire() as connection, connection.transaction():
+            rows = await connection.fetch(
+                "DELETE FROM documents WHERE owner = $1 RETURNING collection_id, vector_id", owner
+            )
+            # Its collections outlive it as the platform's (admins may then delete them),
+            # rather than staying owned by nobody who can sign in.
+            await connection.execute("UPDATE collections SET owner = '' WHERE owner = $1", owner)
         removed: dict[str, list[int]] = {}
         for row in rows:
             removed.setdefault(row["collection_id"], []).append(row["vector_id"])

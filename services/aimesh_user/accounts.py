@@ -25,6 +25,7 @@ from aimesh_runtime.errors import (
     PermissionDenied,
     Unauthenticated,
 )
+from aimesh_runtime.ownership import SERVICE_SCOPE
 from aimesh_runtime.pages import decode_keyset, encode_keyset, page_size
 from aimesh_user.signing import KeyRing
 from aimesh_user.store import ApiKeyRow, EmailTaken, KeyTaken, UserRow, UserStore
@@ -49,6 +50,8 @@ ADMIN_SCOPES = (
     "notify.admin",
 )
 SERVICE_SCOPES = (
+    # Marks a backend acting for the platform (ownership rules, issue 20).
+    SERVICE_SCOPE,
     "search.read",
     "search.write",
     "recommend.read",

@@ -41,6 +41,7 @@ import grpc
 
 from aimesh_runtime.auth import Principal
 from aimesh_runtime.errors import NotFound
+from aimesh_runtime.ownership import Owner
 from aimesh_runtime.resilience import BreakerOpen
 from aimesh_user.saga_store import DeletionRow, DeletionStore, LeaseLost
 
@@ -109,6 +110,11 @@ class Deletions:
         if task is not None and timeout_s > 0:
             await asyncio.wait({task}, timeout=timeout_s)
         return await self._existing(deletion_id)
+
+    async def owner_of(self, name: str) -> Owner | None:
+        """Whose deletion `name` is; None if there is none."""
+        row = await self._store.get(name.removeprefix("userDeletions/"))
+        return None if row is None else Owner(row.user_id)
 
     async def get(self, caller: Principal, name: str) -> DeletionRow:
         deletion_id = name.removeprefix("userDeletions/")

@@ -23,6 +23,8 @@ from aimesh.user.v1 import user_service_pb2, user_service_pb2_grpc
 from aimesh_runtime import revocation
 from aimesh_runtime.client import connect
 from aimesh_runtime.config import ConfigError
+from aimesh_runtime.errors import NotFound
+from aimesh_runtime.ownership import SERVICE_SCOPE, OwnerResolver
 from aimesh_runtime.resilience import CircuitBreaker
 from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
 from aimesh_user.accounts import Accounts, LocalApiKeys
@@ -173,8 +175,15 @@ async def mount(context: ServiceContext) -> Mount:
         routes={"/.well-known/jwks.json": jwks_route},
         background=[maintain_keys, deletions.resume_forever, refresh_not_before],
         close=close,
-        credentials=service_metadata(["notify.write"]),
+        # The relay publishes the platform's user.* topics: a service's call.
+        credentials=service_metadata(["notify.write", SERVICE_SCOPE]),
+        owners={"userDeletions": OwnerResolver(deletions.owner_of, _hidden_deletion)},
     )
+
+
+def _hidden_deletion(name: str) -> NotFound:
+    # Someone else's deletion reads as absent, as Deletions.get answers.
+    return NotFound(f"{name} does not exist", metadata={"name": name})
 
 
 def _peers(

@@ -244,7 +244,8 @@ async def test_unicode_messages_and_binary_metadata_cross_the_pipeline_intact(
     )
     running = await start_server([spec], new_database)
     blob = bytes(range(256))
-    metadata = (("authorization", f"Bearer {signed(claims())}"), ("x-aimesh-blob-bin", blob))
+    admin = signed(claims(scope="user.read user.admin"))  # GetUser on made-up users
+    metadata = (("authorization", f"Bearer {admin}"), ("x-aimesh-blob-bin", blob))
     try:
         async with running.channel() as channel:
             stub = user_service_pb2_grpc.UserServiceStub(channel)

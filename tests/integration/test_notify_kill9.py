@@ -111,10 +111,10 @@ async def run_with_kills(
     receiver: WebhookReceiver,
     workers: list[asyncio.subprocess.Process],
 ) -> None:
-    _, token = await register_and_login(users)
+    user, token = await register_and_login(users)
     md = bearer(token)
     database_url = notify.environ["AIMESH_NOTIFY_DATABASE_URL"]
-    topic = f"kill{uuid.uuid4().hex[:8]}.event"
+    topic = f"apps.u{user.name.removeprefix('users/')}.kill{uuid.uuid4().hex[:8]}.event"
     async with notify.channel() as channel:
         stub = notify_service_pb2_grpc.NotifyServiceStub(channel)
         created = await stub.CreateSubscription(

@@ -21,6 +21,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+import jwt
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf import duration_pb2, field_mask_pb2
@@ -34,6 +35,7 @@ from aimesh.webhooks import verify as verify_webhook
 from aimesh_notify.sealing import SealError, SecretBox
 from aimesh_notify.server import SPEC
 from aimesh_notify.signing import new_secret
+from aimesh_notify.topics import app_namespace
 from aimesh_runtime import db
 from tests.conftest import (
     ROOT,
@@ -109,9 +111,17 @@ async def admin(users: Any) -> Any:
     return bearer(await admin_token(users))
 
 
-def topic() -> str:
+def namespace(md: Any) -> str:
+    """The topics the member of `md` may publish: apps.u<its id>."""
+    token = dict(md)["authorization"].removeprefix("Bearer ")
+    found = app_namespace(jwt.decode(token, options={"verify_signature": False})["sub"])
+    assert found is not None
+    return found
+
+
+def topic(md: Any) -> str:
     """A topic of the test's own, so tests sharing the server do not see each other."""
-    return f"t{uuid.uuid4().hex[:10]}.happened"
+    return f"{namespace(md)}t{uuid.uuid4().hex[:10]}.happened"
 
 
 async def webhook(
@@ -186,10 +196,63 @@ async def test_serving_and_api_keys_are_exchanged(notify: Running, stub: Stub, u
     )
 
 
+async def test_members_publish_only_under_their_own_namespace(
+    stub: Stub, md: Any, users: Any, admin: Any
+) -> None:
+    _, other_token = await register_and_login(users)
+    other = bearer(other_token)
+    for who, name in [
+        (md, "user.deleted"),  # the platform's: its services alone
+        (admin, "user.deleted"),
+        (other, namespace(md) + "order.paid"),  # another member's namespace
+        (md, "orders.paid"),  # outside any member's namespace
+    ]:
+        request = pb.PublishRequest(topic=name, idempotency_key=uuid.uuid4().hex, payload=b"{}")
+        assert await code_of(stub.Publish(request, metadata=who)) == (
+            grpc.StatusCode.PERMISSION_DENIED
+        ), name
+        batch = pb.PublishBatchRequest(requests=[request])
+        assert await code_of(stub.PublishBatch(batch, metadata=who)) == (
+            grpc.StatusCode.PERMISSION_DENIED
+        )
+    # An admin grants a prefix: its grantee publishes there, until the grant goes.
+    prefix = f"orders{uuid.uuid4().hex[:8]}."
+    member = "users/" + namespace(md).split(".")[1][1:]
+    request = pb.CreateTopicGrantRequest(
+        topic_grant=pb.TopicGrant(topic_prefix=prefix, grantee=member)
+    )
+    assert await code_of(stub.CreateTopicGrant(request, metadata=md)) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    grant = (await stub.CreateTopicGrant(request, metadata=admin)).topic_grant
+    listed = await stub.ListTopicGrants(pb.ListTopicGrantsRequest(), metadata=admin)
+    assert grant in listed.topic_grants and grant.grantee == member
+    await publish(stub, md, prefix + "paid", b"{}")
+    granted = pb.PublishRequest(topic=prefix + "paid", idempotency_key=uuid.uuid4().hex)
+    assert await code_of(stub.Publish(granted, metadata=other)) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    await stub.DeleteTopicGrant(pb.DeleteTopicGrantRequest(name=grant.name), metadata=admin)
+    assert await code_of(stub.Publish(granted, metadata=md)) == grpc.StatusCode.PERMISSION_DENIED
+    platform = pb.CreateTopicGrantRequest(
+        topic_grant=pb.TopicGrant(topic_prefix="user.", grantee=member)
+    )
+    assert await code_of(stub.CreateTopicGrant(platform, metadata=admin)) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    own = await publish(stub, md, topic(md), b"{}", key=f"mine:{namespace(md)}")
+    # Another member reusing the key gets no answer about the first event.
+    reuse = pb.PublishRequest(
+        topic=namespace(other) + "x.y", idempotency_key=f"mine:{namespace(md)}", payload=b"{}"
+    )
+    error = await code_of(stub.Publish(reuse, metadata=other))
+    assert error == grpc.StatusCode.ALREADY_EXISTS and own.publisher.startswith("users/")
+
+
 async def test_webhook_delivery_is_signed_and_listed(
     stub: Stub, md: Any, receiver: WebhookReceiver
 ) -> None:
-    name = topic()
+    name = topic(md)
     subscription, secret, path = await webhook(stub, md, receiver, [name])
     assert secret.startswith("whsec_") and subscription.webhook.timeout.seconds == 10
     got = await stub.GetSubscription(pb.GetSubscriptionRequest(name=subscription.name), metadata=md)
@@ -200,6 +263,8 @@ async def test_webhook_delivery_is_signed_and_listed(
     assert request.signed_by == (secret,) and request.body == b'{"n": 12345678901234567890}'
     assert request.headers["aimesh-event-id"] == event.id
     assert request.headers["aimesh-topic"] == name
+    publisher = verify_webhook(request.body, request.headers, secret).publisher
+    assert publisher == event.publisher == "users/" + namespace(md).split(".")[1][1:]
     assert request.headers["content-type"] == "application/json"
     [delivery] = await settled(stub, md, subscription.name, 1)
     assert delivery.name.endswith("/deliveries/" + request.delivery)
@@ -210,11 +275,11 @@ async def test_webhook_delivery_is_signed_and_listed(
 async def test_a_prefix_filter_matches_its_topics_only(
     stub: Stub, md: Any, receiver: WebhookReceiver
 ) -> None:
-    prefix = f"p{uuid.uuid4().hex[:8]}"
-    _, _, path = await webhook(stub, md, receiver, [f"{prefix}.*"])
-    await publish(stub, md, f"{prefix}.import.finished", b"1")
-    await publish(stub, md, f"x{prefix}.import.finished", b"2")
-    await publish(stub, md, f"{prefix}x.done", b"3")
+    word = f"p{uuid.uuid4().hex[:8]}"
+    _, _, path = await webhook(stub, md, receiver, [f"{namespace(md)}{word}.*"])
+    await publish(stub, md, f"{namespace(md)}{word}.import.finished", b"1")
+    await publish(stub, md, f"{namespace(md)}x{word}.import.finished", b"2")
+    await publish(stub, md, f"{namespace(md)}{word}x.done", b"3")
     await receiver.wait_for(lambda: len(on(receiver, path)) >= 1)
     await asyncio.sleep(0.3)
     assert [r.body for r in on(receiver, path)] == [b"1"]
@@ -223,7 +288,7 @@ async def test_a_prefix_filter_matches_its_topics_only(
 async def test_rotation_signs_with_both_secrets_until_the_old_one_expires(
     stub: Stub, md: Any, receiver: WebhookReceiver
 ) -> None:
-    name = topic()
+    name = topic(md)
     subscription, old, path = await webhook(stub, md, receiver, [name])
     rotated = await stub.RotateSubscriptionSecret(
         pb.RotateSubscriptionSecretRequest(
@@ -261,7 +326,7 @@ async def test_rotation_signs_with_both_secrets_until_the_old_one_expires(
 async def test_same_key_published_100_times_concurrently_delivers_once(
     stub: Stub, md: Any, receiver: WebhookReceiver
 ) -> None:
-    name = topic()
+    name = topic(md)
     subscription, _, path = await webhook(stub, md, receiver, [name])
     key = f"test:{uuid.uuid4().hex}"
     replies = await asyncio.gather(
@@ -294,7 +359,7 @@ async def test_same_key_published_100_times_concurrently_delivers_once(
 async def test_publish_batch_publishes_each_once_and_fails_as_a_whole(
     stub: Stub, md: Any, receiver: WebhookReceiver
 ) -> None:
-    name = topic()
+    name = topic(md)
     subscription, _, path = await webhook(stub, md, receiver, [name])
     known = await publish(stub, md, name, b"known", key=f"known:{name}")
 
@@ -356,7 +421,7 @@ async def test_publish_batch_publishes_each_once_and_fails_as_a_whole(
 async def test_poison_dead_letters_without_blocking_and_redrives(
     stub: Stub, md: Any, admin: Any, receiver: WebhookReceiver
 ) -> None:
-    name = topic()
+    name = topic(md)
     subscription, _, path = await webhook(stub, md, receiver, [name])
     await publish(stub, md, name, b'"poison"')
     for n in range(20):
@@ -423,7 +488,7 @@ async def read(
 
 
 async def test_stream_replays_then_tails_and_resumes_with_no_gap(stub: Stub, md: Any) -> None:
-    name = topic()
+    name = topic(md)
     before = await publish(stub, md, name, b"before the subscription")
     subscription = await stream_sub(stub, md, [name])
     published: list[str] = []
@@ -456,7 +521,7 @@ async def test_stream_replays_then_tails_and_resumes_with_no_gap(stub: Stub, md:
 async def test_bad_input_gets_clear_statuses(
     stub: Stub, md: Any, users: Any, receiver: WebhookReceiver
 ) -> None:
-    name = topic()
+    name = topic(md)
     subscription, _, _ = await webhook(stub, md, receiver, [name])
     _, other_token = await register_and_login(users)
     other = bearer(other_token)
@@ -536,8 +601,8 @@ async def test_list_pages_and_purge_is_idempotent(
 ) -> None:
     user, token = await register_and_login(users)
     md = bearer(token)
-    names = [(await webhook(stub, md, receiver, [topic()]))[0].name for _ in range(3)]
-    names.append(await stream_sub(stub, md, [topic()]))
+    names = [(await webhook(stub, md, receiver, [topic(md)]))[0].name for _ in range(3)]
+    names.append(await stream_sub(stub, md, [topic(md)]))
     first = await stub.ListSubscriptions(pb.ListSubscriptionsRequest(page_size=3), metadata=md)
     rest = await stub.ListSubscriptions(
         pb.ListSubscriptionsRequest(page_size=3, page_token=first.next_page_token), metadata=md
@@ -595,7 +660,7 @@ async def test_webhooks_to_denied_networks_are_invalid(
             allowed = await stub.CreateSubscription(
                 pb.CreateSubscriptionRequest(
                     subscription=pb.Subscription(
-                        topics=[topic()], webhook=pb.WebhookChannel(url="https://93.184.216.34/h")
+                        topics=[topic(md)], webhook=pb.WebhookChannel(url="https://93.184.216.34/h")
                     )
                 ),
                 metadata=md,
@@ -656,7 +721,7 @@ async def test_secrets_are_sealed_after_create_and_rotate_and_still_sign(
     notify: Running, stub: Stub, md: Any, receiver: WebhookReceiver
 ) -> None:
     url = notify.environ[URL]
-    name = topic()
+    name = topic(md)
     subscription, old, path = await webhook(stub, md, receiver, [name])
     subscription_id = subscription.name.split("/")[1]
     stored = await stored_secrets(url, subscription_id)
@@ -695,8 +760,8 @@ async def test_a_sealed_secret_copied_onto_another_subscription_does_not_open(
     notify: Running, stub: Stub, md: Any, receiver: WebhookReceiver
 ) -> None:
     url = notify.environ[URL]
-    first, _, _ = await webhook(stub, md, receiver, [topic()])
-    name = topic()
+    first, _, _ = await webhook(stub, md, receiver, [topic(md)])
+    name = topic(md)
     second, _, path = await webhook(stub, md, receiver, [name])
     first_id, second_id = first.name.split("/")[1], second.name.split("/")[1]
     connection = await asyncpg.connect(url)
@@ -746,7 +811,7 @@ async def test_legacy_plaintext_is_sealed_at_start_by_replicas_at_once_and_still
     tmp_path: Path,
 ) -> None:
     url = await legacy_database(new_database, tmp_path)
-    name = topic()
+    name = topic(md)
     path = f"/{uuid.uuid4().hex}"
     plain = {f"legacy{n:04d}": (f"whsec_cur{n}", f"whsec_prev{n}") for n in range(1200)}
     connection = await asyncpg.connect(url)
@@ -822,7 +887,7 @@ def run_module(module: str, env: dict[str, str]) -> subprocess.CompletedProcess[
 async def test_a_wrong_key_refuses_to_start_the_service_and_the_worker(
     notify: Running, stub: Stub, md: Any, receiver: WebhookReceiver
 ) -> None:
-    await webhook(stub, md, receiver, [topic()])  # something sealed under the right key
+    await webhook(stub, md, receiver, [topic(md)])  # something sealed under the right key
     env = {
         URL: notify.environ[URL],
         KEY: kek(),
@@ -880,7 +945,7 @@ async def test_the_sealing_key_rotates_and_webhooks_keep_their_secrets(
     allow = {"AIMESH_NOTIFY_ALLOW_PRIVATE_WEBHOOKS": "1"}
     first = await start_notify(new_database, user_server, **{KEY: old_key}, **allow)
     url, jwks_url = first.environ[URL], first.environ["AIMESH_JWKS_URL"]
-    name = topic()
+    name = topic(md)
     try:
         async with first.channel() as channel:
             stub = Stub(channel)
@@ -997,7 +1062,7 @@ async def test_metrics_count_attempts_by_outcome_and_show_dead_letters(
     notify: Running, stub: Stub, md: Any, receiver: WebhookReceiver
 ) -> None:
     before = await asyncio.to_thread(scrape, notify.http_port)
-    name = topic()
+    name = topic(md)
     subscription, _, _ = await webhook(stub, md, receiver, [name])
     await publish(stub, md, name, b'"poison"')  # answered 500: three attempts, then dead
     await publish(stub, md, name, b"fine")
@@ -1089,7 +1154,7 @@ async def test_a_hanging_receiver_is_paused_and_other_subscriptions_go_on(
     try:
         async with running.channel() as channel:
             stub = Stub(channel)
-            stuck_topic, healthy_topic = topic(), topic()
+            stuck_topic, healthy_topic = topic(md), topic(md)
             stuck = await stub.CreateSubscription(
                 pb.CreateSubscriptionRequest(
                     subscription=pb.Subscription(

@@ -28,6 +28,7 @@ from tests.conftest import (
     bearer,
     database_env,
     register_and_login,
+    service_token,
     start_server,
 )
 
@@ -109,8 +110,14 @@ async def server(
 
 @pytest.fixture(scope="module")
 async def tokens(users: Any) -> dict[str, Any]:
-    _, member = await register_and_login(users)
-    return {"member": bearer(member), "admin": bearer(await admin_token(users))}
+    # Most tests record for many users at once, as a backend does: a service account.
+    alice, member = await register_and_login(users)
+    return {
+        "backend": bearer(await service_token(users)),
+        "admin": bearer(await admin_token(users)),
+        "member": bearer(member),
+        "member_name": alice.name,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +153,7 @@ def violations(error: grpc.aio.AioRpcError) -> list[str]:
 
 
 async def test_bad_input_is_invalid_argument_with_the_field(rec: Any, tokens: Any) -> None:
-    md = tokens["member"]
+    md = tokens["backend"]
     cases = {
         "weight": interaction("a", "x", weight=-1.0),
         "weight ": interaction("a", "x", weight=math.nan),
@@ -180,26 +187,46 @@ async def test_too_little_data_says_how_much_is_needed(rec: Any, tokens: Any) ->
         grpc.StatusCode.PERMISSION_DENIED,
         rec.TrainModel(
             pb.TrainModelRequest(training_job_id="early", training_job=pb.TrainingJob()),
-            metadata=tokens["member"],
+            metadata=tokens["backend"],
         ),
     )
+
+
+async def test_members_record_and_read_for_themselves_only(rec: Any, tokens: Any) -> None:
+    md, me = tokens["member"], tokens["member_name"]
+    mine = pb.Interaction(interaction_id=uuid.uuid4().hex, user="users/me", item="items/x", kind=1)
+    reply = await rec.RecordInteractions(
+        pb.RecordInteractionsRequest(interactions=[mine]), metadata=md
+    )
+    assert reply.recorded_count == 1
+    await rec.Recommend(pb.RecommendRequest(user=me, k=3), metadata=md)
+    forged = interaction("someone-else", "x")
+    for call in (
+        rec.RecordInteractions(pb.RecordInteractionsRequest(interactions=[forged]), metadata=md),
+        rec.Recommend(pb.RecommendRequest(user="users/someone-else", k=3), metadata=md),
+        rec.UpsertItems(
+            pb.UpsertItemsRequest(items=[pb.Item(name="items/x", text="t")]), metadata=md
+        ),
+        rec.DeleteItem(pb.DeleteItemRequest(name="items/x"), metadata=md),
+    ):
+        await fails(grpc.StatusCode.PERMISSION_DENIED, call)
 
 
 async def test_same_interaction_id_is_stored_once(rec: Any, tokens: Any) -> None:
     one = interaction("dup", "x", interaction_id="same-id")
     reply = await rec.RecordInteractions(
-        pb.RecordInteractionsRequest(interactions=[one, one]), metadata=tokens["member"]
+        pb.RecordInteractionsRequest(interactions=[one, one]), metadata=tokens["backend"]
     )
     assert (reply.recorded_count, reply.duplicate_count) == (1, 1)
     reply = await rec.RecordInteractions(
-        pb.RecordInteractionsRequest(interactions=[one]), metadata=tokens["member"]
+        pb.RecordInteractionsRequest(interactions=[one]), metadata=tokens["backend"]
     )
     assert (reply.recorded_count, reply.duplicate_count) == (0, 1)
 
 
 async def test_without_a_model_the_popularity_fallback_answers(rec: Any, tokens: Any) -> None:
     reply = await rec.Recommend(
-        pb.RecommendRequest(user="users/nobody", k=5), metadata=tokens["member"]
+        pb.RecommendRequest(user="users/nobody", k=5), metadata=tokens["backend"]
     )
     assert reply.model_version == "v1" and reply.fallback
     assert reply.fallback_reason == pb.FALLBACK_REASON_MODEL_MISSING
@@ -209,7 +236,7 @@ async def test_without_a_model_the_popularity_fallback_answers(rec: Any, tokens:
 async def test_items_are_embedded_through_search(
     rec: Any, tokens: Any, fake_search: tuple[FakeSearch, str]
 ) -> None:
-    md = tokens["member"]
+    md = tokens["backend"]
     items = [
         pb.Item(name=f"items/i{n}", text=f"item number {n} group g{n % 8}") for n in range(400)
     ]
@@ -247,7 +274,7 @@ async def wait_job(rec: Any, md: Any, name: str, timeout_s: float = 60) -> Any:
 
 
 async def test_train_serve_and_fall_back(rec: Any, tokens: Any) -> None:
-    md, admin = tokens["member"], tokens["admin"]
+    md, admin = tokens["backend"], tokens["admin"]
     events = planted(users=120, items=400, per_user=10, seed=3)
     batch = [
         interaction(u, i, event_time=timestamp_pb2.Timestamp(seconds=1_700_000_000 + int(t)))
@@ -305,7 +332,7 @@ async def test_train_serve_and_fall_back(rec: Any, tokens: Any) -> None:
 
 
 async def test_a_new_interaction_invalidates_the_cached_answer(rec: Any, tokens: Any) -> None:
-    md = tokens["member"]
+    md = tokens["backend"]
     first = await rec.Recommend(pb.RecommendRequest(user="users/u2", k=5), metadata=md)
     again = await rec.Recommend(pb.RecommendRequest(user="users/u2", k=5), metadata=md)
     assert [i.item for i in first.items] == [i.item for i in again.items]
@@ -318,7 +345,7 @@ async def test_a_new_interaction_invalidates_the_cached_answer(rec: Any, tokens:
 
 
 async def test_similar_items(rec: Any, tokens: Any) -> None:
-    md = tokens["member"]
+    md = tokens["backend"]
     known = await rec.SimilarItems(pb.SimilarItemsRequest(item="items/i1", k=5), metadata=md)
     assert not known.fallback and len(known.items) == 5
     assert "items/i1" not in {i.item for i in known.items}
@@ -343,7 +370,7 @@ async def test_similar_items(rec: Any, tokens: Any) -> None:
 async def test_a_catalogue_change_made_on_another_replica_reaches_serving(
     server: Running, rec: Any, tokens: Any
 ) -> None:
-    md = tokens["member"]
+    md = tokens["backend"]
     request = pb.RecommendRequest(user="users/u3", k=5)
     first = await rec.Recommend(request, metadata=md)  # now cached
     top = first.items[0].item.removeprefix("items/")
@@ -396,7 +423,7 @@ async def test_cancel_a_training_job(rec: Any, tokens: Any) -> None:
 async def test_ab_results_attribute_outcomes_to_the_serving_version(
     rec: Any, tokens: Any, server: Running, new_database: Any
 ) -> None:
-    md, admin = tokens["member"], tokens["admin"]
+    md, admin = tokens["backend"], tokens["admin"]
     await rec.TrainModel(
         pb.TrainModelRequest(
             training_job_id="second", training_job=pb.TrainingJob(model_version="v2", epochs=2)
@@ -479,11 +506,11 @@ async def test_ab_results_attribute_outcomes_to_the_serving_version(
 async def test_purge_user_data(rec: Any, tokens: Any) -> None:
     await rec.RecordInteractions(
         pb.RecordInteractionsRequest(interactions=[interaction("purged", "i1") for _ in range(10)]),
-        metadata=tokens["member"],
+        metadata=tokens["backend"],
     )
     request = pb.PurgeUserDataRequest(user="users/purged")
     await fails(
-        grpc.StatusCode.PERMISSION_DENIED, rec.PurgeUserData(request, metadata=tokens["member"])
+        grpc.StatusCode.PERMISSION_DENIED, rec.PurgeUserData(request, metadata=tokens["backend"])
     )
     first = await rec.PurgeUserData(request, metadata=tokens["admin"])
     assert first.deleted_interactions == 10

@@ -29,6 +29,7 @@ from tests.conftest import ROOT, Running, start_server
 from tests.tokens import claims, jwks, signed
 
 SERVICE = pb.DESCRIPTOR.services_by_name["UserService"]
+ADMIN_READ = "user.read user.admin"
 
 
 class SlowUsers(user_service_pb2_grpc.UserServiceServicer):
@@ -72,7 +73,8 @@ def spec(tmp: Path) -> ServiceSpec:
 
 def token_metadata() -> tuple[tuple[str, str]]:
     """Signed per use: a token made at import could expire before a long run gets here."""
-    return (("authorization", f"Bearer {signed(claims())}"),)
+    # An admin's: the tests call GetUser on made-up users (users/slow, users/crash).
+    return (("authorization", f"Bearer {signed(claims(scope=ADMIN_READ))}"),)
 
 
 class PgProxy:

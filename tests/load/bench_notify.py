@@ -173,7 +173,9 @@ async def serve(database_url: str) -> None:
     config = load(RuntimeConfig, environ, grpc_port=0, http_port=0)
     server = AimeshServer([dataclasses.replace(SPEC, mount=mount)], config, environ)
     await server.start()
-    token = signed(claims(scope="notify.read notify.write", sub="bench"))
+    # The bench publishes as an outbox relay does: a service account (its topics are
+    # no member's namespace).
+    token = signed(claims(scope="notify.read notify.write mesh.service", sub="bench"))
     print(json.dumps({"port": server.grpc_port, "token": token}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     await server.stop(1.0)
@@ -398,7 +400,14 @@ async def store_ceiling(admin_url: str) -> float:
     async def publisher() -> None:
         for start in starts:
             events = [
-                (uuid.uuid4().hex, "bench.job.done", b'{"job": %d}' % n, "application/json", f"{n}")
+                (
+                    uuid.uuid4().hex,
+                    "bench.job.done",
+                    b'{"job": %d}' % n,
+                    "application/json",
+                    f"{n}",
+                    "users/bench",
+                )
                 for n in range(start, min(start + PUBLISH_BATCH, JOBS))
             ]
             await store.publish_batch(events, lambda known: None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import ServiceDescriptor
 
 from aimesh.chat.v1 import chat_service_pb2
@@ -14,6 +15,7 @@ from aimesh.search.v1 import search_service_pb2
 from aimesh.user.v1 import user_service_pb2
 from aimesh_runtime.auth import ANONYMOUS, MethodPolicy, Principal, authorize, policies_for
 from aimesh_runtime.errors import PermissionDenied, Unauthenticated
+from aimesh_runtime.ownership import OwnershipRuleError, rules_for
 
 SERVICES: list[ServiceDescriptor] = [
     user_service_pb2.DESCRIPTOR.services_by_name["UserService"],
@@ -31,6 +33,9 @@ def test_every_method_has_an_access_rule_and_http_mapping(service: str, method: 
     assert options.HasExtension(access_pb2.access), "a method without a rule is denied to all"
     access = options.Extensions[access_pb2.access]
     assert access.public or list(access.scopes), "a rule names scopes or says public"
+    assert access.ownership != access_pb2.OWNERSHIP_UNSPECIFIED, "whose objects may it touch?"
+    if access.public:
+        assert access.ownership == access_pb2.OWNERSHIP_NONE, "a public method has no caller"
     assert options.HasExtension(annotations_pb2.http), "Envoy transcodes from google.api.http"
 
 
@@ -55,3 +60,30 @@ def test_authorize_denies_methods_without_rule_and_missing_scopes() -> None:
         authorize("/x.v1.Y/Z", MethodPolicy(public=False, scopes=("search.read",)), ANONYMOUS)
     authorize("/x.v1.Y/Z", MethodPolicy(public=False, scopes=("search.read",)), member)
     authorize("/x.v1.Y/Z", MethodPolicy(public=True, scopes=()), ANONYMOUS)
+
+
+def test_every_ownership_rule_reads_a_real_field() -> None:
+    rules = rules_for(SERVICES)  # raises on a missing rule or a field the request lacks
+    assert set(rules) == {f"/{s}/{m.name}" for s, m in METHODS}
+
+
+def test_a_contract_with_a_method_without_ownership_rule_does_not_start() -> None:
+    unruled = descriptor_pb2.FileDescriptorProto(
+        name="unruled/v1/unruled.proto",
+        package="unruled.v1",
+        dependency=["aimesh/options/v1/access.proto"],
+        message_type=[descriptor_pb2.DescriptorProto(name="Req")],
+    )
+    method = unruled.service.add(name="UnruledService").method.add(
+        name="Do", input_type=".unruled.v1.Req", output_type=".unruled.v1.Req"
+    )
+    method.options.Extensions[access_pb2.access].scopes.append("x.read")
+    pool = descriptor_pool.DescriptorPool()
+    for file in (descriptor_pb2.DescriptorProto.DESCRIPTOR.file, access_pb2.DESCRIPTOR):
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.Add(proto)
+    pool.Add(unruled)
+    service = pool.FindServiceByName("unruled.v1.UnruledService")
+    with pytest.raises(OwnershipRuleError, match="Do has no ownership rule"):
+        rules_for([service])

@@ -31,7 +31,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%aimesh/notify/v1/notify_service.proto\x12\x10\x61imesh.notify.v1\x1a\x1e\x61imesh/options/v1/access.proto\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x86\x03\n\x0cSubscription\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x1e\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\x12L\n\x06topics\x18\x03 \x03(\tB<\xbaH9\x92\x01\x36\x10 \x18\x01\"0r.2,^[a-z][a-z0-9_]*(\\.[a-z][a-z0-9_]*)*(\\.\\*)?$\x12\x33\n\x07webhook\x18\x04 \x01(\x0b\x32 .aimesh.notify.v1.WebhookChannelH\x00\x12\x31\n\x06stream\x18\x05 \x01(\x0b\x32\x1f.aimesh.notify.v1.StreamChannelH\x00\x12\x13\n\x05owner\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x42\t\n\x07\x63hannel\"\x84\x02\n\x0eWebhookChannel\x12\x33\n\x03url\x18\x01 \x01(\tB&\xbaH#r!\x18\x80\x10\x32\x19^[Hh][Tt][Tt][Pp][Ss]?://\x88\x01\x01\x12\x38\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\xbaH\t\xaa\x01\x06\"\x02\x08\x1e\x32\x00\x12<\n\x12secret_create_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x45\n\x1bprevious_secret_expire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"\x0f\n\rStreamChannel\"\x94\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x30\n\x0cpublish_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe9\x02\n\x08\x44\x65livery\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x16\n\x08\x65vent_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05topic\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x36\n\x06status\x18\x04 \x01(\x0e\x32 .aimesh.notify.v1.DeliveryStatusB\x04\xe2\x41\x01\x03\x12\x39\n\x08\x61ttempts\x18\x05 \x03(\x0b\x32!.aimesh.notify.v1.DeliveryAttemptB\x04\xe2\x41\x01\x03\x12;\n\x11next_attempt_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"\xa4\x01\n\x0f\x44\x65liveryAttempt\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa0\x02\n\x19\x43reateSubscriptionRequest\x12<\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1e.aimesh.notify.v1.SubscriptionB\x06\xbaH\x03\xc8\x01\x01:\xc4\x01\xbaH\xc0\x01\x1a\xbd\x01\n\x1b\x63reate_subscription.channel\x12\x35\x61 subscription needs a channel and at least one topic\x1ag(has(this.subscription.webhook) || has(this.subscription.stream)) && size(this.subscription.topics) > 0\"b\n\x1a\x43reateSubscriptionResponse\x12\x34\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1e.aimesh.notify.v1.Subscription\x12\x0e\n\x06secret\x18\x02 \x01(\t\"R\n\x16GetSubscriptionRequest\x12\x38\n\x04name\x18\x01 \x01(\tB*\xbaH\'r%2#^subscriptions/[A-Za-z0-9_-]{1,64}$\"O\n\x17GetSubscriptionResponse\x12\x34\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1e.aimesh.notify.v1.Subscription\"T\n\x18ListSubscriptionsRequest\x12\x1a\n\tpage_size\x18\x01 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"k\n\x19ListSubscriptionsResponse\x12\x35\n\rsubscriptions\x18\x01 \x03(\x0b\x32\x1e.aimesh.notify.v1.Subscription\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x92\x01\n\x19UpdateSubscriptionRequest\x12<\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1e.aimesh.notify.v1.SubscriptionB\x06\xbaH\x03\xc8\x01\x01\x12\x37\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x06\xbaH\x03\xc8\x01\x01\"R\n\x1aUpdateSubscriptionResponse\x12\x34\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1e.aimesh.notify.v1.Subscription\"U\n\x19\x44\x65leteSubscriptionRequest\x12\x38\n\x04name\x18\x01 \x01(\tB*\xbaH\'r%2#^subscriptions/[A-Za-z0-9_-]{1,64}$\"\x1c\n\x1a\x44\x65leteSubscriptionResponse\"\x9c\x01\n\x1fRotateSubscriptionSecretRequest\x12\x38\n\x04name\x18\x01 \x01(\tB*\xbaH\'r%2#^subscriptions/[A-Za-z0-9_-]{1,64}$\x12?\n\x0cgrace_period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0e\xbaH\x0b\xaa\x01\x08\"\x04\x08\x80\xf5$2\x00\"h\n RotateSubscriptionSecretResponse\x12\x34\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1e.aimesh.notify.v1.Subscription\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\xce\x01\n\x0ePublishRequest\x12>\n\x05topic\x18\x01 \x01(\tB/\xbaH,r*\x18\x80\x01\x32%^[a-z][a-z0-9_]*(\\.[a-z][a-z0-9_]*)+$\x12#\n\x0fidempotency_key\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x1a\n\x07payload\x18\x03 \x01(\x0c\x42\t\xbaH\x06z\x04\x18\x80\x80\x04\x12;\n\x0c\x63ontent_type\x18\x04 \x01(\tB%\xbaH\"r \x18\x80\x01\x32\x1b^([a-z]+/[A-Za-z0-9.+-]+)?$\"L\n\x0fPublishResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.aimesh.notify.v1.Event\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"V\n\x13PublishBatchRequest\x12?\n\x08requests\x18\x01 \x03(\x0b\x32 .aimesh.notify.v1.PublishRequestB\x0b\xbaH\x08\x92\x01\x05\x08\x01\x10\xe8\x07\"L\n\x14PublishBatchResponse\x12\x34\n\tresponses\x18\x01 \x03(\x0b\x32!.aimesh.notify.v1.PublishResponse\"n\n\x10SubscribeRequest\x12@\n\x0csubscription\x18\x01 \x01(\tB*\xbaH\'r%2#^subscriptions/[A-Za-z0-9_-]{1,64}$\x12\x18\n\x06\x63ursor\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"K\n\x11SubscribeResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.aimesh.notify.v1.Event\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"\xc9\x01\n\x15ListDeliveriesRequest\x12:\n\x06parent\x18\x01 \x01(\tB*\xbaH\'r%2#^subscriptions/[A-Za-z0-9_-]{1,64}$\x12:\n\x06status\x18\x02 \x01(\x0e\x32 .aimesh.notify.v1.DeliveryStatusB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1a\n\tpage_size\x18\x03 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x04 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"a\n\x16ListDeliveriesResponse\x12.\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1a.aimesh.notify.v1.Delivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"W\n\x19RedriveDeadLettersRequest\x12:\n\x06parent\x18\x01 \x01(\tB*\xbaH\'r%2#^subscriptions/[A-Za-z0-9_-]{1,64}$\"4\n\x1aRedriveDeadLettersResponse\x12\x16\n\x0eredriven_count\x18\x01 \x01(\x03\"H\n\x14PurgeUserDataRequest\x12\x30\n\x04user\x18\x01 \x01(\tB\"\xbaH\x1fr\x1d\x32\x1b^users/[A-Za-z0-9_-]{1,64}$\"6\n\x15PurgeUserDataResponse\x12\x1d\n\x15\x64\x65leted_subscriptions\x18\x01 \x01(\x03*\xad\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44\x45LIVERY_STATUS_PENDING\x10\x01\x12\x1d\n\x19\x44\x45LIVERY_STATUS_IN_FLIGHT\x10\x02\x12\x1d\n\x19\x44\x45LIVERY_STATUS_SUCCEEDED\x10\x03\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_DEAD_LETTER\x10\x04\x32\xff\x0f\n\rNotifyService\x12\xaa\x01\n\x12\x43reateSubscription\x12+.aimesh.notify.v1.CreateSubscriptionRequest\x1a,.aimesh.notify.v1.CreateSubscriptionResponse\"9\xc2\xf3\x18\x0e\x12\x0cnotify.write\x82\xd3\xe4\x93\x02!\"\x11/v1/subscriptions:\x0csubscription\x12\x9e\x01\n\x0fGetSubscription\x12(.aimesh.notify.v1.GetSubscriptionRequest\x1a).aimesh.notify.v1.GetSubscriptionResponse\"6\x90\x02\x01\xc2\xf3\x18\r\x12\x0bnotify.read\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/{name=subscriptions/*}\x12\x9b\x01\n\x11ListSubscriptions\x12*.aimesh.notify.v1.ListSubscriptionsRequest\x1a+.aimesh.notify.v1.ListSubscriptionsResponse\"-\x90\x02\x01\xc2\xf3\x18\r\x12\x0bnotify.read\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/subscriptions\x12\xc0\x01\n\x12UpdateSubscription\x12+.aimesh.notify.v1.UpdateSubscriptionRequest\x1a,.aimesh.notify.v1.UpdateSubscriptionResponse\"O\xc2\xf3\x18\x0e\x12\x0cnotify.write\x82\xd3\xe4\x93\x02\x37\x32\'/v1/{subscription.name=subscriptions/*}:\x0csubscription\x12\xa8\x01\n\x12\x44\x65leteSubscription\x12+.aimesh.notify.v1.DeleteSubscriptionRequest\x1a,.aimesh.notify.v1.DeleteSubscriptionResponse\"7\x90\x02\x02\xc2\xf3\x18\x0e\x12\x0cnotify.write\x82\xd3\xe4\x93\x02\x1c*\x1a/v1/{name=subscriptions/*}\x12\xc7\x01\n\x18RotateSubscriptionSecret\x12\x31.aimesh.notify.v1.RotateSubscriptionSecretRequest\x1a\x32.aimesh.notify.v1.RotateSubscriptionSecretResponse\"D\xc2\xf3\x18\x0e\x12\x0cnotify.write\x82\xd3\xe4\x93\x02,\"\'/v1/{name=subscriptions/*}:rotateSecret:\x01*\x12\x82\x01\n\x07Publish\x12 .aimesh.notify.v1.PublishRequest\x1a!.aimesh.notify.v1.PublishResponse\"2\x90\x02\x02\xc2\xf3\x18\x0e\x12\x0cnotify.write\x82\xd3\xe4\x93\x02\x17\"\x12/v1/events:publish:\x01*\x12\x96\x01\n\x0cPublishBatch\x12%.aimesh.notify.v1.PublishBatchRequest\x1a&.aimesh.notify.v1.PublishBatchResponse\"7\x90\x02\x02\xc2\xf3\x18\x0e\x12\x0cnotify.write\x82\xd3\xe4\x93\x02\x1c\"\x17/v1/events:publishBatch:\x01*\x12\x9d\x01\n\tSubscribe\x12\".aimesh.notify.v1.SubscribeRequest\x1a#.aimesh.notify.v1.SubscribeResponse\"E\x90\x02\x01\xc2\xf3\x18\r\x12\x0bnotify.read\x82\xd3\xe4\x93\x02+\x12)/v1/{subscription=subscriptions/*}/events0\x01\x12\xa8\x01\n\x0eListDeliveries\x12\'.aimesh.notify.v1.ListDeliveriesRequest\x1a(.aimesh.notify.v1.ListDeliveriesResponse\"C\x90\x02\x01\xc2\xf3\x18\r\x12\x0bnotify.read\x82\xd3\xe4\x93\x02)\x12\'/v1/{parent=subscriptions/*}/deliveries\x12\xc0\x01\n\x12RedriveDeadLetters\x12+.aimesh.notify.v1.RedriveDeadLettersRequest\x1a,.aimesh.notify.v1.RedriveDeadLettersResponse\"O\x90\x02\x02\xc2\xf3\x18\x0e\x12\x0cnotify.admin\x82\xd3\xe4\x93\x02\x34\"//v1/{parent=subscriptions/*}/deliveries:redrive:\x01*\x12\x9d\x01\n\rPurgeUserData\x12&.aimesh.notify.v1.PurgeUserDataRequest\x1a\'.aimesh.notify.v1.PurgeUserDataResponse\";\x90\x02\x02\xc2\xf3\x18\x0e\x12\x0cnotify.admin\x82\xd3\xe4\x93\x02 \"\x1b/v1/subscriptions:purgeUser:\x01*B\x17\n\x13io.aimesh.notify.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%aimesh/notify/v1/notify_service.proto\x12\x10\x61imesh.notify.v1\x1a\x1e\x61imesh/options/v1/access.proto\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd5\x01\n\nTopicGrant\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12G\n\x0ctopic_prefix\x18\x02 \x01(\tB1\xbaH.r,\x18\x80\x01\x32\'^[a-z][a-z0-9_]*(\\.[a-z][a-z0-9_]*)*\\.$\x12\x33\n\x07grantee\x18\x03 \x01(\tB\"\xbaH\x1fr\x1d\x32\x1b^users/[A-Za-z0-9_-]{1,64}$\x12\x35\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"\x86\x03\n\x0cSubscription\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x1e\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\x12L\n\x06topics\x18\x03 \x03(\tB<\xbaH9\x92\x01\x36\x10 \x18\x01\"0r.2,^[a-z][a-z0-9_]*(\\.[a-z][a-z0-9_]*)*(\\.\\*)?$\x12\x33\n\x07webhook\x18\x04 \x01(\x0b\x32 .aimesh.notify.v1.WebhookChannelH\x00\x12\x31\n\x06stream\x18\x05 \x01(\x0b\x32\x1f.aimesh.notify.v1.StreamChannelH\x00\x12\x13\n\x05owner\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x42\t\n\x07\x63hannel\"\x84\x02\n\x0eWebhookChannel\x12\x33\n\x03url\x18\x01 \x01(\tB&\xbaH#r!\x18\x80\x10\x32\x19^[Hh][Tt][Tt][Pp][Ss]?://\x88\x01\x01\x12\x38\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\xbaH\t\xaa\x01\x06\"\x02\x08\x1e\x32\x00\x12<\n\x12secret_create_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x45\n\x1bprevious_secret_expire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"\x0f\n\rStreamChannel\"\xa7\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\x12\x30\n\x0cpublish_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpublisher\x18\x07 \x01(\t\"\xe9\x02\n\x08\x44\x65livery\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x16\n\x08\x65vent_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05topic\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x36\n\x06status\x18\x04 \x01(\x0e\x32 .aimesh.notify.v1.DeliveryStatusB\x04\xe2\x41\x01\x03\x12\x39\n\x08\x61ttempts\x18\x05 \x03(\x0b\x32!.aimesh.notify.v1.DeliveryAttemptB\x04\xe2\x41\x01\x03\x12;\n\x11next_attempt_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"\xa4\x01\n\x0f\x44\x65liveryAttempt\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa0\x02\n\x19\x43reateSubscriptionRequest\x12<\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1e.aimesh.notify.v1.SubscriptionB\x06\xbaH\x03\xc8\x01\x01:\xc4\x01\xbaH\xc0\x01\x1a\xbd\x01\n\x1b\x63reate_subscription.channel\x12\x35\x61 subscription needs a channel and at least one topic\x1ag(has(this.subscription.webhook) || has(this.subscription.stream)) && size(this.subscription.topics) > 0\"b\n\x1a\x43reateSubscriptionResponse\x12\x34\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1e.aimesh.notify.v1.Subscription\x12\x0e\n\x06secret\x18\x02 \x01(\t\"R\n\x16GetSubscriptionRequest\x12\x38\n\x04name\x18\x01 \x01(\tB*\xbaH\'r%2#^subscriptions/[A-Za-z0-9_-]{1,64}$\"O\n\x17GetSubscriptionResponse\x12\x34\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1e.aimesh.notify.v1.Subscription\"T\n\x18ListSubscriptionsRequest\x12\x1a\n\tpage_size\x18\x01 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"k\n\x19ListSubscriptionsResponse\x12\x35\n\rsubscriptions\x18\x01 \x03(\x0b\x32\x1e.aimesh.notify.v1.Subscription\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x92\x01\n\x19UpdateSubscriptionRequest\x12<\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1e.aimesh.notify.v1.SubscriptionB\x06\xbaH\x03\xc8\x01\x01\x12\x37\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x06\xbaH\x03\xc8\x01\x01\"R\n\x1aUpdateSubscriptionResponse\x12\x34\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1e.aimesh.notify.v1.Subscription\"U\n\x19\x44\x65leteSubscriptionRequest\x12\x38\n\x04name\x18\x01 \x01(\tB*\xbaH\'r%2#^subscriptions/[A-Za-z0-9_-]{1,64}$\"\x1c\n\x1a\x44\x65leteSubscriptionResponse\"\x9c\x01\n\x1fRotateSubscriptionSecretRequest\x12\x38\n\x04name\x18\x01 \x01(\tB*\xbaH\'r%2#^subscriptions/[A-Za-z0-9_-]{1,64}$\x12?\n\x0cgrace_period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0e\xbaH\x0b\xaa\x01\x08\"\x04\x08\x80\xf5$2\x00\"h\n RotateSubscriptionSecretResponse\x12\x34\n\x0csubscription\x18\x01 \x01(\x0b\x32\x1e.aimesh.notify.v1.Subscription\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\xce\x01\n\x0ePublishRequest\x12>\n\x05topic\x18\x01 \x01(\tB/\xbaH,r*\x18\x80\x01\x32%^[a-z][a-z0-9_]*(\\.[a-z][a-z0-9_]*)+$\x12#\n\x0fidempotency_key\x18\x02 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12\x1a\n\x07payload\x18\x03 \x01(\x0c\x42\t\xbaH\x06z\x04\x18\x80\x80\x04\x12;\n\x0c\x63ontent_type\x18\x04 \x01(\tB%\xbaH\"r \x18\x80\x01\x32\x1b^([a-z]+/[A-Za-z0-9.+-]+)?$\"L\n\x0fPublishResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.aimesh.notify.v1.Event\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"V\n\x13PublishBatchRequest\x12?\n\x08requests\x18\x01 \x03(\x0b\x32 .aimesh.notify.v1.PublishRequestB\x0b\xbaH\x08\x92\x01\x05\x08\x01\x10\xe8\x07\"L\n\x14PublishBatchResponse\x12\x34\n\tresponses\x18\x01 \x03(\x0b\x32!.aimesh.notify.v1.PublishResponse\"n\n\x10SubscribeRequest\x12@\n\x0csubscription\x18\x01 \x01(\tB*\xbaH\'r%2#^subscriptions/[A-Za-z0-9_-]{1,64}$\x12\x18\n\x06\x63ursor\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"K\n\x11SubscribeResponse\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.aimesh.notify.v1.Event\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"\xc9\x01\n\x15ListDeliveriesRequest\x12:\n\x06parent\x18\x01 \x01(\tB*\xbaH\'r%2#^subscriptions/[A-Za-z0-9_-]{1,64}$\x12:\n\x06status\x18\x02 \x01(\x0e\x32 .aimesh.notify.v1.DeliveryStatusB\x08\xbaH\x05\x82\x01\x02\x10\x01\x12\x1a\n\tpage_size\x18\x03 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x04 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"a\n\x16ListDeliveriesResponse\x12.\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1a.aimesh.notify.v1.Delivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"T\n\x17\x43reateTopicGrantRequest\x12\x39\n\x0btopic_grant\x18\x01 \x01(\x0b\x32\x1c.aimesh.notify.v1.TopicGrantB\x06\xbaH\x03\xc8\x01\x01\"M\n\x18\x43reateTopicGrantResponse\x12\x31\n\x0btopic_grant\x18\x01 \x01(\x0b\x32\x1c.aimesh.notify.v1.TopicGrant\"R\n\x16ListTopicGrantsRequest\x12\x1a\n\tpage_size\x18\x01 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"f\n\x17ListTopicGrantsResponse\x12\x32\n\x0ctopic_grants\x18\x01 \x03(\x0b\x32\x1c.aimesh.notify.v1.TopicGrant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Q\n\x17\x44\x65leteTopicGrantRequest\x12\x36\n\x04name\x18\x01 \x01(\tB(\xbaH%r#2!^topicGrants/[A-Za-z0-9_-]{1,64}$\"\x1a\n\x18\x44\x65leteTopicGrantResponse\"W\n\x19RedriveDeadLettersRequest\x12:\n\x06parent\x18\x01 \x01(\tB*\xbaH\'r%2#^subscriptions/[A-Za-z0-9_-]{1,64}$\"4\n\x1aRedriveDeadLettersResponse\x12\x16\n\x0eredriven_count\x18\x01 \x01(\x03\"H\n\x14PurgeUserDataRequest\x12\x30\n\x04user\x18\x01 \x01(\tB\"\xbaH\x1fr\x1d\x32\x1b^users/[A-Za-z0-9_-]{1,64}$\"6\n\x15PurgeUserDataResponse\x12\x1d\n\x15\x64\x65leted_subscriptions\x18\x01 \x01(\x03*\xad\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44\x45LIVERY_STATUS_PENDING\x10\x01\x12\x1d\n\x19\x44\x45LIVERY_STATUS_IN_FLIGHT\x10\x02\x12\x1d\n\x19\x44\x45LIVERY_STATUS_SUCCEEDED\x10\x03\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_DEAD_LETTER\x10\x04\x32\xdb\x14\n\rNotifyService\x12\xac\x01\n\x12\x43reateSubscription\x12+.aimesh.notify.v1.CreateSubscriptionRequest\x1a,.aimesh.notify.v1.CreateSubscriptionResponse\";\xc2\xf3\x18\x10\x12\x0cnotify.write\x18\x01\x82\xd3\xe4\x93\x02!\"\x11/v1/subscriptions:\x0csubscription\x12\xa8\x01\n\x0fGetSubscription\x12(.aimesh.notify.v1.GetSubscriptionRequest\x1a).aimesh.notify.v1.GetSubscriptionResponse\"@\x90\x02\x01\xc2\xf3\x18\x17\x12\x0bnotify.read\x18\x03\"\x04name(\x01\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/{name=subscriptions/*}\x12\x9d\x01\n\x11ListSubscriptions\x12*.aimesh.notify.v1.ListSubscriptionsRequest\x1a+.aimesh.notify.v1.ListSubscriptionsResponse\"/\x90\x02\x01\xc2\xf3\x18\x0f\x12\x0bnotify.read\x18\x01\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/subscriptions\x12\xd5\x01\n\x12UpdateSubscription\x12+.aimesh.notify.v1.UpdateSubscriptionRequest\x1a,.aimesh.notify.v1.UpdateSubscriptionResponse\"d\xc2\xf3\x18#\x12\x0cnotify.write\x18\x03\"\x11subscription.name\x82\xd3\xe4\x93\x02\x37\x32\'/v1/{subscription.name=subscriptions/*}:\x0csubscription\x12\xb0\x01\n\x12\x44\x65leteSubscription\x12+.aimesh.notify.v1.DeleteSubscriptionRequest\x1a,.aimesh.notify.v1.DeleteSubscriptionResponse\"?\x90\x02\x02\xc2\xf3\x18\x16\x12\x0cnotify.write\x18\x03\"\x04name\x82\xd3\xe4\x93\x02\x1c*\x1a/v1/{name=subscriptions/*}\x12\xcf\x01\n\x18RotateSubscriptionSecret\x12\x31.aimesh.notify.v1.RotateSubscriptionSecretRequest\x1a\x32.aimesh.notify.v1.RotateSubscriptionSecretResponse\"L\xc2\xf3\x18\x16\x12\x0cnotify.write\x18\x03\"\x04name\x82\xd3\xe4\x93\x02,\"\'/v1/{name=subscriptions/*}:rotateSecret:\x01*\x12\x8b\x01\n\x07Publish\x12 .aimesh.notify.v1.PublishRequest\x1a!.aimesh.notify.v1.PublishResponse\";\x90\x02\x02\xc2\xf3\x18\x17\x12\x0cnotify.write\x18\x03\"\x05topic\x82\xd3\xe4\x93\x02\x17\"\x12/v1/events:publish:\x01*\x12\xa8\x01\n\x0cPublishBatch\x12%.aimesh.notify.v1.PublishBatchRequest\x1a&.aimesh.notify.v1.PublishBatchResponse\"I\x90\x02\x02\xc2\xf3\x18 \x12\x0cnotify.write\x18\x03\"\x0erequests.topic\x82\xd3\xe4\x93\x02\x1c\"\x17/v1/events:publishBatch:\x01*\x12\xaf\x01\n\tSubscribe\x12\".aimesh.notify.v1.SubscribeRequest\x1a#.aimesh.notify.v1.SubscribeResponse\"W\x90\x02\x01\xc2\xf3\x18\x1f\x12\x0bnotify.read\x18\x03\"\x0csubscription(\x01\x82\xd3\xe4\x93\x02+\x12)/v1/{subscription=subscriptions/*}/events0\x01\x12\xb4\x01\n\x0eListDeliveries\x12\'.aimesh.notify.v1.ListDeliveriesRequest\x1a(.aimesh.notify.v1.ListDeliveriesResponse\"O\x90\x02\x01\xc2\xf3\x18\x19\x12\x0bnotify.read\x18\x03\"\x06parent(\x01\x82\xd3\xe4\x93\x02)\x12\'/v1/{parent=subscriptions/*}/deliveries\x12\xa3\x01\n\x10\x43reateTopicGrant\x12).aimesh.notify.v1.CreateTopicGrantRequest\x1a*.aimesh.notify.v1.CreateTopicGrantResponse\"8\xc2\xf3\x18\x10\x12\x0cnotify.admin\x18\x04\x82\xd3\xe4\x93\x02\x1e\"\x0f/v1/topicGrants:\x0btopic_grant\x12\x96\x01\n\x0fListTopicGrants\x12(.aimesh.notify.v1.ListTopicGrantsRequest\x1a).aimesh.notify.v1.ListTopicGrantsResponse\".\x90\x02\x01\xc2\xf3\x18\x10\x12\x0cnotify.admin\x18\x04\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/topicGrants\x12\xa2\x01\n\x10\x44\x65leteTopicGrant\x12).aimesh.notify.v1.DeleteTopicGrantRequest\x1a*.aimesh.notify.v1.DeleteTopicGrantResponse\"7\x90\x02\x02\xc2\xf3\x18\x10\x12\x0cnotify.admin\x18\x04\x82\xd3\xe4\x93\x02\x1a*\x18/v1/{name=topicGrants/*}\x12\xca\x01\n\x12RedriveDeadLetters\x12+.aimesh.notify.v1.RedriveDeadLettersRequest\x1a,.aimesh.notify.v1.RedriveDeadLettersResponse\"Y\x90\x02\x02\xc2\xf3\x18\x18\x12\x0cnotify.admin\x18\x03\"\x06parent\x82\xd3\xe4\x93\x02\x34\"//v1/{parent=subscriptions/*}/deliveries:redrive:\x01*\x12\x9f\x01\n\rPurgeUserData\x12&.aimesh.notify.v1.PurgeUserDataRequest\x1a\'.aimesh.notify.v1.PurgeUserDataResponse\"=\x90\x02\x02\xc2\xf3\x18\x10\x12\x0cnotify.admin\x18\x04\x82\xd3\xe4\x93\x02 \"\x1b/v1/subscriptions:purgeUser:\x01*B\x17\n\x13io.aimesh.notify.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,6 +39,14 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aimesh.notify.v1.notify_ser
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\023io.aimesh.notify.v1P\001'
+  _globals['_TOPICGRANT'].fields_by_name['name']._loaded_options = None
+  _globals['_TOPICGRANT'].fields_by_name['name']._serialized_options = b'\342A\001\010'
+  _globals['_TOPICGRANT'].fields_by_name['topic_prefix']._loaded_options = None
+  _globals['_TOPICGRANT'].fields_by_name['topic_prefix']._serialized_options = b'\272H.r,\030\200\0012\'^[a-z][a-z0-9_]*(\\.[a-z][a-z0-9_]*)*\\.$'
+  _globals['_TOPICGRANT'].fields_by_name['grantee']._loaded_options = None
+  _globals['_TOPICGRANT'].fields_by_name['grantee']._serialized_options = b'\272H\037r\0352\033^users/[A-Za-z0-9_-]{1,64}$'
+  _globals['_TOPICGRANT'].fields_by_name['create_time']._loaded_options = None
+  _globals['_TOPICGRANT'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
   _globals['_SUBSCRIPTION'].fields_by_name['name']._loaded_options = None
   _globals['_SUBSCRIPTION'].fields_by_name['name']._serialized_options = b'\342A\001\010'
   _globals['_SUBSCRIPTION'].fields_by_name['display_name']._loaded_options = None
@@ -117,96 +125,124 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTDELIVERIESREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004\032\002(\000'
   _globals['_LISTDELIVERIESREQUEST'].fields_by_name['page_token']._loaded_options = None
   _globals['_LISTDELIVERIESREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200\004'
+  _globals['_CREATETOPICGRANTREQUEST'].fields_by_name['topic_grant']._loaded_options = None
+  _globals['_CREATETOPICGRANTREQUEST'].fields_by_name['topic_grant']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_LISTTOPICGRANTSREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTTOPICGRANTSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004\032\002(\000'
+  _globals['_LISTTOPICGRANTSREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTTOPICGRANTSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200\004'
+  _globals['_DELETETOPICGRANTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DELETETOPICGRANTREQUEST'].fields_by_name['name']._serialized_options = b'\272H%r#2!^topicGrants/[A-Za-z0-9_-]{1,64}$'
   _globals['_REDRIVEDEADLETTERSREQUEST'].fields_by_name['parent']._loaded_options = None
   _globals['_REDRIVEDEADLETTERSREQUEST'].fields_by_name['parent']._serialized_options = b'\272H\'r%2#^subscriptions/[A-Za-z0-9_-]{1,64}$'
   _globals['_PURGEUSERDATAREQUEST'].fields_by_name['user']._loaded_options = None
   _globals['_PURGEUSERDATAREQUEST'].fields_by_name['user']._serialized_options = b'\272H\037r\0352\033^users/[A-Za-z0-9_-]{1,64}$'
   _globals['_NOTIFYSERVICE'].methods_by_name['CreateSubscription']._loaded_options = None
-  _globals['_NOTIFYSERVICE'].methods_by_name['CreateSubscription']._serialized_options = b'\302\363\030\016\022\014notify.write\202\323\344\223\002!\"\021/v1/subscriptions:\014subscription'
+  _globals['_NOTIFYSERVICE'].methods_by_name['CreateSubscription']._serialized_options = b'\302\363\030\020\022\014notify.write\030\001\202\323\344\223\002!\"\021/v1/subscriptions:\014subscription'
   _globals['_NOTIFYSERVICE'].methods_by_name['GetSubscription']._loaded_options = None
-  _globals['_NOTIFYSERVICE'].methods_by_name['GetSubscription']._serialized_options = b'\220\002\001\302\363\030\r\022\013notify.read\202\323\344\223\002\034\022\032/v1/{name=subscriptions/*}'
+  _globals['_NOTIFYSERVICE'].methods_by_name['GetSubscription']._serialized_options = b'\220\002\001\302\363\030\027\022\013notify.read\030\003\"\004name(\001\202\323\344\223\002\034\022\032/v1/{name=subscriptions/*}'
   _globals['_NOTIFYSERVICE'].methods_by_name['ListSubscriptions']._loaded_options = None
-  _globals['_NOTIFYSERVICE'].methods_by_name['ListSubscriptions']._serialized_options = b'\220\002\001\302\363\030\r\022\013notify.read\202\323\344\223\002\023\022\021/v1/subscriptions'
+  _globals['_NOTIFYSERVICE'].methods_by_name['ListSubscriptions']._serialized_options = b'\220\002\001\302\363\030\017\022\013notify.read\030\001\202\323\344\223\002\023\022\021/v1/subscriptions'
   _globals['_NOTIFYSERVICE'].methods_by_name['UpdateSubscription']._loaded_options = None
-  _globals['_NOTIFYSERVICE'].methods_by_name['UpdateSubscription']._serialized_options = b'\302\363\030\016\022\014notify.write\202\323\344\223\00272\'/v1/{subscription.name=subscriptions/*}:\014subscription'
+  _globals['_NOTIFYSERVICE'].methods_by_name['UpdateSubscription']._serialized_options = b'\302\363\030#\022\014notify.write\030\003\"\021subscription.name\202\323\344\223\00272\'/v1/{subscription.name=subscriptions/*}:\014subscription'
   _globals['_NOTIFYSERVICE'].methods_by_name['DeleteSubscription']._loaded_options = None
-  _globals['_NOTIFYSERVICE'].methods_by_name['DeleteSubscription']._serialized_options = b'\220\002\002\302\363\030\016\022\014notify.write\202\323\344\223\002\034*\032/v1/{name=subscriptions/*}'
+  _globals['_NOTIFYSERVICE'].methods_by_name['DeleteSubscription']._serialized_options = b'\220\002\002\302\363\030\026\022\014notify.write\030\003\"\004name\202\323\344\223\002\034*\032/v1/{name=subscriptions/*}'
   _globals['_NOTIFYSERVICE'].methods_by_name['RotateSubscriptionSecret']._loaded_options = None
-  _globals['_NOTIFYSERVICE'].methods_by_name['RotateSubscriptionSecret']._serialized_options = b'\302\363\030\016\022\014notify.write\202\323\344\223\002,\"\'/v1/{name=subscriptions/*}:rotateSecret:\001*'
+  _globals['_NOTIFYSERVICE'].methods_by_name['RotateSubscriptionSecret']._serialized_options = b'\302\363\030\026\022\014notify.write\030\003\"\004name\202\323\344\223\002,\"\'/v1/{name=subscriptions/*}:rotateSecret:\001*'
   _globals['_NOTIFYSERVICE'].methods_by_name['Publish']._loaded_options = None
-  _globals['_NOTIFYSERVICE'].methods_by_name['Publish']._serialized_options = b'\220\002\002\302\363\030\016\022\014notify.write\202\323\344\223\002\027\"\022/v1/events:publish:\001*'
+  _globals['_NOTIFYSERVICE'].methods_by_name['Publish']._serialized_options = b'\220\002\002\302\363\030\027\022\014notify.write\030\003\"\005topic\202\323\344\223\002\027\"\022/v1/events:publish:\001*'
   _globals['_NOTIFYSERVICE'].methods_by_name['PublishBatch']._loaded_options = None
-  _globals['_NOTIFYSERVICE'].methods_by_name['PublishBatch']._serialized_options = b'\220\002\002\302\363\030\016\022\014notify.write\202\323\344\223\002\034\"\027/v1/events:publishBatch:\001*'
+  _globals['_NOTIFYSERVICE'].methods_by_name['PublishBatch']._serialized_options = b'\220\002\002\302\363\030 \022\014notify.write\030\003\"\016requests.topic\202\323\344\223\002\034\"\027/v1/events:publishBatch:\001*'
   _globals['_NOTIFYSERVICE'].methods_by_name['Subscribe']._loaded_options = None
-  _globals['_NOTIFYSERVICE'].methods_by_name['Subscribe']._serialized_options = b'\220\002\001\302\363\030\r\022\013notify.read\202\323\344\223\002+\022)/v1/{subscription=subscriptions/*}/events'
+  _globals['_NOTIFYSERVICE'].methods_by_name['Subscribe']._serialized_options = b'\220\002\001\302\363\030\037\022\013notify.read\030\003\"\014subscription(\001\202\323\344\223\002+\022)/v1/{subscription=subscriptions/*}/events'
   _globals['_NOTIFYSERVICE'].methods_by_name['ListDeliveries']._loaded_options = None
-  _globals['_NOTIFYSERVICE'].methods_by_name['ListDeliveries']._serialized_options = b'\220\002\001\302\363\030\r\022\013notify.read\202\323\344\223\002)\022\'/v1/{parent=subscriptions/*}/deliveries'
+  _globals['_NOTIFYSERVICE'].methods_by_name['ListDeliveries']._serialized_options = b'\220\002\001\302\363\030\031\022\013notify.read\030\003\"\006parent(\001\202\323\344\223\002)\022\'/v1/{parent=subscriptions/*}/deliveries'
+  _globals['_NOTIFYSERVICE'].methods_by_name['CreateTopicGrant']._loaded_options = None
+  _globals['_NOTIFYSERVICE'].methods_by_name['CreateTopicGrant']._serialized_options = b'\302\363\030\020\022\014notify.admin\030\004\202\323\344\223\002\036\"\017/v1/topicGrants:\013topic_grant'
+  _globals['_NOTIFYSERVICE'].methods_by_name['ListTopicGrants']._loaded_options = None
+  _globals['_NOTIFYSERVICE'].methods_by_name['ListTopicGrants']._serialized_options = b'\220\002\001\302\363\030\020\022\014notify.admin\030\004\202\323\344\223\002\021\022\017/v1/topicGrants'
+  _globals['_NOTIFYSERVICE'].methods_by_name['DeleteTopicGrant']._loaded_options = None
+  _globals['_NOTIFYSERVICE'].methods_by_name['DeleteTopicGrant']._serialized_options = b'\220\002\002\302\363\030\020\022\014notify.admin\030\004\202\323\344\223\002\032*\030/v1/{name=topicGrants/*}'
   _globals['_NOTIFYSERVICE'].methods_by_name['RedriveDeadLetters']._loaded_options = None
-  _globals['_NOTIFYSERVICE'].methods_by_name['RedriveDeadLetters']._serialized_options = b'\220\002\002\302\363\030\016\022\014notify.admin\202\323\344\223\0024\"//v1/{parent=subscriptions/*}/deliveries:redrive:\001*'
+  _globals['_NOTIFYSERVICE'].methods_by_name['RedriveDeadLetters']._serialized_options = b'\220\002\002\302\363\030\030\022\014notify.admin\030\003\"\006parent\202\323\344\223\0024\"//v1/{parent=subscriptions/*}/deliveries:redrive:\001*'
   _globals['_NOTIFYSERVICE'].methods_by_name['PurgeUserData']._loaded_options = None
-  _globals['_NOTIFYSERVICE'].methods_by_name['PurgeUserData']._serialized_options = b'\220\002\002\302\363\030\016\022\014notify.admin\202\323\344\223\002 \"\033/v1/subscriptions:purgeUser:\001*'
-  _globals['_DELIVERYSTATUS']._serialized_start=4222
-  _globals['_DELIVERYSTATUS']._serialized_end=4395
-  _globals['_SUBSCRIPTION']._serialized_start=283
-  _globals['_SUBSCRIPTION']._serialized_end=673
-  _globals['_WEBHOOKCHANNEL']._serialized_start=676
-  _globals['_WEBHOOKCHANNEL']._serialized_end=936
-  _globals['_STREAMCHANNEL']._serialized_start=938
-  _globals['_STREAMCHANNEL']._serialized_end=953
-  _globals['_EVENT']._serialized_start=956
-  _globals['_EVENT']._serialized_end=1104
-  _globals['_DELIVERY']._serialized_start=1107
-  _globals['_DELIVERY']._serialized_end=1468
-  _globals['_DELIVERYATTEMPT']._serialized_start=1471
-  _globals['_DELIVERYATTEMPT']._serialized_end=1635
-  _globals['_CREATESUBSCRIPTIONREQUEST']._serialized_start=1638
-  _globals['_CREATESUBSCRIPTIONREQUEST']._serialized_end=1926
-  _globals['_CREATESUBSCRIPTIONRESPONSE']._serialized_start=1928
-  _globals['_CREATESUBSCRIPTIONRESPONSE']._serialized_end=2026
-  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_start=2028
-  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_end=2110
-  _globals['_GETSUBSCRIPTIONRESPONSE']._serialized_start=2112
-  _globals['_GETSUBSCRIPTIONRESPONSE']._serialized_end=2191
-  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_start=2193
-  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_end=2277
-  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_start=2279
-  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_end=2386
-  _globals['_UPDATESUBSCRIPTIONREQUEST']._serialized_start=2389
-  _globals['_UPDATESUBSCRIPTIONREQUEST']._serialized_end=2535
-  _globals['_UPDATESUBSCRIPTIONRESPONSE']._serialized_start=2537
-  _globals['_UPDATESUBSCRIPTIONRESPONSE']._serialized_end=2619
-  _globals['_DELETESUBSCRIPTIONREQUEST']._serialized_start=2621
-  _globals['_DELETESUBSCRIPTIONREQUEST']._serialized_end=2706
-  _globals['_DELETESUBSCRIPTIONRESPONSE']._serialized_start=2708
-  _globals['_DELETESUBSCRIPTIONRESPONSE']._serialized_end=2736
-  _globals['_ROTATESUBSCRIPTIONSECRETREQUEST']._serialized_start=2739
-  _globals['_ROTATESUBSCRIPTIONSECRETREQUEST']._serialized_end=2895
-  _globals['_ROTATESUBSCRIPTIONSECRETRESPONSE']._serialized_start=2897
-  _globals['_ROTATESUBSCRIPTIONSECRETRESPONSE']._serialized_end=3001
-  _globals['_PUBLISHREQUEST']._serialized_start=3004
-  _globals['_PUBLISHREQUEST']._serialized_end=3210
-  _globals['_PUBLISHRESPONSE']._serialized_start=3212
-  _globals['_PUBLISHRESPONSE']._serialized_end=3288
-  _globals['_PUBLISHBATCHREQUEST']._serialized_start=3290
-  _globals['_PUBLISHBATCHREQUEST']._serialized_end=3376
-  _globals['_PUBLISHBATCHRESPONSE']._serialized_start=3378
-  _globals['_PUBLISHBATCHRESPONSE']._serialized_end=3454
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=3456
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=3566
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=3568
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=3643
-  _globals['_LISTDELIVERIESREQUEST']._serialized_start=3646
-  _globals['_LISTDELIVERIESREQUEST']._serialized_end=3847
-  _globals['_LISTDELIVERIESRESPONSE']._serialized_start=3849
-  _globals['_LISTDELIVERIESRESPONSE']._serialized_end=3946
-  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_start=3948
-  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_end=4035
-  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_start=4037
-  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_end=4089
-  _globals['_PURGEUSERDATAREQUEST']._serialized_start=4091
-  _globals['_PURGEUSERDATAREQUEST']._serialized_end=4163
-  _globals['_PURGEUSERDATARESPONSE']._serialized_start=4165
-  _globals['_PURGEUSERDATARESPONSE']._serialized_end=4219
-  _globals['_NOTIFYSERVICE']._serialized_start=4398
-  _globals['_NOTIFYSERVICE']._serialized_end=6445
+  _globals['_NOTIFYSERVICE'].methods_by_name['PurgeUserData']._serialized_options = b'\220\002\002\302\363\030\020\022\014notify.admin\030\004\202\323\344\223\002 \"\033/v1/subscriptions:purgeUser:\001*'
+  _globals['_DELIVERYSTATUS']._serialized_start=4921
+  _globals['_DELIVERYSTATUS']._serialized_end=5094
+  _globals['_TOPICGRANT']._serialized_start=283
+  _globals['_TOPICGRANT']._serialized_end=496
+  _globals['_SUBSCRIPTION']._serialized_start=499
+  _globals['_SUBSCRIPTION']._serialized_end=889
+  _globals['_WEBHOOKCHANNEL']._serialized_start=892
+  _globals['_WEBHOOKCHANNEL']._serialized_end=1152
+  _globals['_STREAMCHANNEL']._serialized_start=1154
+  _globals['_STREAMCHANNEL']._serialized_end=1169
+  _globals['_EVENT']._serialized_start=1172
+  _globals['_EVENT']._serialized_end=1339
+  _globals['_DELIVERY']._serialized_start=1342
+  _globals['_DELIVERY']._serialized_end=1703
+  _globals['_DELIVERYATTEMPT']._serialized_start=1706
+  _globals['_DELIVERYATTEMPT']._serialized_end=1870
+  _globals['_CREATESUBSCRIPTIONREQUEST']._serialized_start=1873
+  _globals['_CREATESUBSCRIPTIONREQUEST']._serialized_end=2161
+  _globals['_CREATESUBSCRIPTIONRESPONSE']._serialized_start=2163
+  _globals['_CREATESUBSCRIPTIONRESPONSE']._serialized_end=2261
+  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_start=2263
+  _globals['_GETSUBSCRIPTIONREQUEST']._serialized_end=2345
+  _globals['_GETSUBSCRIPTIONRESPONSE']._serialized_start=2347
+  _globals['_GETSUBSCRIPTIONRESPONSE']._serialized_end=2426
+  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_start=2428
+  _globals['_LISTSUBSCRIPTIONSREQUEST']._serialized_end=2512
+  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_start=2514
+  _globals['_LISTSUBSCRIPTIONSRESPONSE']._serialized_end=2621
+  _globals['_UPDATESUBSCRIPTIONREQUEST']._serialized_start=2624
+  _globals['_UPDATESUBSCRIPTIONREQUEST']._serialized_end=2770
+  _globals['_UPDATESUBSCRIPTIONRESPONSE']._serialized_start=2772
+  _globals['_UPDATESUBSCRIPTIONRESPONSE']._serialized_end=2854
+  _globals['_DELETESUBSCRIPTIONREQUEST']._serialized_start=2856
+  _globals['_DELETESUBSCRIPTIONREQUEST']._serialized_end=2941
+  _globals['_DELETESUBSCRIPTIONRESPONSE']._serialized_start=2943
+  _globals['_DELETESUBSCRIPTIONRESPONSE']._serialized_end=2971
+  _globals['_ROTATESUBSCRIPTIONSECRETREQUEST']._serialized_start=2974
+  _globals['_ROTATESUBSCRIPTIONSECRETREQUEST']._serialized_end=3130
+  _globals['_ROTATESUBSCRIPTIONSECRETRESPONSE']._serialized_start=3132
+  _globals['_ROTATESUBSCRIPTIONSECRETRESPONSE']._serialized_end=3236
+  _globals['_PUBLISHREQUEST']._serialized_start=3239
+  _globals['_PUBLISHREQUEST']._serialized_end=3445
+  _globals['_PUBLISHRESPONSE']._serialized_start=3447
+  _globals['_PUBLISHRESPONSE']._serialized_end=3523
+  _globals['_PUBLISHBATCHREQUEST']._serialized_start=3525
+  _globals['_PUBLISHBATCHREQUEST']._serialized_end=3611
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_start=3613
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_end=3689
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=3691
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=3801
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=3803
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=3878
+  _globals['_LISTDELIVERIESREQUEST']._serialized_start=3881
+  _globals['_LISTDELIVERIESREQUEST']._serialized_end=4082
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_start=4084
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_end=4181
+  _globals['_CREATETOPICGRANTREQUEST']._serialized_start=4183
+  _globals['_CREATETOPICGRANTREQUEST']._serialized_end=4267
+  _globals['_CREATETOPICGRANTRESPONSE']._serialized_start=4269
+  _globals['_CREATETOPICGRANTRESPONSE']._serialized_end=4346
+  _globals['_LISTTOPICGRANTSREQUEST']._serialized_start=4348
+  _globals['_LISTTOPICGRANTSREQUEST']._serialized_end=4430
+  _globals['_LISTTOPICGRANTSRESPONSE']._serialized_start=4432
+  _globals['_LISTTOPICGRANTSRESPONSE']._serialized_end=4534
+  _globals['_DELETETOPICGRANTREQUEST']._serialized_start=4536
+  _globals['_DELETETOPICGRANTREQUEST']._serialized_end=4617
+  _globals['_DELETETOPICGRANTRESPONSE']._serialized_start=4619
+  _globals['_DELETETOPICGRANTRESPONSE']._serialized_end=4645
+  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_start=4647
+  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_end=4734
+  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_start=4736
+  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_end=4788
+  _globals['_PURGEUSERDATAREQUEST']._serialized_start=4790
+  _globals['_PURGEUSERDATAREQUEST']._serialized_end=4862
+  _globals['_PURGEUSERDATARESPONSE']._serialized_start=4864
+  _globals['_PURGEUSERDATARESPONSE']._serialized_end=4918
+  _globals['_NOTIFYSERVICE']._serialized_start=5097
+  _globals['_NOTIFYSERVICE']._serialized_end=7748
 # @@protoc_insertion_point(module_scope)

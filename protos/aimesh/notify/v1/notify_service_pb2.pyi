@@ -55,6 +55,42 @@ DELIVERY_STATUS_DEAD_LETTER: DeliveryStatus.ValueType  # 4
 Global___DeliveryStatus: _TypeAlias = DeliveryStatus  # noqa: Y015
 
 @_typing.final
+class TopicGrant(_message.Message):
+    """Permission for a member to publish to the topics under a prefix."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TOPIC_PREFIX_FIELD_NUMBER: _builtins.int
+    GRANTEE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, "topicGrants/{topic_grant}"."""
+    topic_prefix: _builtins.str
+    """Topic prefix ending with a dot: "orders." grants orders.paid, orders.eu.paid..."""
+    grantee: _builtins.str
+    """The member it is granted to, "users/{user}"."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was made."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        topic_prefix: _builtins.str = ...,
+        grantee: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "grantee", b"grantee", "name", b"name", "topic_prefix", b"topic_prefix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopicGrant: _TypeAlias = TopicGrant  # noqa: Y015
+
+@_typing.final
 class Subscription(_message.Message):
     """Where events of some topics go."""
 
@@ -191,6 +227,7 @@ class Event(_message.Message):
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     PUBLISH_TIME_FIELD_NUMBER: _builtins.int
+    PUBLISHER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Id assigned by the service, unique; receivers dedupe on it."""
     topic: _builtins.str
@@ -201,6 +238,11 @@ class Event(_message.Message):
     """Media type of the payload, e.g. "application/json"."""
     idempotency_key: _builtins.str
     """The publisher's idempotency key."""
+    publisher: _builtins.str
+    """Who published it, "users/{user}" (a member, or a service account for the
+    platform's topics); webhooks get it in the aimesh-publisher header, under
+    the v3 signature. Empty for events published before it was recorded.
+    """
     @_builtins.property
     def publish_time(self) -> _timestamp_pb2.Timestamp:
         """When it was first published."""
@@ -214,10 +256,11 @@ class Event(_message.Message):
         content_type: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
         publish_time: _timestamp_pb2.Timestamp | None = ...,
+        publisher: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["publish_time", b"publish_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "id", b"id", "idempotency_key", b"idempotency_key", "payload", b"payload", "publish_time", b"publish_time", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "id", b"id", "idempotency_key", b"idempotency_key", "payload", b"payload", "publish_time", b"publish_time", "publisher", b"publisher", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -858,6 +901,147 @@ class ListDeliveriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListDeliveriesResponse: _TypeAlias = ListDeliveriesResponse  # noqa: Y015
+
+@_typing.final
+class CreateTopicGrantRequest(_message.Message):
+    """Request of NotifyService.CreateTopicGrant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_GRANT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def topic_grant(self) -> Global___TopicGrant:
+        """The grant to make; name and create_time are ignored."""
+
+    def __init__(
+        self,
+        *,
+        topic_grant: Global___TopicGrant | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["topic_grant", b"topic_grant"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["topic_grant", b"topic_grant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTopicGrantRequest: _TypeAlias = CreateTopicGrantRequest  # noqa: Y015
+
+@_typing.final
+class CreateTopicGrantResponse(_message.Message):
+    """Response of NotifyService.CreateTopicGrant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_GRANT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def topic_grant(self) -> Global___TopicGrant:
+        """The grant made."""
+
+    def __init__(
+        self,
+        *,
+        topic_grant: Global___TopicGrant | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["topic_grant", b"topic_grant"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["topic_grant", b"topic_grant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateTopicGrantResponse: _TypeAlias = CreateTopicGrantResponse  # noqa: Y015
+
+@_typing.final
+class ListTopicGrantsRequest(_message.Message):
+    """Request of NotifyService.ListTopicGrants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Most grants to return; 0 means 50, more than 500 is read as 500."""
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty for the first."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTopicGrantsRequest: _TypeAlias = ListTopicGrantsRequest  # noqa: Y015
+
+@_typing.final
+class ListTopicGrantsResponse(_message.Message):
+    """Response of NotifyService.ListTopicGrants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOPIC_GRANTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token of the next page; empty on the last."""
+    @_builtins.property
+    def topic_grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopicGrant]:
+        """A page of grants."""
+
+    def __init__(
+        self,
+        *,
+        topic_grants: _abc.Iterable[Global___TopicGrant] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "topic_grants", b"topic_grants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTopicGrantsResponse: _TypeAlias = ListTopicGrantsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteTopicGrantRequest(_message.Message):
+    """Request of NotifyService.DeleteTopicGrant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name of the grant, "topicGrants/{topic_grant}"."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteTopicGrantRequest: _TypeAlias = DeleteTopicGrantRequest  # noqa: Y015
+
+@_typing.final
+class DeleteTopicGrantResponse(_message.Message):
+    """Response of NotifyService.DeleteTopicGrant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteTopicGrantResponse: _TypeAlias = DeleteTopicGrantResponse  # noqa: Y015
 
 @_typing.final
 class RedriveDeadLettersRequest(_message.Message):

@@ -93,6 +93,21 @@ class NotifyServiceStub:
                 request_serializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.ListDeliveriesRequest.SerializeToString,
                 response_deserializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.ListDeliveriesResponse.FromString,
                 _registered_method=True)
+        self.CreateTopicGrant = channel.unary_unary(
+                '/aimesh.notify.v1.NotifyService/CreateTopicGrant',
+                request_serializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.CreateTopicGrantRequest.SerializeToString,
+                response_deserializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.CreateTopicGrantResponse.FromString,
+                _registered_method=True)
+        self.ListTopicGrants = channel.unary_unary(
+                '/aimesh.notify.v1.NotifyService/ListTopicGrants',
+                request_serializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.ListTopicGrantsRequest.SerializeToString,
+                response_deserializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.ListTopicGrantsResponse.FromString,
+                _registered_method=True)
+        self.DeleteTopicGrant = channel.unary_unary(
+                '/aimesh.notify.v1.NotifyService/DeleteTopicGrant',
+                request_serializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.DeleteTopicGrantRequest.SerializeToString,
+                response_deserializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.DeleteTopicGrantResponse.FromString,
+                _registered_method=True)
         self.RedriveDeadLetters = channel.unary_unary(
                 '/aimesh.notify.v1.NotifyService/RedriveDeadLetters',
                 request_serializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.RedriveDeadLettersRequest.SerializeToString,
@@ -212,6 +227,32 @@ class NotifyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTopicGrant(self, request, context):
+        """Lets a member publish to the topics under a prefix, beyond its own
+        apps.u<id>.* (admins only). Returns INVALID_ARGUMENT for a prefix of the
+        platform's topics (user., search., chat., recommend., notify.), which only
+        the services publish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTopicGrants(self, request, context):
+        """Lists topic grants, oldest first (admins only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTopicGrant(self, request, context):
+        """Withdraws a topic grant (admins only); publishes after this returns are
+        refused within a few seconds on every replica. Returns NOT_FOUND if it does
+        not exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RedriveDeadLetters(self, request, context):
         """Sends dead-lettered deliveries again, with a fresh set of attempts;
         "subscriptions/-" redrives every subscription. A repeat finds nothing
@@ -283,6 +324,21 @@ def add_NotifyServiceServicer_to_server(servicer, server):
                     servicer.ListDeliveries,
                     request_deserializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.ListDeliveriesRequest.FromString,
                     response_serializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.ListDeliveriesResponse.SerializeToString,
+            ),
+            'CreateTopicGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTopicGrant,
+                    request_deserializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.CreateTopicGrantRequest.FromString,
+                    response_serializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.CreateTopicGrantResponse.SerializeToString,
+            ),
+            'ListTopicGrants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTopicGrants,
+                    request_deserializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.ListTopicGrantsRequest.FromString,
+                    response_serializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.ListTopicGrantsResponse.SerializeToString,
+            ),
+            'DeleteTopicGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTopicGrant,
+                    request_deserializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.DeleteTopicGrantRequest.FromString,
+                    response_serializer=aimesh_dot_notify_dot_v1_dot_notify__service__pb2.DeleteTopicGrantResponse.SerializeToString,
             ),
             'RedriveDeadLetters': grpc.unary_unary_rpc_method_handler(
                     servicer.RedriveDeadLetters,
@@ -574,6 +630,87 @@ class NotifyService:
             '/aimesh.notify.v1.NotifyService/ListDeliveries',
             aimesh_dot_notify_dot_v1_dot_notify__service__pb2.ListDeliveriesRequest.SerializeToString,
             aimesh_dot_notify_dot_v1_dot_notify__service__pb2.ListDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTopicGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aimesh.notify.v1.NotifyService/CreateTopicGrant',
+            aimesh_dot_notify_dot_v1_dot_notify__service__pb2.CreateTopicGrantRequest.SerializeToString,
+            aimesh_dot_notify_dot_v1_dot_notify__service__pb2.CreateTopicGrantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTopicGrants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aimesh.notify.v1.NotifyService/ListTopicGrants',
+            aimesh_dot_notify_dot_v1_dot_notify__service__pb2.ListTopicGrantsRequest.SerializeToString,
+            aimesh_dot_notify_dot_v1_dot_notify__service__pb2.ListTopicGrantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTopicGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aimesh.notify.v1.NotifyService/DeleteTopicGrant',
+            aimesh_dot_notify_dot_v1_dot_notify__service__pb2.DeleteTopicGrantRequest.SerializeToString,
+            aimesh_dot_notify_dot_v1_dot_notify__service__pb2.DeleteTopicGrantResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -95,6 +95,19 @@ class NotifyServiceStub:
     """Lists the deliveries of a webhook subscription with their attempts,
     newest first. Returns NOT_FOUND if the subscription does not exist.
     """
+    CreateTopicGrant: _grpc.UnaryUnaryMultiCallable[_notify_service_pb2.CreateTopicGrantRequest, _notify_service_pb2.CreateTopicGrantResponse]
+    """Lets a member publish to the topics under a prefix, beyond its own
+    apps.u<id>.* (admins only). Returns INVALID_ARGUMENT for a prefix of the
+    platform's topics (user., search., chat., recommend., notify.), which only
+    the services publish.
+    """
+    ListTopicGrants: _grpc.UnaryUnaryMultiCallable[_notify_service_pb2.ListTopicGrantsRequest, _notify_service_pb2.ListTopicGrantsResponse]
+    """Lists topic grants, oldest first (admins only)."""
+    DeleteTopicGrant: _grpc.UnaryUnaryMultiCallable[_notify_service_pb2.DeleteTopicGrantRequest, _notify_service_pb2.DeleteTopicGrantResponse]
+    """Withdraws a topic grant (admins only); publishes after this returns are
+    refused within a few seconds on every replica. Returns NOT_FOUND if it does
+    not exist.
+    """
     RedriveDeadLetters: _grpc.UnaryUnaryMultiCallable[_notify_service_pb2.RedriveDeadLettersRequest, _notify_service_pb2.RedriveDeadLettersResponse]
     """Sends dead-lettered deliveries again, with a fresh set of attempts;
     "subscriptions/-" redrives every subscription. A repeat finds nothing
@@ -173,6 +186,19 @@ class NotifyServiceAsyncStub(NotifyServiceStub):
     ListDeliveries: _aio.UnaryUnaryMultiCallable[_notify_service_pb2.ListDeliveriesRequest, _notify_service_pb2.ListDeliveriesResponse]  # type: ignore[assignment]
     """Lists the deliveries of a webhook subscription with their attempts,
     newest first. Returns NOT_FOUND if the subscription does not exist.
+    """
+    CreateTopicGrant: _aio.UnaryUnaryMultiCallable[_notify_service_pb2.CreateTopicGrantRequest, _notify_service_pb2.CreateTopicGrantResponse]  # type: ignore[assignment]
+    """Lets a member publish to the topics under a prefix, beyond its own
+    apps.u<id>.* (admins only). Returns INVALID_ARGUMENT for a prefix of the
+    platform's topics (user., search., chat., recommend., notify.), which only
+    the services publish.
+    """
+    ListTopicGrants: _aio.UnaryUnaryMultiCallable[_notify_service_pb2.ListTopicGrantsRequest, _notify_service_pb2.ListTopicGrantsResponse]  # type: ignore[assignment]
+    """Lists topic grants, oldest first (admins only)."""
+    DeleteTopicGrant: _aio.UnaryUnaryMultiCallable[_notify_service_pb2.DeleteTopicGrantRequest, _notify_service_pb2.DeleteTopicGrantResponse]  # type: ignore[assignment]
+    """Withdraws a topic grant (admins only); publishes after this returns are
+    refused within a few seconds on every replica. Returns NOT_FOUND if it does
+    not exist.
     """
     RedriveDeadLetters: _aio.UnaryUnaryMultiCallable[_notify_service_pb2.RedriveDeadLettersRequest, _notify_service_pb2.RedriveDeadLettersResponse]  # type: ignore[assignment]
     """Sends dead-lettered deliveries again, with a fresh set of attempts;
@@ -309,6 +335,37 @@ class NotifyServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_notify_service_pb2.ListDeliveriesResponse, _abc.Awaitable[_notify_service_pb2.ListDeliveriesResponse]]:
         """Lists the deliveries of a webhook subscription with their attempts,
         newest first. Returns NOT_FOUND if the subscription does not exist.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateTopicGrant(
+        self,
+        request: _notify_service_pb2.CreateTopicGrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notify_service_pb2.CreateTopicGrantResponse, _abc.Awaitable[_notify_service_pb2.CreateTopicGrantResponse]]:
+        """Lets a member publish to the topics under a prefix, beyond its own
+        apps.u<id>.* (admins only). Returns INVALID_ARGUMENT for a prefix of the
+        platform's topics (user., search., chat., recommend., notify.), which only
+        the services publish.
+        """
+
+    @_abc_1.abstractmethod
+    def ListTopicGrants(
+        self,
+        request: _notify_service_pb2.ListTopicGrantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notify_service_pb2.ListTopicGrantsResponse, _abc.Awaitable[_notify_service_pb2.ListTopicGrantsResponse]]:
+        """Lists topic grants, oldest first (admins only)."""
+
+    @_abc_1.abstractmethod
+    def DeleteTopicGrant(
+        self,
+        request: _notify_service_pb2.DeleteTopicGrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notify_service_pb2.DeleteTopicGrantResponse, _abc.Awaitable[_notify_service_pb2.DeleteTopicGrantResponse]]:
+        """Withdraws a topic grant (admins only); publishes after this returns are
+        refused within a few seconds on every replica. Returns NOT_FOUND if it does
+        not exist.
         """
 
     @_abc_1.abstractmethod

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61imesh/options/v1/access.proto\x12\x11\x61imesh.options.v1\x1a google/protobuf/descriptor.proto\".\n\x0c\x41\x63\x63\x65ssPolicy\x12\x0e\n\x06public\x18\x01 \x01(\x08\x12\x0e\n\x06scopes\x18\x02 \x03(\t:Q\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\xb8\x8e\x03 \x01(\x0b\x32\x1f.aimesh.options.v1.AccessPolicyB\x18\n\x14io.aimesh.options.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61imesh/options/v1/access.proto\x12\x11\x61imesh.options.v1\x1a google/protobuf/descriptor.proto\"\x8c\x01\n\x0c\x41\x63\x63\x65ssPolicy\x12\x0e\n\x06public\x18\x01 \x01(\x08\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12/\n\townership\x18\x03 \x01(\x0e\x32\x1c.aimesh.options.v1.Ownership\x12\x17\n\x0fownership_field\x18\x04 \x01(\t\x12\x12\n\nreads_only\x18\x05 \x01(\x08*}\n\tOwnership\x12\x19\n\x15OWNERSHIP_UNSPECIFIED\x10\x00\x12\x12\n\x0eOWNERSHIP_NONE\x10\x01\x12\x14\n\x10OWNERSHIP_CALLER\x10\x02\x12\x13\n\x0fOWNERSHIP_OWNED\x10\x03\x12\x16\n\x12OWNERSHIP_PLATFORM\x10\x04:Q\n\x06\x61\x63\x63\x65ss\x12\x1e.google.protobuf.MethodOptions\x18\xb8\x8e\x03 \x01(\x0b\x32\x1f.aimesh.options.v1.AccessPolicyB\x18\n\x14io.aimesh.options.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'aimesh.options.v1.access_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\024io.aimesh.options.v1P\001'
-  _globals['_ACCESSPOLICY']._serialized_start=87
-  _globals['_ACCESSPOLICY']._serialized_end=133
+  _globals['_OWNERSHIP']._serialized_start=230
+  _globals['_OWNERSHIP']._serialized_end=355
+  _globals['_ACCESSPOLICY']._serialized_start=88
+  _globals['_ACCESSPOLICY']._serialized_end=228
 # @@protoc_insertion_point(module_scope)

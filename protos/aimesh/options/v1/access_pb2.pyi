@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import descriptor_pb2 as _descriptor_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf.internal import extension_dict as _extension_dict
 import builtins as _builtins
 import sys
@@ -20,19 +21,94 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _Ownership:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OwnershipEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ownership.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OWNERSHIP_UNSPECIFIED: _Ownership.ValueType  # 0
+    """No rule: the server refuses to start."""
+    OWNERSHIP_NONE: _Ownership.ValueType  # 1
+    """Nothing user-specific (public methods, shared read-only data, creating
+    an object the caller then owns, lists already filtered to the caller).
+    """
+    OWNERSHIP_CALLER: _Ownership.ValueType  # 2
+    """The user named by ownership_field ("users/{id}", or a name under it)
+    must be the caller; "users/me" and an empty field mean the caller.
+    Others get PERMISSION_DENIED.
+    """
+    OWNERSHIP_OWNED: _Ownership.ValueType  # 3
+    """The object named by ownership_field must be the caller's, resolved by the
+    service's own store. An object the caller may not see answers NOT_FOUND,
+    exactly like one that does not exist; one it may see but not change
+    answers PERMISSION_DENIED.
+    """
+    OWNERSHIP_PLATFORM: _Ownership.ValueType  # 4
+    """The platform's shared objects (catalogue, models, other users' data):
+    admins and service accounts only; others get PERMISSION_DENIED.
+    """
+
+class Ownership(_Ownership, metaclass=_OwnershipEnumTypeWrapper):
+    """What an RPC may touch. Admins (the service's "<service>.admin" scope) and
+    service accounts (the "mesh.service" scope) pass every rule except that
+    objects reserved to services (the platform's notify topics) stay theirs.
+    """
+
+OWNERSHIP_UNSPECIFIED: Ownership.ValueType  # 0
+"""No rule: the server refuses to start."""
+OWNERSHIP_NONE: Ownership.ValueType  # 1
+"""Nothing user-specific (public methods, shared read-only data, creating
+an object the caller then owns, lists already filtered to the caller).
+"""
+OWNERSHIP_CALLER: Ownership.ValueType  # 2
+"""The user named by ownership_field ("users/{id}", or a name under it)
+must be the caller; "users/me" and an empty field mean the caller.
+Others get PERMISSION_DENIED.
+"""
+OWNERSHIP_OWNED: Ownership.ValueType  # 3
+"""The object named by ownership_field must be the caller's, resolved by the
+service's own store. An object the caller may not see answers NOT_FOUND,
+exactly like one that does not exist; one it may see but not change
+answers PERMISSION_DENIED.
+"""
+OWNERSHIP_PLATFORM: Ownership.ValueType  # 4
+"""The platform's shared objects (catalogue, models, other users' data):
+admins and service accounts only; others get PERMISSION_DENIED.
+"""
+Global___Ownership: _TypeAlias = Ownership  # noqa: Y015
+
 @_typing.final
 class AccessPolicy(_message.Message):
-    """Who may call an RPC. Every aimesh server reads this option from the
-    generated descriptors in its auth interceptor; an RPC without it is denied
-    to everyone, so a new method is closed until its author opens it.
+    """Who may call an RPC, and whose objects it may touch. Every aimesh server
+    reads this option from the generated descriptors in its pipeline; an RPC
+    without it is denied to everyone, and a server whose contract has an RPC
+    without an ownership rule refuses to start, so a new method is closed until
+    its author opens it.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     PUBLIC_FIELD_NUMBER: _builtins.int
     SCOPES_FIELD_NUMBER: _builtins.int
+    OWNERSHIP_FIELD_NUMBER: _builtins.int
+    OWNERSHIP_FIELD_FIELD_NUMBER: _builtins.int
+    READS_ONLY_FIELD_NUMBER: _builtins.int
     public: _builtins.bool
     """Callers need no credentials (login, registration, key discovery)."""
+    ownership: Global___Ownership.ValueType
+    """Whose objects the RPC may touch, checked before the handler runs."""
+    ownership_field: _builtins.str
+    """The request field the ownership rule reads, as a dotted path
+    ("parent", "user.name", "interactions.user"; a repeated field on the way
+    means every element is checked). Required for OWNERSHIP_CALLER and
+    OWNERSHIP_OWNED.
+    """
+    reads_only: _builtins.bool
+    """For OWNERSHIP_OWNED: the RPC only reads, so objects the caller may see
+    (its own and those shared with the organisation) suffice; otherwise the
+    caller must own the object.
+    """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Scopes that the caller's token or API key must all carry."""
@@ -42,10 +118,13 @@ class AccessPolicy(_message.Message):
         *,
         public: _builtins.bool = ...,
         scopes: _abc.Iterable[_builtins.str] | None = ...,
+        ownership: Global___Ownership.ValueType = ...,
+        ownership_field: _builtins.str = ...,
+        reads_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["public", b"public", "scopes", b"scopes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ownership", b"ownership", "ownership_field", b"ownership_field", "public", b"public", "reads_only", b"reads_only", "scopes", b"scopes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,11 +26,12 @@ from aimesh.options.v1 import access_pb2 as aimesh_dot_options_dot_v1_dot_access
 from buf.validate import validate_pb2 as buf_dot_validate_dot_validate__pb2
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%aimesh/search/v1/search_service.proto\x12\x10\x61imesh.search.v1\x1a\x1e\x61imesh/options/v1/access.proto\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xed\x02\n\nCollection\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x1e\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\x12%\n\x0f\x65mbedding_model\x18\x03 \x01(\tB\x0c\xe2\x41\x01\x05\xbaH\x05r\x03\x18\xc8\x01\x12!\n\tdimension\x18\x04 \x01(\x05\x42\x0e\xe2\x41\x01\x05\xbaH\x07\x1a\x05\x18\x80 (\x00\x12\x1e\n\x10max_input_tokens\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x64ocument_count\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\nindex_type\x18\x07 \x01(\x0e\x32\x1b.aimesh.search.v1.IndexTypeB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"\xd9\x03\n\x08\x44ocument\x12\x66\n\x04name\x18\x01 \x01(\tBX\xe2\x41\x01\x08\xbaHQrO2M^collections/[A-Za-z0-9_-]{1,64}/documents/[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$\x12\x19\n\x04text\x18\x02 \x01(\tB\x0b\xbaH\x08r\x06\x10\x01\x18\x80\x80\x01\x12\x87\x01\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\\\xbaHY\xba\x01V\n\x1a\x64ocument.metadata.max_keys\x12&metadata has at most 64 top-level keys\x1a\x10size(this) <= 64\x12\x34\n\x05owner\x18\x04 \x01(\tB%\xbaH\"r 2\x1e^(users/[A-Za-z0-9_-]{1,64})?$\x12\x1c\n\x0etext_truncated\x18\x05 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"\xb0\x04\n\tImportJob\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x1e\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\x12\x35\n\x05state\x18\x03 \x01(\x0e\x32 .aimesh.search.v1.ImportJobStateB\x04\xe2\x41\x01\x03\x12\x1c\n\x0btotal_bytes\x18\x04 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12\x1d\n\x0f\x63ommitted_bytes\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0f\x63ommitted_lines\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12 \n\x12upserted_documents\x18\x07 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12!\n\x13truncated_documents\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x66\x61iled_lines\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x03\x12<\n\x0bline_errors\x18\n \x03(\x0b\x32!.aimesh.search.v1.ImportLineErrorB\x04\xe2\x41\x01\x03\x12\x1b\n\rerror_message\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"0\n\x0fImportLineError\x12\x0c\n\x04line\x18\x01 \x01(\x03\x12\x0f\n\x07message\x18\x02 \x01(\t\"S\n\x0eMetadataFilter\x12\x41\n\nconditions\x18\x01 \x03(\x0b\x32#.aimesh.search.v1.MetadataConditionB\x08\xbaH\x05\x92\x01\x02\x10\x10\"\xb0\x02\n\x11MetadataCondition\x12\x17\n\x03key\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12(\n\x06\x65quals\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12\x98\x01\n\x06\x61ny_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.ListValueBj\xbaHg\xba\x01\x64\n\x1emetadata_condition.any_of.size\x12\x1c\x61ny_of holds 1 to 100 values\x1a$size(this) >= 1 && size(this) <= 100H\x00\x12.\n\x05range\x18\x04 \x01(\x0b\x32\x1d.aimesh.search.v1.NumberRangeH\x00\x42\r\n\x04test\x12\x05\xbaH\x02\x08\x01\"S\n\x0bNumberRange\x12\x19\n\x03min\x18\x01 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01H\x00\x88\x01\x01\x12\x19\n\x03max\x18\x02 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01H\x01\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_max\"h\n\x0cSearchResult\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x88\x01\n\x17\x43reateCollectionRequest\x12\x33\n\rcollection_id\x18\x01 \x01(\tB\x1c\xbaH\x19r\x17\x32\x15^[A-Za-z0-9_-]{1,64}$\x12\x38\n\ncollection\x18\x02 \x01(\x0b\x32\x1c.aimesh.search.v1.CollectionB\x06\xbaH\x03\xc8\x01\x01\"L\n\x18\x43reateCollectionResponse\x12\x30\n\ncollection\x18\x01 \x01(\x0b\x32\x1c.aimesh.search.v1.Collection\"N\n\x14GetCollectionRequest\x12\x36\n\x04name\x18\x01 \x01(\tB(\xbaH%r#2!^collections/[A-Za-z0-9_-]{1,64}$\"I\n\x15GetCollectionResponse\x12\x30\n\ncollection\x18\x01 \x01(\x0b\x32\x1c.aimesh.search.v1.Collection\"R\n\x16ListCollectionsRequest\x12\x1a\n\tpage_size\x18\x01 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"e\n\x17ListCollectionsResponse\x12\x31\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1c.aimesh.search.v1.Collection\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Q\n\x17\x44\x65leteCollectionRequest\x12\x36\n\x04name\x18\x01 \x01(\tB(\xbaH%r#2!^collections/[A-Za-z0-9_-]{1,64}$\"\x1a\n\x18\x44\x65leteCollectionResponse\"\xa3\x02\n\x16UpsertDocumentsRequest\x12\x38\n\x06parent\x18\x01 \x01(\tB(\xbaH%r#2!^collections/[A-Za-z0-9_-]{1,64}$\x12:\n\tdocuments\x18\x02 \x03(\x0b\x32\x1a.aimesh.search.v1.DocumentB\x0b\xbaH\x08\x92\x01\x05\x08\x01\x10\x80\x02:\x92\x01\xbaH\x8e\x01\x1a\x8b\x01\n\x17upsert_documents.parent\x12)every document name must lie under parent\x1a\x45this.documents.all(d, d.name.startsWith(this.parent + \'/documents/\'))\"H\n\x17UpsertDocumentsResponse\x12-\n\tdocuments\x18\x01 \x03(\x0b\x32\x1a.aimesh.search.v1.Document\"x\n\x12GetDocumentRequest\x12\x62\n\x04name\x18\x01 \x01(\tBT\xbaHQrO2M^collections/[A-Za-z0-9_-]{1,64}/documents/[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$\"C\n\x13GetDocumentResponse\x12,\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x1a.aimesh.search.v1.Document\"\x8a\x01\n\x14ListDocumentsRequest\x12\x38\n\x06parent\x18\x01 \x01(\tB(\xbaH%r#2!^collections/[A-Za-z0-9_-]{1,64}$\x12\x1a\n\tpage_size\x18\x02 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"_\n\x15ListDocumentsResponse\x12-\n\tdocuments\x18\x01 \x03(\x0b\x32\x1a.aimesh.search.v1.Document\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"{\n\x15\x44\x65leteDocumentRequest\x12\x62\n\x04name\x18\x01 \x01(\tBT\xbaHQrO2M^collections/[A-Za-z0-9_-]{1,64}/documents/[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$\"\x18\n\x16\x44\x65leteDocumentResponse\"\xe9\x01\n\rSearchRequest\x12\x38\n\x06parent\x18\x01 \x01(\tB(\xbaH%r#2!^collections/[A-Za-z0-9_-]{1,64}$\x12\x1b\n\x05query\x18\x02 \x01(\tB\x0c\xbaH\tr\x07\x18\x80@2\x02\\S\x12\x18\n\x05top_k\x18\x03 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x01\x12\x30\n\x06\x66ilter\x18\x04 \x01(\x0b\x32 .aimesh.search.v1.MetadataFilter\x12\'\n\tmin_score\x18\x05 \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x80?-\x00\x00\x80\xbfH\x00\x88\x01\x01\x42\x0c\n\n_min_score\"Z\n\x0eSearchResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.aimesh.search.v1.SearchResult\x12\x17\n\x0fquery_truncated\x18\x02 \x01(\x08\"\x8e\x02\n\x12\x42\x61tchSearchRequest\x12\x38\n\x06parent\x18\x01 \x01(\tB(\xbaH%r#2!^collections/[A-Za-z0-9_-]{1,64}$\x12=\n\x08requests\x18\x02 \x03(\x0b\x32\x1f.aimesh.search.v1.SearchRequestB\n\xbaH\x07\x92\x01\x04\x08\x01\x10@:\x7f\xbaH|\x1az\n\x13\x62\x61tch_search.parent\x12\x34\x65very search must name the same collection as parent\x1a-this.requests.all(r, r.parent == this.parent)\"J\n\x13\x42\x61tchSearchResponse\x12\x33\n\tresponses\x18\x01 \x03(\x0b\x32 .aimesh.search.v1.SearchResponse\"u\n\x16ImportDocumentsRequest\x12\x30\n\x06target\x18\x01 \x01(\x0b\x32\x1e.aimesh.search.v1.ImportTargetH\x00\x12\x1a\n\x05\x63hunk\x18\x02 \x01(\x0c\x42\t\xbaH\x06z\x04\x18\x80\x80@H\x00\x42\r\n\x04part\x12\x05\xbaH\x02\x08\x01\"\xc2\x01\n\x0cImportTarget\x12[\n\nimport_job\x18\x01 \x01(\tBG\xbaHDrB2@^collections/[A-Za-z0-9_-]{1,64}/importJobs/[A-Za-z0-9_-]{1,64}$\x12\x17\n\x06offset\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12\x1c\n\x0btotal_bytes\x18\x03 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12\x1e\n\x0c\x64isplay_name\x18\x04 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\"J\n\x17ImportDocumentsResponse\x12/\n\nimport_job\x18\x01 \x01(\x0b\x32\x1b.aimesh.search.v1.ImportJob\"l\n\x13GetImportJobRequest\x12U\n\x04name\x18\x01 \x01(\tBG\xbaHDrB2@^collections/[A-Za-z0-9_-]{1,64}/importJobs/[A-Za-z0-9_-]{1,64}$\"G\n\x14GetImportJobResponse\x12/\n\nimport_job\x18\x01 \x01(\x0b\x32\x1b.aimesh.search.v1.ImportJob\"\x8b\x01\n\x15ListImportJobsRequest\x12\x38\n\x06parent\x18\x01 \x01(\tB(\xbaH%r#2!^collections/[A-Za-z0-9_-]{1,64}$\x12\x1a\n\tpage_size\x18\x02 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"c\n\x16ListImportJobsResponse\x12\x30\n\x0bimport_jobs\x18\x01 \x03(\x0b\x32\x1b.aimesh.search.v1.ImportJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"o\n\x16\x43\x61ncelImportJobRequest\x12U\n\x04name\x18\x01 \x01(\tBG\xbaHDrB2@^collections/[A-Za-z0-9_-]{1,64}/importJobs/[A-Za-z0-9_-]{1,64}$\"J\n\x17\x43\x61ncelImportJobResponse\x12/\n\nimport_job\x18\x01 \x01(\x0b\x32\x1b.aimesh.search.v1.ImportJob\"H\n\x14PurgeUserDataRequest\x12\x30\n\x04user\x18\x01 \x01(\tB\"\xbaH\x1fr\x1d\x32\x1b^users/[A-Za-z0-9_-]{1,64}$\"2\n\x15PurgeUserDataResponse\x12\x19\n\x11\x64\x65leted_documents\x18\x01 \x01(\x03*Y\n\tIndexType\x12\x1a\n\x16INDEX_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10INDEX_TYPE_EXACT\x10\x01\x12\x1a\n\x16INDEX_TYPE_APPROXIMATE\x10\x02*\xcf\x01\n\x0eImportJobState\x12 \n\x1cIMPORT_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18IMPORT_JOB_STATE_RUNNING\x10\x01\x12 \n\x1cIMPORT_JOB_STATE_INTERRUPTED\x10\x02\x12\x1e\n\x1aIMPORT_JOB_STATE_CANCELLED\x10\x03\x12\x1e\n\x1aIMPORT_JOB_STATE_SUCCEEDED\x10\x04\x12\x1b\n\x17IMPORT_JOB_STATE_FAILED\x10\x05\x32\xb1\x13\n\rSearchService\x12\xa0\x01\n\x10\x43reateCollection\x12).aimesh.search.v1.CreateCollectionRequest\x1a*.aimesh.search.v1.CreateCollectionResponse\"5\xc2\xf3\x18\x0e\x12\x0csearch.write\x82\xd3\xe4\x93\x02\x1d\"\x0f/v1/collections:\ncollection\x12\x96\x01\n\rGetCollection\x12&.aimesh.search.v1.GetCollectionRequest\x1a\'.aimesh.search.v1.GetCollectionResponse\"4\x90\x02\x01\xc2\xf3\x18\r\x12\x0bsearch.read\x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/{name=collections/*}\x12\x93\x01\n\x0fListCollections\x12(.aimesh.search.v1.ListCollectionsRequest\x1a).aimesh.search.v1.ListCollectionsResponse\"+\x90\x02\x01\xc2\xf3\x18\r\x12\x0bsearch.read\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/collections\x12\xa0\x01\n\x10\x44\x65leteCollection\x12).aimesh.search.v1.DeleteCollectionRequest\x1a*.aimesh.search.v1.DeleteCollectionResponse\"5\x90\x02\x02\xc2\xf3\x18\x0e\x12\x0csearch.write\x82\xd3\xe4\x93\x02\x1a*\x18/v1/{name=collections/*}\x12\xb8\x01\n\x0fUpsertDocuments\x12(.aimesh.search.v1.UpsertDocumentsRequest\x1a).aimesh.search.v1.UpsertDocumentsResponse\"P\x90\x02\x02\xc2\xf3\x18\x0e\x12\x0csearch.write\x82\xd3\xe4\x93\x02\x35\"0/v1/{parent=collections/*}/documents:batchUpsert:\x01*\x12\x9c\x01\n\x0bGetDocument\x12$.aimesh.search.v1.GetDocumentRequest\x1a%.aimesh.search.v1.GetDocumentResponse\"@\x90\x02\x01\xc2\xf3\x18\r\x12\x0bsearch.read\x82\xd3\xe4\x93\x02&\x12$/v1/{name=collections/*/documents/*}\x12\xa2\x01\n\rListDocuments\x12&.aimesh.search.v1.ListDocumentsRequest\x1a\'.aimesh.search.v1.ListDocumentsResponse\"@\x90\x02\x01\xc2\xf3\x18\r\x12\x0bsearch.read\x82\xd3\xe4\x93\x02&\x12$/v1/{parent=collections/*}/documents\x12\xa6\x01\n\x0e\x44\x65leteDocument\x12\'.aimesh.search.v1.DeleteDocumentRequest\x1a(.aimesh.search.v1.DeleteDocumentResponse\"A\x90\x02\x02\xc2\xf3\x18\x0e\x12\x0csearch.write\x82\xd3\xe4\x93\x02&*$/v1/{name=collections/*/documents/*}\x12\x97\x01\n\x06Search\x12\x1f.aimesh.search.v1.SearchRequest\x1a .aimesh.search.v1.SearchResponse\"J\x90\x02\x01\xc2\xf3\x18\r\x12\x0bsearch.read\x82\xd3\xe4\x93\x02\x30\"+/v1/{parent=collections/*}/documents:search:\x01*\x12\xab\x01\n\x0b\x42\x61tchSearch\x12$.aimesh.search.v1.BatchSearchRequest\x1a%.aimesh.search.v1.BatchSearchResponse\"O\x90\x02\x01\xc2\xf3\x18\r\x12\x0bsearch.read\x82\xd3\xe4\x93\x02\x35\"0/v1/{parent=collections/*}/documents:batchSearch:\x01*\x12\x9b\x01\n\x0fImportDocuments\x12(.aimesh.search.v1.ImportDocumentsRequest\x1a).aimesh.search.v1.ImportDocumentsResponse\"1\xc2\xf3\x18\x0e\x12\x0csearch.write\x82\xd3\xe4\x93\x02\x19\"\x14/v1/documents:import:\x01*(\x01\x12\xa0\x01\n\x0cGetImportJob\x12%.aimesh.search.v1.GetImportJobRequest\x1a&.aimesh.search.v1.GetImportJobResponse\"A\x90\x02\x01\xc2\xf3\x18\r\x12\x0bsearch.read\x82\xd3\xe4\x93\x02\'\x12%/v1/{name=collections/*/importJobs/*}\x12\xa6\x01\n\x0eListImportJobs\x12\'.aimesh.search.v1.ListImportJobsRequest\x1a(.aimesh.search.v1.ListImportJobsResponse\"A\x90\x02\x01\xc2\xf3\x18\r\x12\x0bsearch.read\x82\xd3\xe4\x93\x02\'\x12%/v1/{parent=collections/*}/importJobs\x12\xb4\x01\n\x0f\x43\x61ncelImportJob\x12(.aimesh.search.v1.CancelImportJobRequest\x1a).aimesh.search.v1.CancelImportJobResponse\"L\x90\x02\x02\xc2\xf3\x18\x0e\x12\x0csearch.write\x82\xd3\xe4\x93\x02\x31\",/v1/{name=collections/*/importJobs/*}:cancel:\x01*\x12\x99\x01\n\rPurgeUserData\x12&.aimesh.search.v1.PurgeUserDataRequest\x1a\'.aimesh.search.v1.PurgeUserDataResponse\"7\x90\x02\x02\xc2\xf3\x18\x0e\x12\x0csearch.admin\x82\xd3\xe4\x93\x02\x1c\"\x17/v1/documents:purgeUser:\x01*B\x17\n\x13io.aimesh.search.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%aimesh/search/v1/search_service.proto\x12\x10\x61imesh.search.v1\x1a\x1e\x61imesh/options/v1/access.proto\x1a\x1b\x62uf/validate/validate.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbe\x03\n\nCollection\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x1e\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\x12%\n\x0f\x65mbedding_model\x18\x03 \x01(\tB\x0c\xe2\x41\x01\x05\xbaH\x05r\x03\x18\xc8\x01\x12!\n\tdimension\x18\x04 \x01(\x05\x42\x0e\xe2\x41\x01\x05\xbaH\x07\x1a\x05\x18\x80 (\x00\x12\x1e\n\x10max_input_tokens\x18\x05 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1c\n\x0e\x64ocument_count\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x35\n\nindex_type\x18\x07 \x01(\x0e\x32\x1b.aimesh.search.v1.IndexTypeB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x13\n\x05owner\x18\n \x01(\tB\x04\xe2\x41\x01\x03\x12:\n\nvisibility\x18\x0b \x01(\x0e\x32\x1c.aimesh.search.v1.VisibilityB\x08\xbaH\x05\x82\x01\x02\x10\x01\"\xd9\x03\n\x08\x44ocument\x12\x66\n\x04name\x18\x01 \x01(\tBX\xe2\x41\x01\x08\xbaHQrO2M^collections/[A-Za-z0-9_-]{1,64}/documents/[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$\x12\x19\n\x04text\x18\x02 \x01(\tB\x0b\xbaH\x08r\x06\x10\x01\x18\x80\x80\x01\x12\x87\x01\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\\\xbaHY\xba\x01V\n\x1a\x64ocument.metadata.max_keys\x12&metadata has at most 64 top-level keys\x1a\x10size(this) <= 64\x12\x34\n\x05owner\x18\x04 \x01(\tB%\xbaH\"r 2\x1e^(users/[A-Za-z0-9_-]{1,64})?$\x12\x1c\n\x0etext_truncated\x18\x05 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"\xb0\x04\n\tImportJob\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x1e\n\x0c\x64isplay_name\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\x12\x35\n\x05state\x18\x03 \x01(\x0e\x32 .aimesh.search.v1.ImportJobStateB\x04\xe2\x41\x01\x03\x12\x1c\n\x0btotal_bytes\x18\x04 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12\x1d\n\x0f\x63ommitted_bytes\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1d\n\x0f\x63ommitted_lines\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12 \n\x12upserted_documents\x18\x07 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12!\n\x13truncated_documents\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x66\x61iled_lines\x18\t \x01(\x03\x42\x04\xe2\x41\x01\x03\x12<\n\x0bline_errors\x18\n \x03(\x0b\x32!.aimesh.search.v1.ImportLineErrorB\x04\xe2\x41\x01\x03\x12\x1b\n\rerror_message\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"0\n\x0fImportLineError\x12\x0c\n\x04line\x18\x01 \x01(\x03\x12\x0f\n\x07message\x18\x02 \x01(\t\"S\n\x0eMetadataFilter\x12\x41\n\nconditions\x18\x01 \x03(\x0b\x32#.aimesh.search.v1.MetadataConditionB\x08\xbaH\x05\x92\x01\x02\x10\x10\"\xb0\x02\n\x11MetadataCondition\x12\x17\n\x03key\x18\x01 \x01(\tB\n\xbaH\x07r\x05\x10\x01\x18\x80\x01\x12(\n\x06\x65quals\x18\x02 \x01(\x0b\x32\x16.google.protobuf.ValueH\x00\x12\x98\x01\n\x06\x61ny_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.ListValueBj\xbaHg\xba\x01\x64\n\x1emetadata_condition.any_of.size\x12\x1c\x61ny_of holds 1 to 100 values\x1a$size(this) >= 1 && size(this) <= 100H\x00\x12.\n\x05range\x18\x04 \x01(\x0b\x32\x1d.aimesh.search.v1.NumberRangeH\x00\x42\r\n\x04test\x12\x05\xbaH\x02\x08\x01\"S\n\x0bNumberRange\x12\x19\n\x03min\x18\x01 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01H\x00\x88\x01\x01\x12\x19\n\x03max\x18\x02 \x01(\x01\x42\x07\xbaH\x04\x12\x02@\x01H\x01\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_max\"h\n\x0cSearchResult\x12\x10\n\x08\x64ocument\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x88\x01\n\x17\x43reateCollectionRequest\x12\x33\n\rcollection_id\x18\x01 \x01(\tB\x1c\xbaH\x19r\x17\x32\x15^[A-Za-z0-9_-]{1,64}$\x12\x38\n\ncollection\x18\x02 \x01(\x0b\x32\x1c.aimesh.search.v1.CollectionB\x06\xbaH\x03\xc8\x01\x01\"L\n\x18\x43reateCollectionResponse\x12\x30\n\ncollection\x18\x01 \x01(\x0b\x32\x1c.aimesh.search.v1.Collection\"N\n\x14GetCollectionRequest\x12\x36\n\x04name\x18\x01 \x01(\tB(\xbaH%r#2!^collections/[A-Za-z0-9_-]{1,64}$\"I\n\x15GetCollectionResponse\x12\x30\n\ncollection\x18\x01 \x01(\x0b\x32\x1c.aimesh.search.v1.Collection\"R\n\x16ListCollectionsRequest\x12\x1a\n\tpage_size\x18\x01 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x02 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"e\n\x17ListCollectionsResponse\x12\x31\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1c.aimesh.search.v1.Collection\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8c\x01\n\x17UpdateCollectionRequest\x12\x38\n\ncollection\x18\x01 \x01(\x0b\x32\x1c.aimesh.search.v1.CollectionB\x06\xbaH\x03\xc8\x01\x01\x12\x37\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x06\xbaH\x03\xc8\x01\x01\"L\n\x18UpdateCollectionResponse\x12\x30\n\ncollection\x18\x01 \x01(\x0b\x32\x1c.aimesh.search.v1.Collection\"Q\n\x17\x44\x65leteCollectionRequest\x12\x36\n\x04name\x18\x01 \x01(\tB(\xbaH%r#2!^collections/[A-Za-z0-9_-]{1,64}$\"\x1a\n\x18\x44\x65leteCollectionResponse\"\xa3\x02\n\x16UpsertDocumentsRequest\x12\x38\n\x06parent\x18\x01 \x01(\tB(\xbaH%r#2!^collections/[A-Za-z0-9_-]{1,64}$\x12:\n\tdocuments\x18\x02 \x03(\x0b\x32\x1a.aimesh.search.v1.DocumentB\x0b\xbaH\x08\x92\x01\x05\x08\x01\x10\x80\x02:\x92\x01\xbaH\x8e\x01\x1a\x8b\x01\n\x17upsert_documents.parent\x12)every document name must lie under parent\x1a\x45this.documents.all(d, d.name.startsWith(this.parent + \'/documents/\'))\"H\n\x17UpsertDocumentsResponse\x12-\n\tdocuments\x18\x01 \x03(\x0b\x32\x1a.aimesh.search.v1.Document\"x\n\x12GetDocumentRequest\x12\x62\n\x04name\x18\x01 \x01(\tBT\xbaHQrO2M^collections/[A-Za-z0-9_-]{1,64}/documents/[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$\"C\n\x13GetDocumentResponse\x12,\n\x08\x64ocument\x18\x01 \x01(\x0b\x32\x1a.aimesh.search.v1.Document\"\x8a\x01\n\x14ListDocumentsRequest\x12\x38\n\x06parent\x18\x01 \x01(\tB(\xbaH%r#2!^collections/[A-Za-z0-9_-]{1,64}$\x12\x1a\n\tpage_size\x18\x02 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"_\n\x15ListDocumentsResponse\x12-\n\tdocuments\x18\x01 \x03(\x0b\x32\x1a.aimesh.search.v1.Document\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"{\n\x15\x44\x65leteDocumentRequest\x12\x62\n\x04name\x18\x01 \x01(\tBT\xbaHQrO2M^collections/[A-Za-z0-9_-]{1,64}/documents/[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$\"\x18\n\x16\x44\x65leteDocumentResponse\"\xe9\x01\n\rSearchRequest\x12\x38\n\x06parent\x18\x01 \x01(\tB(\xbaH%r#2!^collections/[A-Za-z0-9_-]{1,64}$\x12\x1b\n\x05query\x18\x02 \x01(\tB\x0c\xbaH\tr\x07\x18\x80@2\x02\\S\x12\x18\n\x05top_k\x18\x03 \x01(\x05\x42\t\xbaH\x06\x1a\x04\x18\x64(\x01\x12\x30\n\x06\x66ilter\x18\x04 \x01(\x0b\x32 .aimesh.search.v1.MetadataFilter\x12\'\n\tmin_score\x18\x05 \x01(\x02\x42\x0f\xbaH\x0c\n\n\x1d\x00\x00\x80?-\x00\x00\x80\xbfH\x00\x88\x01\x01\x42\x0c\n\n_min_score\"Z\n\x0eSearchResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.aimesh.search.v1.SearchResult\x12\x17\n\x0fquery_truncated\x18\x02 \x01(\x08\"\x8e\x02\n\x12\x42\x61tchSearchRequest\x12\x38\n\x06parent\x18\x01 \x01(\tB(\xbaH%r#2!^collections/[A-Za-z0-9_-]{1,64}$\x12=\n\x08requests\x18\x02 \x03(\x0b\x32\x1f.aimesh.search.v1.SearchRequestB\n\xbaH\x07\x92\x01\x04\x08\x01\x10@:\x7f\xbaH|\x1az\n\x13\x62\x61tch_search.parent\x12\x34\x65very search must name the same collection as parent\x1a-this.requests.all(r, r.parent == this.parent)\"J\n\x13\x42\x61tchSearchResponse\x12\x33\n\tresponses\x18\x01 \x03(\x0b\x32 .aimesh.search.v1.SearchResponse\"u\n\x16ImportDocumentsRequest\x12\x30\n\x06target\x18\x01 \x01(\x0b\x32\x1e.aimesh.search.v1.ImportTargetH\x00\x12\x1a\n\x05\x63hunk\x18\x02 \x01(\x0c\x42\t\xbaH\x06z\x04\x18\x80\x80@H\x00\x42\r\n\x04part\x12\x05\xbaH\x02\x08\x01\"\xc2\x01\n\x0cImportTarget\x12[\n\nimport_job\x18\x01 \x01(\tBG\xbaHDrB2@^collections/[A-Za-z0-9_-]{1,64}/importJobs/[A-Za-z0-9_-]{1,64}$\x12\x17\n\x06offset\x18\x02 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12\x1c\n\x0btotal_bytes\x18\x03 \x01(\x03\x42\x07\xbaH\x04\"\x02(\x00\x12\x1e\n\x0c\x64isplay_name\x18\x04 \x01(\tB\x08\xbaH\x05r\x03\x18\xc8\x01\"J\n\x17ImportDocumentsResponse\x12/\n\nimport_job\x18\x01 \x01(\x0b\x32\x1b.aimesh.search.v1.ImportJob\"l\n\x13GetImportJobRequest\x12U\n\x04name\x18\x01 \x01(\tBG\xbaHDrB2@^collections/[A-Za-z0-9_-]{1,64}/importJobs/[A-Za-z0-9_-]{1,64}$\"G\n\x14GetImportJobResponse\x12/\n\nimport_job\x18\x01 \x01(\x0b\x32\x1b.aimesh.search.v1.ImportJob\"\x8b\x01\n\x15ListImportJobsRequest\x12\x38\n\x06parent\x18\x01 \x01(\tB(\xbaH%r#2!^collections/[A-Za-z0-9_-]{1,64}$\x12\x1a\n\tpage_size\x18\x02 \x01(\x05\x42\x07\xbaH\x04\x1a\x02(\x00\x12\x1c\n\npage_token\x18\x03 \x01(\tB\x08\xbaH\x05r\x03\x18\x80\x04\"c\n\x16ListImportJobsResponse\x12\x30\n\x0bimport_jobs\x18\x01 \x03(\x0b\x32\x1b.aimesh.search.v1.ImportJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"o\n\x16\x43\x61ncelImportJobRequest\x12U\n\x04name\x18\x01 \x01(\tBG\xbaHDrB2@^collections/[A-Za-z0-9_-]{1,64}/importJobs/[A-Za-z0-9_-]{1,64}$\"J\n\x17\x43\x61ncelImportJobResponse\x12/\n\nimport_job\x18\x01 \x01(\x0b\x32\x1b.aimesh.search.v1.ImportJob\"H\n\x14PurgeUserDataRequest\x12\x30\n\x04user\x18\x01 \x01(\tB\"\xbaH\x1fr\x1d\x32\x1b^users/[A-Za-z0-9_-]{1,64}$\"2\n\x15PurgeUserDataResponse\x12\x19\n\x11\x64\x65leted_documents\x18\x01 \x01(\x03*]\n\nVisibility\x12\x1a\n\x16VISIBILITY_UNSPECIFIED\x10\x00\x12\x16\n\x12VISIBILITY_PRIVATE\x10\x01\x12\x1b\n\x17VISIBILITY_ORGANISATION\x10\x02*Y\n\tIndexType\x12\x1a\n\x16INDEX_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10INDEX_TYPE_EXACT\x10\x01\x12\x1a\n\x16INDEX_TYPE_APPROXIMATE\x10\x02*\xcf\x01\n\x0eImportJobState\x12 \n\x1cIMPORT_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18IMPORT_JOB_STATE_RUNNING\x10\x01\x12 \n\x1cIMPORT_JOB_STATE_INTERRUPTED\x10\x02\x12\x1e\n\x1aIMPORT_JOB_STATE_CANCELLED\x10\x03\x12\x1e\n\x1aIMPORT_JOB_STATE_SUCCEEDED\x10\x04\x12\x1b\n\x17IMPORT_JOB_STATE_FAILED\x10\x05\x32\x86\x16\n\rSearchService\x12\xa2\x01\n\x10\x43reateCollection\x12).aimesh.search.v1.CreateCollectionRequest\x1a*.aimesh.search.v1.CreateCollectionResponse\"7\xc2\xf3\x18\x10\x12\x0csearch.write\x18\x01\x82\xd3\xe4\x93\x02\x1d\"\x0f/v1/collections:\ncollection\x12\xa0\x01\n\rGetCollection\x12&.aimesh.search.v1.GetCollectionRequest\x1a\'.aimesh.search.v1.GetCollectionResponse\">\x90\x02\x01\xc2\xf3\x18\x17\x12\x0bsearch.read\x18\x03\"\x04name(\x01\x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/{name=collections/*}\x12\x95\x01\n\x0fListCollections\x12(.aimesh.search.v1.ListCollectionsRequest\x1a).aimesh.search.v1.ListCollectionsResponse\"-\x90\x02\x01\xc2\xf3\x18\x0f\x12\x0bsearch.read\x18\x01\x82\xd3\xe4\x93\x02\x11\x12\x0f/v1/collections\x12\xc7\x01\n\x10UpdateCollection\x12).aimesh.search.v1.UpdateCollectionRequest\x1a*.aimesh.search.v1.UpdateCollectionResponse\"\\\xc2\xf3\x18!\x12\x0csearch.write\x18\x03\"\x0f\x63ollection.name\x82\xd3\xe4\x93\x02\x31\x32#/v1/{collection.name=collections/*}:\ncollection\x12\xa8\x01\n\x10\x44\x65leteCollection\x12).aimesh.search.v1.DeleteCollectionRequest\x1a*.aimesh.search.v1.DeleteCollectionResponse\"=\x90\x02\x02\xc2\xf3\x18\x16\x12\x0csearch.write\x18\x03\"\x04name\x82\xd3\xe4\x93\x02\x1a*\x18/v1/{name=collections/*}\x12\xc2\x01\n\x0fUpsertDocuments\x12(.aimesh.search.v1.UpsertDocumentsRequest\x1a).aimesh.search.v1.UpsertDocumentsResponse\"Z\x90\x02\x02\xc2\xf3\x18\x18\x12\x0csearch.write\x18\x03\"\x06parent\x82\xd3\xe4\x93\x02\x35\"0/v1/{parent=collections/*}/documents:batchUpsert:\x01*\x12\xa6\x01\n\x0bGetDocument\x12$.aimesh.search.v1.GetDocumentRequest\x1a%.aimesh.search.v1.GetDocumentResponse\"J\x90\x02\x01\xc2\xf3\x18\x17\x12\x0bsearch.read\x18\x03\"\x04name(\x01\x82\xd3\xe4\x93\x02&\x12$/v1/{name=collections/*/documents/*}\x12\xae\x01\n\rListDocuments\x12&.aimesh.search.v1.ListDocumentsRequest\x1a\'.aimesh.search.v1.ListDocumentsResponse\"L\x90\x02\x01\xc2\xf3\x18\x19\x12\x0bsearch.read\x18\x03\"\x06parent(\x01\x82\xd3\xe4\x93\x02&\x12$/v1/{parent=collections/*}/documents\x12\xae\x01\n\x0e\x44\x65leteDocument\x12\'.aimesh.search.v1.DeleteDocumentRequest\x1a(.aimesh.search.v1.DeleteDocumentResponse\"I\x90\x02\x02\xc2\xf3\x18\x16\x12\x0csearch.write\x18\x03\"\x04name\x82\xd3\xe4\x93\x02&*$/v1/{name=collections/*/documents/*}\x12\xa3\x01\n\x06Search\x12\x1f.aimesh.search.v1.SearchRequest\x1a .aimesh.search.v1.SearchResponse\"V\x90\x02\x01\xc2\xf3\x18\x19\x12\x0bsearch.read\x18\x03\"\x06parent(\x01\x82\xd3\xe4\x93\x02\x30\"+/v1/{parent=collections/*}/documents:search:\x01*\x12\xb7\x01\n\x0b\x42\x61tchSearch\x12$.aimesh.search.v1.BatchSearchRequest\x1a%.aimesh.search.v1.BatchSearchResponse\"[\x90\x02\x01\xc2\xf3\x18\x19\x12\x0bsearch.read\x18\x03\"\x06parent(\x01\x82\xd3\xe4\x93\x02\x35\"0/v1/{parent=collections/*}/documents:batchSearch:\x01*\x12\xb0\x01\n\x0fImportDocuments\x12(.aimesh.search.v1.ImportDocumentsRequest\x1a).aimesh.search.v1.ImportDocumentsResponse\"F\xc2\xf3\x18#\x12\x0csearch.write\x18\x03\"\x11target.import_job\x82\xd3\xe4\x93\x02\x19\"\x14/v1/documents:import:\x01*(\x01\x12\xaa\x01\n\x0cGetImportJob\x12%.aimesh.search.v1.GetImportJobRequest\x1a&.aimesh.search.v1.GetImportJobResponse\"K\x90\x02\x01\xc2\xf3\x18\x17\x12\x0bsearch.read\x18\x03\"\x04name(\x01\x82\xd3\xe4\x93\x02\'\x12%/v1/{name=collections/*/importJobs/*}\x12\xb2\x01\n\x0eListImportJobs\x12\'.aimesh.search.v1.ListImportJobsRequest\x1a(.aimesh.search.v1.ListImportJobsResponse\"M\x90\x02\x01\xc2\xf3\x18\x19\x12\x0bsearch.read\x18\x03\"\x06parent(\x01\x82\xd3\xe4\x93\x02\'\x12%/v1/{parent=collections/*}/importJobs\x12\xbc\x01\n\x0f\x43\x61ncelImportJob\x12(.aimesh.search.v1.CancelImportJobRequest\x1a).aimesh.search.v1.CancelImportJobResponse\"T\x90\x02\x02\xc2\xf3\x18\x16\x12\x0csearch.write\x18\x03\"\x04name\x82\xd3\xe4\x93\x02\x31\",/v1/{name=collections/*/importJobs/*}:cancel:\x01*\x12\x9b\x01\n\rPurgeUserData\x12&.aimesh.search.v1.PurgeUserDataRequest\x1a\'.aimesh.search.v1.PurgeUserDataResponse\"9\x90\x02\x02\xc2\xf3\x18\x10\x12\x0csearch.admin\x18\x04\x82\xd3\xe4\x93\x02\x1c\"\x17/v1/documents:purgeUser:\x01*B\x17\n\x13io.aimesh.search.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,6 +57,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COLLECTION'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
   _globals['_COLLECTION'].fields_by_name['update_time']._loaded_options = None
   _globals['_COLLECTION'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_COLLECTION'].fields_by_name['owner']._loaded_options = None
+  _globals['_COLLECTION'].fields_by_name['owner']._serialized_options = b'\342A\001\003'
+  _globals['_COLLECTION'].fields_by_name['visibility']._loaded_options = None
+  _globals['_COLLECTION'].fields_by_name['visibility']._serialized_options = b'\272H\005\202\001\002\020\001'
   _globals['_DOCUMENT'].fields_by_name['name']._loaded_options = None
   _globals['_DOCUMENT'].fields_by_name['name']._serialized_options = b'\342A\001\010\272HQrO2M^collections/[A-Za-z0-9_-]{1,64}/documents/[A-Za-z0-9][A-Za-z0-9._~-]{0,127}$'
   _globals['_DOCUMENT'].fields_by_name['text']._loaded_options = None
@@ -120,6 +125,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTCOLLECTIONSREQUEST'].fields_by_name['page_size']._serialized_options = b'\272H\004\032\002(\000'
   _globals['_LISTCOLLECTIONSREQUEST'].fields_by_name['page_token']._loaded_options = None
   _globals['_LISTCOLLECTIONSREQUEST'].fields_by_name['page_token']._serialized_options = b'\272H\005r\003\030\200\004'
+  _globals['_UPDATECOLLECTIONREQUEST'].fields_by_name['collection']._loaded_options = None
+  _globals['_UPDATECOLLECTIONREQUEST'].fields_by_name['collection']._serialized_options = b'\272H\003\310\001\001'
+  _globals['_UPDATECOLLECTIONREQUEST'].fields_by_name['update_mask']._loaded_options = None
+  _globals['_UPDATECOLLECTIONREQUEST'].fields_by_name['update_mask']._serialized_options = b'\272H\003\310\001\001'
   _globals['_DELETECOLLECTIONREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_DELETECOLLECTIONREQUEST'].fields_by_name['name']._serialized_options = b'\272H%r#2!^collections/[A-Za-z0-9_-]{1,64}$'
   _globals['_UPSERTDOCUMENTSREQUEST'].fields_by_name['parent']._loaded_options = None
@@ -177,117 +186,125 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PURGEUSERDATAREQUEST'].fields_by_name['user']._loaded_options = None
   _globals['_PURGEUSERDATAREQUEST'].fields_by_name['user']._serialized_options = b'\272H\037r\0352\033^users/[A-Za-z0-9_-]{1,64}$'
   _globals['_SEARCHSERVICE'].methods_by_name['CreateCollection']._loaded_options = None
-  _globals['_SEARCHSERVICE'].methods_by_name['CreateCollection']._serialized_options = b'\302\363\030\016\022\014search.write\202\323\344\223\002\035\"\017/v1/collections:\ncollection'
+  _globals['_SEARCHSERVICE'].methods_by_name['CreateCollection']._serialized_options = b'\302\363\030\020\022\014search.write\030\001\202\323\344\223\002\035\"\017/v1/collections:\ncollection'
   _globals['_SEARCHSERVICE'].methods_by_name['GetCollection']._loaded_options = None
-  _globals['_SEARCHSERVICE'].methods_by_name['GetCollection']._serialized_options = b'\220\002\001\302\363\030\r\022\013search.read\202\323\344\223\002\032\022\030/v1/{name=collections/*}'
+  _globals['_SEARCHSERVICE'].methods_by_name['GetCollection']._serialized_options = b'\220\002\001\302\363\030\027\022\013search.read\030\003\"\004name(\001\202\323\344\223\002\032\022\030/v1/{name=collections/*}'
   _globals['_SEARCHSERVICE'].methods_by_name['ListCollections']._loaded_options = None
-  _globals['_SEARCHSERVICE'].methods_by_name['ListCollections']._serialized_options = b'\220\002\001\302\363\030\r\022\013search.read\202\323\344\223\002\021\022\017/v1/collections'
+  _globals['_SEARCHSERVICE'].methods_by_name['ListCollections']._serialized_options = b'\220\002\001\302\363\030\017\022\013search.read\030\001\202\323\344\223\002\021\022\017/v1/collections'
+  _globals['_SEARCHSERVICE'].methods_by_name['UpdateCollection']._loaded_options = None
+  _globals['_SEARCHSERVICE'].methods_by_name['UpdateCollection']._serialized_options = b'\302\363\030!\022\014search.write\030\003\"\017collection.name\202\323\344\223\00212#/v1/{collection.name=collections/*}:\ncollection'
   _globals['_SEARCHSERVICE'].methods_by_name['DeleteCollection']._loaded_options = None
-  _globals['_SEARCHSERVICE'].methods_by_name['DeleteCollection']._serialized_options = b'\220\002\002\302\363\030\016\022\014search.write\202\323\344\223\002\032*\030/v1/{name=collections/*}'
+  _globals['_SEARCHSERVICE'].methods_by_name['DeleteCollection']._serialized_options = b'\220\002\002\302\363\030\026\022\014search.write\030\003\"\004name\202\323\344\223\002\032*\030/v1/{name=collections/*}'
   _globals['_SEARCHSERVICE'].methods_by_name['UpsertDocuments']._loaded_options = None
-  _globals['_SEARCHSERVICE'].methods_by_name['UpsertDocuments']._serialized_options = b'\220\002\002\302\363\030\016\022\014search.write\202\323\344\223\0025\"0/v1/{parent=collections/*}/documents:batchUpsert:\001*'
+  _globals['_SEARCHSERVICE'].methods_by_name['UpsertDocuments']._serialized_options = b'\220\002\002\302\363\030\030\022\014search.write\030\003\"\006parent\202\323\344\223\0025\"0/v1/{parent=collections/*}/documents:batchUpsert:\001*'
   _globals['_SEARCHSERVICE'].methods_by_name['GetDocument']._loaded_options = None
-  _globals['_SEARCHSERVICE'].methods_by_name['GetDocument']._serialized_options = b'\220\002\001\302\363\030\r\022\013search.read\202\323\344\223\002&\022$/v1/{name=collections/*/documents/*}'
+  _globals['_SEARCHSERVICE'].methods_by_name['GetDocument']._serialized_options = b'\220\002\001\302\363\030\027\022\013search.read\030\003\"\004name(\001\202\323\344\223\002&\022$/v1/{name=collections/*/documents/*}'
   _globals['_SEARCHSERVICE'].methods_by_name['ListDocuments']._loaded_options = None
-  _globals['_SEARCHSERVICE'].methods_by_name['ListDocuments']._serialized_options = b'\220\002\001\302\363\030\r\022\013search.read\202\323\344\223\002&\022$/v1/{parent=collections/*}/documents'
+  _globals['_SEARCHSERVICE'].methods_by_name['ListDocuments']._serialized_options = b'\220\002\001\302\363\030\031\022\013search.read\030\003\"\006parent(\001\202\323\344\223\002&\022$/v1/{parent=collections/*}/documents'
   _globals['_SEARCHSERVICE'].methods_by_name['DeleteDocument']._loaded_options = None
-  _globals['_SEARCHSERVICE'].methods_by_name['DeleteDocument']._serialized_options = b'\220\002\002\302\363\030\016\022\014search.write\202\323\344\223\002&*$/v1/{name=collections/*/documents/*}'
+  _globals['_SEARCHSERVICE'].methods_by_name['DeleteDocument']._serialized_options = b'\220\002\002\302\363\030\026\022\014search.write\030\003\"\004name\202\323\344\223\002&*$/v1/{name=collections/*/documents/*}'
   _globals['_SEARCHSERVICE'].methods_by_name['Search']._loaded_options = None
-  _globals['_SEARCHSERVICE'].methods_by_name['Search']._serialized_options = b'\220\002\001\302\363\030\r\022\013search.read\202\323\344\223\0020\"+/v1/{parent=collections/*}/documents:search:\001*'
+  _globals['_SEARCHSERVICE'].methods_by_name['Search']._serialized_options = b'\220\002\001\302\363\030\031\022\013search.read\030\003\"\006parent(\001\202\323\344\223\0020\"+/v1/{parent=collections/*}/documents:search:\001*'
   _globals['_SEARCHSERVICE'].methods_by_name['BatchSearch']._loaded_options = None
-  _globals['_SEARCHSERVICE'].methods_by_name['BatchSearch']._serialized_options = b'\220\002\001\302\363\030\r\022\013search.read\202\323\344\223\0025\"0/v1/{parent=collections/*}/documents:batchSearch:\001*'
+  _globals['_SEARCHSERVICE'].methods_by_name['BatchSearch']._serialized_options = b'\220\002\001\302\363\030\031\022\013search.read\030\003\"\006parent(\001\202\323\344\223\0025\"0/v1/{parent=collections/*}/documents:batchSearch:\001*'
   _globals['_SEARCHSERVICE'].methods_by_name['ImportDocuments']._loaded_options = None
-  _globals['_SEARCHSERVICE'].methods_by_name['ImportDocuments']._serialized_options = b'\302\363\030\016\022\014search.write\202\323\344\223\002\031\"\024/v1/documents:import:\001*'
+  _globals['_SEARCHSERVICE'].methods_by_name['ImportDocuments']._serialized_options = b'\302\363\030#\022\014search.write\030\003\"\021target.import_job\202\323\344\223\002\031\"\024/v1/documents:import:\001*'
   _globals['_SEARCHSERVICE'].methods_by_name['GetImportJob']._loaded_options = None
-  _globals['_SEARCHSERVICE'].methods_by_name['GetImportJob']._serialized_options = b'\220\002\001\302\363\030\r\022\013search.read\202\323\344\223\002\'\022%/v1/{name=collections/*/importJobs/*}'
+  _globals['_SEARCHSERVICE'].methods_by_name['GetImportJob']._serialized_options = b'\220\002\001\302\363\030\027\022\013search.read\030\003\"\004name(\001\202\323\344\223\002\'\022%/v1/{name=collections/*/importJobs/*}'
   _globals['_SEARCHSERVICE'].methods_by_name['ListImportJobs']._loaded_options = None
-  _globals['_SEARCHSERVICE'].methods_by_name['ListImportJobs']._serialized_options = b'\220\002\001\302\363\030\r\022\013search.read\202\323\344\223\002\'\022%/v1/{parent=collections/*}/importJobs'
+  _globals['_SEARCHSERVICE'].methods_by_name['ListImportJobs']._serialized_options = b'\220\002\001\302\363\030\031\022\013search.read\030\003\"\006parent(\001\202\323\344\223\002\'\022%/v1/{parent=collections/*}/importJobs'
   _globals['_SEARCHSERVICE'].methods_by_name['CancelImportJob']._loaded_options = None
-  _globals['_SEARCHSERVICE'].methods_by_name['CancelImportJob']._serialized_options = b'\220\002\002\302\363\030\016\022\014search.write\202\323\344\223\0021\",/v1/{name=collections/*/importJobs/*}:cancel:\001*'
+  _globals['_SEARCHSERVICE'].methods_by_name['CancelImportJob']._serialized_options = b'\220\002\002\302\363\030\026\022\014search.write\030\003\"\004name\202\323\344\223\0021\",/v1/{name=collections/*/importJobs/*}:cancel:\001*'
   _globals['_SEARCHSERVICE'].methods_by_name['PurgeUserData']._loaded_options = None
-  _globals['_SEARCHSERVICE'].methods_by_name['PurgeUserData']._serialized_options = b'\220\002\002\302\363\030\016\022\014search.admin\202\323\344\223\002\034\"\027/v1/documents:purgeUser:\001*'
-  _globals['_INDEXTYPE']._serialized_start=5714
-  _globals['_INDEXTYPE']._serialized_end=5803
-  _globals['_IMPORTJOBSTATE']._serialized_start=5806
-  _globals['_IMPORTJOBSTATE']._serialized_end=6013
-  _globals['_COLLECTION']._serialized_start=247
-  _globals['_COLLECTION']._serialized_end=612
-  _globals['_DOCUMENT']._serialized_start=615
-  _globals['_DOCUMENT']._serialized_end=1088
-  _globals['_IMPORTJOB']._serialized_start=1091
-  _globals['_IMPORTJOB']._serialized_end=1651
-  _globals['_IMPORTLINEERROR']._serialized_start=1653
-  _globals['_IMPORTLINEERROR']._serialized_end=1701
-  _globals['_METADATAFILTER']._serialized_start=1703
-  _globals['_METADATAFILTER']._serialized_end=1786
-  _globals['_METADATACONDITION']._serialized_start=1789
-  _globals['_METADATACONDITION']._serialized_end=2093
-  _globals['_NUMBERRANGE']._serialized_start=2095
-  _globals['_NUMBERRANGE']._serialized_end=2178
-  _globals['_SEARCHRESULT']._serialized_start=2180
-  _globals['_SEARCHRESULT']._serialized_end=2284
-  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=2287
-  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=2423
-  _globals['_CREATECOLLECTIONRESPONSE']._serialized_start=2425
-  _globals['_CREATECOLLECTIONRESPONSE']._serialized_end=2501
-  _globals['_GETCOLLECTIONREQUEST']._serialized_start=2503
-  _globals['_GETCOLLECTIONREQUEST']._serialized_end=2581
-  _globals['_GETCOLLECTIONRESPONSE']._serialized_start=2583
-  _globals['_GETCOLLECTIONRESPONSE']._serialized_end=2656
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=2658
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=2740
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=2742
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=2843
-  _globals['_DELETECOLLECTIONREQUEST']._serialized_start=2845
-  _globals['_DELETECOLLECTIONREQUEST']._serialized_end=2926
-  _globals['_DELETECOLLECTIONRESPONSE']._serialized_start=2928
-  _globals['_DELETECOLLECTIONRESPONSE']._serialized_end=2954
-  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_start=2957
-  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_end=3248
-  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_start=3250
-  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_end=3322
-  _globals['_GETDOCUMENTREQUEST']._serialized_start=3324
-  _globals['_GETDOCUMENTREQUEST']._serialized_end=3444
-  _globals['_GETDOCUMENTRESPONSE']._serialized_start=3446
-  _globals['_GETDOCUMENTRESPONSE']._serialized_end=3513
-  _globals['_LISTDOCUMENTSREQUEST']._serialized_start=3516
-  _globals['_LISTDOCUMENTSREQUEST']._serialized_end=3654
-  _globals['_LISTDOCUMENTSRESPONSE']._serialized_start=3656
-  _globals['_LISTDOCUMENTSRESPONSE']._serialized_end=3751
-  _globals['_DELETEDOCUMENTREQUEST']._serialized_start=3753
-  _globals['_DELETEDOCUMENTREQUEST']._serialized_end=3876
-  _globals['_DELETEDOCUMENTRESPONSE']._serialized_start=3878
-  _globals['_DELETEDOCUMENTRESPONSE']._serialized_end=3902
-  _globals['_SEARCHREQUEST']._serialized_start=3905
-  _globals['_SEARCHREQUEST']._serialized_end=4138
-  _globals['_SEARCHRESPONSE']._serialized_start=4140
-  _globals['_SEARCHRESPONSE']._serialized_end=4230
-  _globals['_BATCHSEARCHREQUEST']._serialized_start=4233
-  _globals['_BATCHSEARCHREQUEST']._serialized_end=4503
-  _globals['_BATCHSEARCHRESPONSE']._serialized_start=4505
-  _globals['_BATCHSEARCHRESPONSE']._serialized_end=4579
-  _globals['_IMPORTDOCUMENTSREQUEST']._serialized_start=4581
-  _globals['_IMPORTDOCUMENTSREQUEST']._serialized_end=4698
-  _globals['_IMPORTTARGET']._serialized_start=4701
-  _globals['_IMPORTTARGET']._serialized_end=4895
-  _globals['_IMPORTDOCUMENTSRESPONSE']._serialized_start=4897
-  _globals['_IMPORTDOCUMENTSRESPONSE']._serialized_end=4971
-  _globals['_GETIMPORTJOBREQUEST']._serialized_start=4973
-  _globals['_GETIMPORTJOBREQUEST']._serialized_end=5081
-  _globals['_GETIMPORTJOBRESPONSE']._serialized_start=5083
-  _globals['_GETIMPORTJOBRESPONSE']._serialized_end=5154
-  _globals['_LISTIMPORTJOBSREQUEST']._serialized_start=5157
-  _globals['_LISTIMPORTJOBSREQUEST']._serialized_end=5296
-  _globals['_LISTIMPORTJOBSRESPONSE']._serialized_start=5298
-  _globals['_LISTIMPORTJOBSRESPONSE']._serialized_end=5397
-  _globals['_CANCELIMPORTJOBREQUEST']._serialized_start=5399
-  _globals['_CANCELIMPORTJOBREQUEST']._serialized_end=5510
-  _globals['_CANCELIMPORTJOBRESPONSE']._serialized_start=5512
-  _globals['_CANCELIMPORTJOBRESPONSE']._serialized_end=5586
-  _globals['_PURGEUSERDATAREQUEST']._serialized_start=5588
-  _globals['_PURGEUSERDATAREQUEST']._serialized_end=5660
-  _globals['_PURGEUSERDATARESPONSE']._serialized_start=5662
-  _globals['_PURGEUSERDATARESPONSE']._serialized_end=5712
-  _globals['_SEARCHSERVICE']._serialized_start=6016
-  _globals['_SEARCHSERVICE']._serialized_end=8497
+  _globals['_SEARCHSERVICE'].methods_by_name['PurgeUserData']._serialized_options = b'\220\002\002\302\363\030\020\022\014search.admin\030\004\202\323\344\223\002\034\"\027/v1/documents:purgeUser:\001*'
+  _globals['_VISIBILITY']._serialized_start=6050
+  _globals['_VISIBILITY']._serialized_end=6143
+  _globals['_INDEXTYPE']._serialized_start=6145
+  _globals['_INDEXTYPE']._serialized_end=6234
+  _globals['_IMPORTJOBSTATE']._serialized_start=6237
+  _globals['_IMPORTJOBSTATE']._serialized_end=6444
+  _globals['_COLLECTION']._serialized_start=281
+  _globals['_COLLECTION']._serialized_end=727
+  _globals['_DOCUMENT']._serialized_start=730
+  _globals['_DOCUMENT']._serialized_end=1203
+  _globals['_IMPORTJOB']._serialized_start=1206
+  _globals['_IMPORTJOB']._serialized_end=1766
+  _globals['_IMPORTLINEERROR']._serialized_start=1768
+  _globals['_IMPORTLINEERROR']._serialized_end=1816
+  _globals['_METADATAFILTER']._serialized_start=1818
+  _globals['_METADATAFILTER']._serialized_end=1901
+  _globals['_METADATACONDITION']._serialized_start=1904
+  _globals['_METADATACONDITION']._serialized_end=2208
+  _globals['_NUMBERRANGE']._serialized_start=2210
+  _globals['_NUMBERRANGE']._serialized_end=2293
+  _globals['_SEARCHRESULT']._serialized_start=2295
+  _globals['_SEARCHRESULT']._serialized_end=2399
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=2402
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=2538
+  _globals['_CREATECOLLECTIONRESPONSE']._serialized_start=2540
+  _globals['_CREATECOLLECTIONRESPONSE']._serialized_end=2616
+  _globals['_GETCOLLECTIONREQUEST']._serialized_start=2618
+  _globals['_GETCOLLECTIONREQUEST']._serialized_end=2696
+  _globals['_GETCOLLECTIONRESPONSE']._serialized_start=2698
+  _globals['_GETCOLLECTIONRESPONSE']._serialized_end=2771
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=2773
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=2855
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=2857
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=2958
+  _globals['_UPDATECOLLECTIONREQUEST']._serialized_start=2961
+  _globals['_UPDATECOLLECTIONREQUEST']._serialized_end=3101
+  _globals['_UPDATECOLLECTIONRESPONSE']._serialized_start=3103
+  _globals['_UPDATECOLLECTIONRESPONSE']._serialized_end=3179
+  _globals['_DELETECOLLECTIONREQUEST']._serialized_start=3181
+  _globals['_DELETECOLLECTIONREQUEST']._serialized_end=3262
+  _globals['_DELETECOLLECTIONRESPONSE']._serialized_start=3264
+  _globals['_DELETECOLLECTIONRESPONSE']._serialized_end=3290
+  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_start=3293
+  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_end=3584
+  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_start=3586
+  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_end=3658
+  _globals['_GETDOCUMENTREQUEST']._serialized_start=3660
+  _globals['_GETDOCUMENTREQUEST']._serialized_end=3780
+  _globals['_GETDOCUMENTRESPONSE']._serialized_start=3782
+  _globals['_GETDOCUMENTRESPONSE']._serialized_end=3849
+  _globals['_LISTDOCUMENTSREQUEST']._serialized_start=3852
+  _globals['_LISTDOCUMENTSREQUEST']._serialized_end=3990
+  _globals['_LISTDOCUMENTSRESPONSE']._serialized_start=3992
+  _globals['_LISTDOCUMENTSRESPONSE']._serialized_end=4087
+  _globals['_DELETEDOCUMENTREQUEST']._serialized_start=4089
+  _globals['_DELETEDOCUMENTREQUEST']._serialized_end=4212
+  _globals['_DELETEDOCUMENTRESPONSE']._serialized_start=4214
+  _globals['_DELETEDOCUMENTRESPONSE']._serialized_end=4238
+  _globals['_SEARCHREQUEST']._serialized_start=4241
+  _globals['_SEARCHREQUEST']._serialized_end=4474
+  _globals['_SEARCHRESPONSE']._serialized_start=4476
+  _globals['_SEARCHRESPONSE']._serialized_end=4566
+  _globals['_BATCHSEARCHREQUEST']._serialized_start=4569
+  _globals['_BATCHSEARCHREQUEST']._serialized_end=4839
+  _globals['_BATCHSEARCHRESPONSE']._serialized_start=4841
+  _globals['_BATCHSEARCHRESPONSE']._serialized_end=4915
+  _globals['_IMPORTDOCUMENTSREQUEST']._serialized_start=4917
+  _globals['_IMPORTDOCUMENTSREQUEST']._serialized_end=5034
+  _globals['_IMPORTTARGET']._serialized_start=5037
+  _globals['_IMPORTTARGET']._serialized_end=5231
+  _globals['_IMPORTDOCUMENTSRESPONSE']._serialized_start=5233
+  _globals['_IMPORTDOCUMENTSRESPONSE']._serialized_end=5307
+  _globals['_GETIMPORTJOBREQUEST']._serialized_start=5309
+  _globals['_GETIMPORTJOBREQUEST']._serialized_end=5417
+  _globals['_GETIMPORTJOBRESPONSE']._serialized_start=5419
+  _globals['_GETIMPORTJOBRESPONSE']._serialized_end=5490
+  _globals['_LISTIMPORTJOBSREQUEST']._serialized_start=5493
+  _globals['_LISTIMPORTJOBSREQUEST']._serialized_end=5632
+  _globals['_LISTIMPORTJOBSRESPONSE']._serialized_start=5634
+  _globals['_LISTIMPORTJOBSRESPONSE']._serialized_end=5733
+  _globals['_CANCELIMPORTJOBREQUEST']._serialized_start=5735
+  _globals['_CANCELIMPORTJOBREQUEST']._serialized_end=5846
+  _globals['_CANCELIMPORTJOBRESPONSE']._serialized_start=5848
+  _globals['_CANCELIMPORTJOBRESPONSE']._serialized_end=5922
+  _globals['_PURGEUSERDATAREQUEST']._serialized_start=5924
+  _globals['_PURGEUSERDATAREQUEST']._serialized_end=5996
+  _globals['_PURGEUSERDATARESPONSE']._serialized_start=5998
+  _globals['_PURGEUSERDATARESPONSE']._serialized_end=6048
+  _globals['_SEARCHSERVICE']._serialized_start=6447
+  _globals['_SEARCHSERVICE']._serialized_end=9269
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -21,6 +22,32 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _Visibility:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VisibilityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Visibility.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VISIBILITY_UNSPECIFIED: _Visibility.ValueType  # 0
+    """Not set: private."""
+    VISIBILITY_PRIVATE: _Visibility.ValueType  # 1
+    """Its owner only (and admins and service accounts)."""
+    VISIBILITY_ORGANISATION: _Visibility.ValueType  # 2
+    """Every member of the organisation may read and search it."""
+
+class Visibility(_Visibility, metaclass=_VisibilityEnumTypeWrapper):
+    """Kind of vector index.
+    Who may read and search a collection.
+    """
+
+VISIBILITY_UNSPECIFIED: Visibility.ValueType  # 0
+"""Not set: private."""
+VISIBILITY_PRIVATE: Visibility.ValueType  # 1
+"""Its owner only (and admins and service accounts)."""
+VISIBILITY_ORGANISATION: Visibility.ValueType  # 2
+"""Every member of the organisation may read and search it."""
+Global___Visibility: _TypeAlias = Visibility  # noqa: Y015
+
 class _IndexType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -34,8 +61,7 @@ class _IndexTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IndexType.V
     INDEX_TYPE_APPROXIMATE: _IndexType.ValueType  # 2
     """An approximate index (IVF or HNSW), trained on the collection."""
 
-class IndexType(_IndexType, metaclass=_IndexTypeEnumTypeWrapper):
-    """Kind of vector index."""
+class IndexType(_IndexType, metaclass=_IndexTypeEnumTypeWrapper): ...
 
 INDEX_TYPE_UNSPECIFIED: IndexType.ValueType  # 0
 """Not set."""
@@ -100,6 +126,8 @@ class Collection(_message.Message):
     INDEX_TYPE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    VISIBILITY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, "collections/{collection}"."""
     display_name: _builtins.str
@@ -119,6 +147,16 @@ class Collection(_message.Message):
     index_type: Global___IndexType.ValueType
     """Kind of index serving the collection now; small collections are searched
     exactly, large ones by an approximate index trained automatically.
+    """
+    owner: _builtins.str
+    """The user who created it ("users/{id}"); empty for the platform's own
+    collections (those made before collections had owners), which admins and
+    service accounts manage.
+    """
+    visibility: Global___Visibility.ValueType
+    """Who may read and search it. Unspecified means private. Only its owner,
+    an admin or a service account may change it or its documents, whatever
+    the visibility.
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -140,10 +178,12 @@ class Collection(_message.Message):
         index_type: Global___IndexType.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        owner: _builtins.str = ...,
+        visibility: Global___Visibility.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "dimension", b"dimension", "display_name", b"display_name", "document_count", b"document_count", "embedding_model", b"embedding_model", "index_type", b"index_type", "max_input_tokens", b"max_input_tokens", "name", b"name", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "dimension", b"dimension", "display_name", b"display_name", "document_count", b"document_count", "embedding_model", b"embedding_model", "index_type", b"index_type", "max_input_tokens", b"max_input_tokens", "name", b"name", "owner", b"owner", "update_time", b"update_time", "visibility", b"visibility"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -615,6 +655,60 @@ class ListCollectionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListCollectionsResponse: _TypeAlias = ListCollectionsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateCollectionRequest(_message.Message):
+    """Request of SearchService.UpdateCollection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def collection(self) -> Global___Collection:
+        """The collection, by name, with the new values of the fields in update_mask."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change: "display_name", "visibility"."""
+
+    def __init__(
+        self,
+        *,
+        collection: Global___Collection | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateCollectionRequest: _TypeAlias = UpdateCollectionRequest  # noqa: Y015
+
+@_typing.final
+class UpdateCollectionResponse(_message.Message):
+    """Response of SearchService.UpdateCollection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def collection(self) -> Global___Collection:
+        """The collection as it is now."""
+
+    def __init__(
+        self,
+        *,
+        collection: Global___Collection | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateCollectionResponse: _TypeAlias = UpdateCollectionResponse  # noqa: Y015
 
 @_typing.final
 class DeleteCollectionRequest(_message.Message):

@@ -63,6 +63,11 @@ class SearchServiceStub:
                 request_serializer=aimesh_dot_search_dot_v1_dot_search__service__pb2.ListCollectionsRequest.SerializeToString,
                 response_deserializer=aimesh_dot_search_dot_v1_dot_search__service__pb2.ListCollectionsResponse.FromString,
                 _registered_method=True)
+        self.UpdateCollection = channel.unary_unary(
+                '/aimesh.search.v1.SearchService/UpdateCollection',
+                request_serializer=aimesh_dot_search_dot_v1_dot_search__service__pb2.UpdateCollectionRequest.SerializeToString,
+                response_deserializer=aimesh_dot_search_dot_v1_dot_search__service__pb2.UpdateCollectionResponse.FromString,
+                _registered_method=True)
         self.DeleteCollection = channel.unary_unary(
                 '/aimesh.search.v1.SearchService/DeleteCollection',
                 request_serializer=aimesh_dot_search_dot_v1_dot_search__service__pb2.DeleteCollectionRequest.SerializeToString,
@@ -160,6 +165,16 @@ class SearchServiceServicer:
 
     def ListCollections(self, request, context):
         """Lists collections by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateCollection(self, request, context):
+        """Changes a collection's display name or visibility (the fields in
+        update_mask: "display_name", "visibility"). Returns NOT_FOUND if it does
+        not exist or the caller may not see it, PERMISSION_DENIED if the caller
+        may read it but does not own it, INVALID_ARGUMENT for another field.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -301,6 +316,11 @@ def add_SearchServiceServicer_to_server(servicer, server):
                     servicer.ListCollections,
                     request_deserializer=aimesh_dot_search_dot_v1_dot_search__service__pb2.ListCollectionsRequest.FromString,
                     response_serializer=aimesh_dot_search_dot_v1_dot_search__service__pb2.ListCollectionsResponse.SerializeToString,
+            ),
+            'UpdateCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateCollection,
+                    request_deserializer=aimesh_dot_search_dot_v1_dot_search__service__pb2.UpdateCollectionRequest.FromString,
+                    response_serializer=aimesh_dot_search_dot_v1_dot_search__service__pb2.UpdateCollectionResponse.SerializeToString,
             ),
             'DeleteCollection': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteCollection,
@@ -458,6 +478,33 @@ class SearchService:
             '/aimesh.search.v1.SearchService/ListCollections',
             aimesh_dot_search_dot_v1_dot_search__service__pb2.ListCollectionsRequest.SerializeToString,
             aimesh_dot_search_dot_v1_dot_search__service__pb2.ListCollectionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aimesh.search.v1.SearchService/UpdateCollection',
+            aimesh_dot_search_dot_v1_dot_search__service__pb2.UpdateCollectionRequest.SerializeToString,
+            aimesh_dot_search_dot_v1_dot_search__service__pb2.UpdateCollectionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,12 @@ class SearchServiceStub:
     """Returns a collection. Returns NOT_FOUND if it does not exist."""
     ListCollections: _grpc.UnaryUnaryMultiCallable[_search_service_pb2.ListCollectionsRequest, _search_service_pb2.ListCollectionsResponse]
     """Lists collections by name."""
+    UpdateCollection: _grpc.UnaryUnaryMultiCallable[_search_service_pb2.UpdateCollectionRequest, _search_service_pb2.UpdateCollectionResponse]
+    """Changes a collection's display name or visibility (the fields in
+    update_mask: "display_name", "visibility"). Returns NOT_FOUND if it does
+    not exist or the caller may not see it, PERMISSION_DENIED if the caller
+    may read it but does not own it, INVALID_ARGUMENT for another field.
+    """
     DeleteCollection: _grpc.UnaryUnaryMultiCallable[_search_service_pb2.DeleteCollectionRequest, _search_service_pb2.DeleteCollectionResponse]
     """Deletes a collection with its documents and import jobs, stopping any
     running import. Returns NOT_FOUND if it does not exist.
@@ -156,6 +162,12 @@ class SearchServiceAsyncStub(SearchServiceStub):
     """Returns a collection. Returns NOT_FOUND if it does not exist."""
     ListCollections: _aio.UnaryUnaryMultiCallable[_search_service_pb2.ListCollectionsRequest, _search_service_pb2.ListCollectionsResponse]  # type: ignore[assignment]
     """Lists collections by name."""
+    UpdateCollection: _aio.UnaryUnaryMultiCallable[_search_service_pb2.UpdateCollectionRequest, _search_service_pb2.UpdateCollectionResponse]  # type: ignore[assignment]
+    """Changes a collection's display name or visibility (the fields in
+    update_mask: "display_name", "visibility"). Returns NOT_FOUND if it does
+    not exist or the caller may not see it, PERMISSION_DENIED if the caller
+    may read it but does not own it, INVALID_ARGUMENT for another field.
+    """
     DeleteCollection: _aio.UnaryUnaryMultiCallable[_search_service_pb2.DeleteCollectionRequest, _search_service_pb2.DeleteCollectionResponse]  # type: ignore[assignment]
     """Deletes a collection with its documents and import jobs, stopping any
     running import. Returns NOT_FOUND if it does not exist.
@@ -271,6 +283,18 @@ class SearchServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_search_service_pb2.ListCollectionsResponse, _abc.Awaitable[_search_service_pb2.ListCollectionsResponse]]:
         """Lists collections by name."""
+
+    @_abc_1.abstractmethod
+    def UpdateCollection(
+        self,
+        request: _search_service_pb2.UpdateCollectionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_search_service_pb2.UpdateCollectionResponse, _abc.Awaitable[_search_service_pb2.UpdateCollectionResponse]]:
+        """Changes a collection's display name or visibility (the fields in
+        update_mask: "display_name", "visibility"). Returns NOT_FOUND if it does
+        not exist or the caller may not see it, PERMISSION_DENIED if the caller
+        may read it but does not own it, INVALID_ARGUMENT for another field.
+        """
 
     @_abc_1.abstractmethod
     def DeleteCollection(
