@@ -10,7 +10,7 @@ from aimesh.recommend.v1 import recommend_service_pb2 as rec_pb
 from aimesh.search.v1 import search_service_pb2 as search_pb
 from aimesh.webhooks import WebhookError
 from aimesh.webhooks import verify as verify_webhook
-from aimesh_notify.signing import Signed, signature_header
+from aimesh_notify.signing import Signed, new_secret, signature_header
 from aimesh_notify.topics import Topics, app_namespace
 from aimesh_runtime.auth import Principal
 from aimesh_runtime.errors import NotFound, PermissionDenied, ServiceError
@@ -151,9 +151,10 @@ async def test_methods_of_no_contract_are_refused() -> None:
 
 
 def test_webhooks_sign_the_publisher_and_the_client_package_checks_it() -> None:
+    secret = new_secret()
     signed = Signed(1_700_000_000, "42", "ev1", "user.deleted", "users/svc")
     body = b'{"a": 1}'
-    header = signature_header(["s"], signed, body)
+    header = signature_header([secret], signed, body)
     headers = {
         "aimesh-delivery": "42",
         "aimesh-event-id": "ev1",
@@ -162,10 +163,10 @@ def test_webhooks_sign_the_publisher_and_the_client_package_checks_it() -> None:
         "aimesh-timestamp": str(signed.timestamp),
         "aimesh-signature": header,
     }
-    assert verify_webhook(body, headers, "s", now=signed.timestamp).publisher == "users/svc"
+    assert verify_webhook(body, headers, secret, now=signed.timestamp).publisher == "users/svc"
     forged = {**headers, "aimesh-publisher": "users/mallory"}
     with pytest.raises(WebhookError, match="no signature matches"):
-        verify_webhook(body, forged, "s", now=signed.timestamp)
+        verify_webhook(body, forged, secret, now=signed.timestamp)
     # Without v3 (a notify before it, or v3 stripped) the header is not vouched for.
     v2_only = {**forged, "aimesh-signature": ",".join(header.split(",")[:2])}
-    assert verify_webhook(body, v2_only, "s", now=signed.timestamp).publisher == ""
+    assert verify_webhook(body, v2_only, secret, now=signed.timestamp).publisher == ""
