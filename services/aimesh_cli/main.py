@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from aimesh_cli import edge, local
+from aimesh_cli import edge, local, observe
 from aimesh_runtime.config import HTTP_PORT_OFFSET, SERVICE_PORTS
 
 
@@ -40,6 +40,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         processes = local.spawn(local.SERVICES, env, folder / "logs", monolith=args.monolith)
         interrupted = False
         edge_process: subprocess.Popen[bytes] | None = None
+        prometheus: subprocess.Popen[bytes] | None = None
 
         def on_signal(signum: int, frame: object) -> None:
             nonlocal interrupted
@@ -50,6 +51,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         try:
             asyncio.run(local.wait_serving(processes, interrupted=lambda: interrupted))
             edge_process, edge_port = (None, 0) if args.no_edge else _start_edge(args, folder)
+            if args.observe:
+                prometheus = _start_prometheus(processes, folder, edge_port)
             ready_s = time.monotonic() - started_at
             user_port = local.grpc_port("monolith" if args.monolith else "user")
             token = asyncio.run(
@@ -58,6 +61,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 )
             )
             _print_ready(processes, args.monolith, ready_s, token, folder, edge_port)
+            if prometheus is not None:
+                print(f"Prometheus: http://localhost:{local.grpc_port('prometheus')}", flush=True)
             watched = [p.process for p in processes] + ([edge_process] if edge_process else [])
             while not interrupted and all(p.poll() is None for p in watched):
                 time.sleep(0.2)
@@ -75,9 +80,36 @@ def cmd_up(args: argparse.Namespace) -> int:
             return 1
         finally:
             print("\naimesh: stopping (draining in-flight calls)...", file=sys.stderr)
-            if edge_process is not None:
-                edge.stop(edge_process)
+            for helper in (prometheus, edge_process):
+                if helper is not None:
+                    edge.stop(helper)
             local.stop(processes)
+
+
+def _start_prometheus(
+    processes: Sequence[local.ServiceProcess], folder: Path, edge_port: int
+) -> subprocess.Popen[bytes] | None:
+    """Prometheus scraping every process and the edge; None (said in one line) without one."""
+    binary = observe.prometheus_binary()
+    if binary is None:
+        print("aimesh: no prometheus on PATH; starting without it", file=sys.stderr)
+        return None
+    jobs: dict[str, list[str]] = {}
+    for item in processes:
+        job = item.name.split("-")[0]  # recommend-v2 is a second target of recommend
+        jobs.setdefault(job, []).append(f"127.0.0.1:{item.http_port}")
+    stats = f"127.0.0.1:{local.grpc_port('edge-stats')}" if edge_port else None
+    interval_s = float(os.environ.get("AIMESH_OBSERVE_SCRAPE_S", "5"))
+    port = local.grpc_port("prometheus")
+    log_path = folder / "logs" / "prometheus.log"
+    config = observe.scrape_config(jobs, stats, interval_s)
+    process = observe.start(binary, config, folder / "prometheus", port, log_path)
+    try:
+        observe.wait_ready(process, port, log_path)
+    except (RuntimeError, TimeoutError):
+        edge.stop(process)
+        raise
+    return process
 
 
 def _start_edge(
@@ -197,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-edge", action="store_true", help="no Envoy in front of the services")
     up.add_argument(
         "--edge-port", type=int, default=0, help="the edge's port (default 8080 + port offset)"
+    )
+    up.add_argument(
+        "--observe", action="store_true", help="also run Prometheus (from PATH) on :9090"
     )
     up.set_defaults(run=cmd_up)
     status = commands.add_parser("status", help="health of the local services")

@@ -13,7 +13,9 @@ import asyncio
 import base64
 import json
 import os
+import shutil
 import struct
+import threading
 import time
 import uuid
 from collections import Counter
@@ -35,12 +37,16 @@ from aimesh.user.v1 import user_service_pb2 as user_pb
 from aimesh.user.v1 import user_service_pb2_grpc
 from aimesh_cli import edge
 from aimesh_cli.local import free_port_offset, service_url
+from tests.conftest import ROOT
+from tests.fakes.anthropic_server import FakeAnthropic
 from tests.fakes.webhook_receiver import WebhookReceiver
 from tests.integration.test_local_platform import start_up, stop_up
 from tests.integration.test_token_attacks import BAD_TOKENS
 
 pytestmark = pytest.mark.timeout(300)
 
+DASHBOARD = ROOT / "services" / "aimesh_runtime" / "grafana" / "aimesh.json"
+NO_GPU = not Path("/dev/nvidia0").exists()
 BASE = {"user": 50051, "search": 50052, "recommend": 50053, "recommend-v2": 50056}
 ANONYMOUS_RPS, ANONYMOUS_BURST = 5, 20
 
@@ -52,7 +58,7 @@ class Platform:
     admin_token: str
 
     def port(self, name: str) -> int:
-        return {"edge": 8080, "edge-admin": 9901, **BASE}[name] + self.offset
+        return {"edge": 8080, "edge-admin": 9901, "prometheus": 9090, **BASE}[name] + self.offset
 
     @property
     def url(self) -> str:
@@ -64,7 +70,29 @@ class Platform:
 
 
 @pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+def fake_model() -> Iterator[str]:
+    """The fake Anthropic endpoint, on a loop of its own: it must answer between tests."""
+    loop = asyncio.new_event_loop()
+    started: list[str] = []
+    ready = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        fake = loop.run_until_complete(FakeAnthropic().start())
+        started.append(fake.base_url)
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    yield started[0]
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory, fake_model: str) -> Iterator[Platform]:
     binary = edge.envoy_binary()
     problem = "no Envoy binary" if binary is None else edge.envoy_runs(binary)
     if problem:
@@ -72,17 +100,32 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
             pytest.fail(f"CI must run the edge tests: {problem}")
         pytest.skip(problem)
     state = tmp_path_factory.mktemp("edge-state")
-    offset = free_port_offset(start=4000)
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIMESH_")}
     env.update(
         AIMESH_STATE_DIR=str(state),
-        AIMESH_PORT_OFFSET=str(offset),
         AIMESH_USER_KEY_PUBLISH_LEAD_S="8",
         AIMESH_EDGE_JWKS_CACHE_S="2",
         AIMESH_RATE_LIMIT_ANONYMOUS_RPS=str(ANONYMOUS_RPS),
         AIMESH_RATE_LIMIT_ANONYMOUS_BURST=str(ANONYMOUS_BURST),
+        AIMESH_OBSERVE_SCRAPE_S="1",
+        # A model trains on a handful of interactions and is served within a second.
+        AIMESH_RECOMMEND_MIN_INTERACTIONS="4",
+        AIMESH_RECOMMEND_MIN_USERS="2",
+        AIMESH_RECOMMEND_REFRESH_S="1",
+        AIMESH_CHAT_ANTHROPIC_BASE_URL=fake_model,
+        ANTHROPIC_API_KEY="sk-ant-fake",
     )
-    process, banner = start_up(env)
+    for attempt in range(3):
+        # The shifted ports sit in the ephemeral range: another program may take one
+        # between choosing the offset and binding it; then choose again.
+        offset = free_port_offset(start=4000 + 111 * attempt)
+        env["AIMESH_PORT_OFFSET"] = str(offset)
+        try:
+            process, banner = start_up(env, "--observe")
+            break
+        except AssertionError as error:
+            if "Address already in use" not in str(error) or attempt == 2:
+                raise
     try:
         assert f"http://localhost:{8080 + offset}" in banner, banner
         token = next(
@@ -167,14 +210,15 @@ def variant_of(subject: str, v2_percent: int) -> str:
     return "v2" if h % 100 < v2_percent else "v1"
 
 
-def user_requests(platform: Platform, method: str) -> float:
-    """The user service's count of completed `method` calls, any status."""
+def user_requests(platform: Platform, method: str, refused: bool = False) -> float:
+    """The user service's count of completed `method` calls (only those it refused:
+    other processes call GetUser with good tokens in the background)."""
     text = httpx.get(f"http://127.0.0.1:{platform.port('user') + 1000}/metrics").text
     total = 0.0
     for line in text.splitlines():
-        if line.startswith("aimesh_rpc_server_requests_total{") and (
-            f'grpc_method="{method}"' in line
-        ):
+        if not line.startswith("aimesh_rpc_server_requests_total{"):
+            continue
+        if f'grpc_method="{method}"' in line and not (refused and 'grpc_code="OK"' in line):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -422,10 +466,11 @@ async def test_bad_tokens_are_refused_at_the_edge(
     )
     tokens = {name: make() for name, make in BAD_TOKENS.items()}
     tokens.update(zip(real_key_faults, minted, strict=True))
-    before = user_requests(platform, "GetUser")
+    reached = []
     async with grpc.aio.insecure_channel(platform.target) as channel:
         stub = user_service_pb2_grpc.UserServiceStub(channel)
         for name, token in tokens.items():
+            before = user_requests(platform, "GetUser", refused=True)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stub.GetUser(
                     user_pb.GetUserRequest(name="users/me"), metadata=tuple(bearer(token).items())
@@ -433,7 +478,9 @@ async def test_bad_tokens_are_refused_at_the_edge(
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, name
             rest = await http.get("/v1/users/me", headers=bearer(token))
             assert rest.status_code == 401 and rest.json()["code"] == 16, (name, rest.text)
-    assert user_requests(platform, "GetUser") == before, "a bad token reached the service"
+            if user_requests(platform, "GetUser", refused=True) != before:
+                reached.append(name)
+    assert not reached, "refused by the service, not at the edge"
 
 
 async def test_key_rotation_has_no_401_window(platform: Platform) -> None:
@@ -483,6 +530,13 @@ async def test_ab_split_is_sticky_per_user_with_the_configured_share(platform: P
             served[subject].add(reply.model_version)
             calls[reply.model_version] += 1
 
+        # One call to each process first: a service that has not seen the rotated-in key
+        # fetches the JWKS once, and calls arriving together meanwhile are refused.
+        for variant in ("v1", "v2"):
+            await stub.Recommend(
+                rec_pb.RecommendRequest(user="users/me", k=1),
+                metadata=(*bearer(tokens[0]).items(), ("x-aimesh-variant", variant)),
+            )
         await asyncio.gather(
             *(call(s, t) for _ in range(5) for s, t in zip(subjects, tokens, strict=True))
         )
@@ -499,6 +553,122 @@ async def test_ab_split_is_sticky_per_user_with_the_configured_share(platform: P
     }
     assert calls.total() == 2000
     assert abs(calls["v2"] / calls.total() * 100 - v2_percent) <= 3, calls
+
+
+# Prometheus
+
+
+async def test_prometheus_runs_every_dashboard_query_with_data(
+    platform: Platform, http: httpx.AsyncClient
+) -> None:
+    if shutil.which("prometheus") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must run Prometheus (the Debian package prometheus)")
+        pytest.skip("no prometheus on PATH")
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = {
+        f"{panel['title']}: {target['expr']}": target["expr"].replace("$__rate_interval", "20s")
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        if not (NO_GPU and "gpu" in target["expr"])
+    }
+    admin = bearer(platform.admin_token)
+    me = (await http.get("/v1/users/me", headers=admin)).json()["user"]["name"]
+    # A trained v1 model, so that recommendations are scored in batches.
+    await http.post(
+        "/v1/items:batchUpsert",
+        json={"items": [{"name": f"items/load-{n}", "text": f"item {n}"} for n in range(3)]},
+        headers=admin,
+    )
+    interactions = [
+        {"interactionId": uuid.uuid4().hex, "user": user, "item": f"items/load-{n}"}
+        for user in (me, "users/load-other")
+        for n in range(3)
+    ]
+    for interaction in interactions:
+        interaction["kind"] = "INTERACTION_KIND_CLICK"
+    recorded = await http.post(
+        "/v1/interactions:batchRecord", json={"interactions": interactions}, headers=admin
+    )
+    assert recorded.status_code == 200, recorded.text
+    job = await http.post(
+        f"/v1/trainingJobs?trainingJobId=load{uuid.uuid4().hex[:8]}",
+        json={"trainingJob": {"modelVersion": "v1", "epochs": 1}},
+        headers={**admin, "x-aimesh-variant": "v1"},
+    )
+    assert job.status_code == 200, job.text
+    receiver = await WebhookReceiver().start()
+    subscribed = await http.post(
+        "/v1/subscriptions",
+        json={"topics": ["edge.load"], "webhook": {"url": receiver.url("/load")}},
+        headers=admin,
+    )
+    receiver.secrets["/load"] = [subscribed.json()["secret"]]
+    collection = f"load{uuid.uuid4().hex[:8]}"
+    await http.post(f"/v1/collections?collectionId={collection}", json={}, headers=admin)
+    conversation = (await http.post("/v1/conversations", json={}, headers=admin)).json()
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        """A little of everything the dashboard shows, errors included."""
+        n = 0
+        while not stop.is_set():
+            n += 1
+            for variant in ("v1", "v2"):
+                # A user the v1 model knows, with a new interaction that empties its cached
+                # answer: v1 scores it (in a batch) once its model is loaded.
+                fresh = {
+                    "interactionId": uuid.uuid4().hex,
+                    "user": "users/load-other",
+                    "item": f"items/load-{n % 3}",
+                    "kind": "INTERACTION_KIND_CLICK",
+                }
+                pinned = {**admin, "x-aimesh-variant": variant}
+                await http.post(
+                    "/v1/interactions:batchRecord", json={"interactions": [fresh]}, headers=pinned
+                )
+                await http.post(
+                    "/v1/items:recommend",
+                    json={"user": "users/load-other", "k": 2},
+                    headers=pinned,
+                )
+            await http.post(
+                f"/v1/collections/{collection}/documents:search",
+                json={"query": f"load query {n}"},
+                headers=admin,
+            )
+            await http.post(
+                f"/v1/{conversation['conversation']['name']}:streamChat",
+                json={"message": f"hello {n}"},
+                headers=admin,
+            )
+            await http.post(
+                "/v1/events:publish",
+                json={"topic": "edge.load", "idempotencyKey": uuid.uuid4().hex, "payload": ""},
+                headers=admin,
+            )
+            await http.get("/v1/collections/missing", headers=admin)  # NOT_FOUND
+
+    loader = asyncio.create_task(load())
+    api = f"http://127.0.0.1:{platform.port('prometheus')}/api/v1/query"
+    empty: list[str] = list(queries)
+    deadline = time.monotonic() + 120
+    try:
+        while empty and time.monotonic() < deadline:
+            await asyncio.sleep(1)
+            still = []
+            for name in empty:
+                answer = (await http.get(api, params={"query": queries[name]})).json()
+                assert answer["status"] == "success", (name, answer)  # it parses
+                if not answer["data"]["result"]:
+                    still.append(name)
+            empty = still
+    finally:
+        stop.set()
+        await loader
+    assert not empty, f"no data for: {empty}"
+    edge_up = (await http.get(api, params={"query": 'up{job="edge"}'})).json()
+    assert edge_up["data"]["result"][0]["value"][1] == "1"
 
 
 # Limits (last: they leave buckets empty)
