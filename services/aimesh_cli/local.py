@@ -61,12 +61,12 @@ def free_port_offset(start: int = 3000) -> int:
     for offset in range(start, 10_000, 37):
         ports = [base + offset + side for base in bases for side in (0, HTTP_PORT_OFFSET)]
         ports += [single + offset for single in singles]
-        if all(_port_free(port) for port in ports):
+        if all(port_free(port) for port in ports):
             return offset
     raise RuntimeError("no free range of ports")
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) != 0
 

@@ -136,6 +136,10 @@ def _start_edge(
         admin=local.grpc_port("edge-admin"),
         stats=local.grpc_port("edge-stats"),
     )
+    taken = [p for p in (ports.listener, ports.admin, ports.stats) if not local.port_free(p)]
+    if taken:
+        # Another edge (another platform on the same offset?) would answer our /ready.
+        raise RuntimeError(f"edge ports in use: {taken}; use --edge-port or AIMESH_PORT_OFFSET")
     knobs = edge.TestKnobs.from_env(os.environ)
     config = edge.write_config(edge.render(ports, knobs=knobs), folder / "edge")
     log_path = folder / "logs" / "edge.log"
