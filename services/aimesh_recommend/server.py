@@ -9,6 +9,7 @@ the periodic refresh as soon as it is, and meanwhile the fallback answers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from aimesh_recommend.store import RecommendStore
 from aimesh_recommend.training import Trainer
 from aimesh_runtime.batching import MicroBatcher
 from aimesh_runtime.client import connect
+from aimesh_runtime.metrics import ModelMetrics
 from aimesh_runtime.resilience import CircuitBreaker
 from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
 
@@ -42,13 +44,24 @@ async def mount(context: ServiceContext) -> Mount:
     device = pick_device(settings.device)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    # The dashboard's model panels (batch size, queue, A/B share) read these.
+    model_metrics = ModelMetrics.of(context.metrics_registry)
+    scorer_metrics = batcher_metrics(context.metrics_registry)
+    model_metrics.track_queue(
+        "recommend", lambda: next(iter(scorer_metrics.queue_depth.collect())).samples[0].value
+    )
+
+    def observed_batch(requests: Sequence[ScoreRequest]) -> list[Ranked]:
+        model_metrics.observe_batch("recommend", len(requests))
+        return score_batch(requests)
+
     batcher: MicroBatcher[ScoreRequest, Ranked] = MicroBatcher(
-        [score_batch],  # one lane: a batch is one matmul, and torch is given the cores
+        [observed_batch],  # one lane: a batch is one matmul, and torch is given the cores
         enabled=settings.batching,
         max_batch=settings.max_batch,
         max_wait_s=settings.max_wait_ms / 1000,
         queue_size=settings.queue_size,
-        metrics=batcher_metrics(context.metrics_registry),
+        metrics=scorer_metrics,
         busy_reason="SCORER_BUSY",
         name="scorer",
     )
@@ -92,7 +105,7 @@ async def mount(context: ServiceContext) -> Mount:
         servicers=[
             (
                 recommend_service_pb2_grpc.add_RecommendServiceServicer_to_server,
-                RecommendServicer(recommender, trainer, store),
+                RecommendServicer(recommender, trainer, store, model_metrics),
             )
         ],
         background=[recommender.run_refresh, servings.run],

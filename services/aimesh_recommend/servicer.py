@@ -16,6 +16,7 @@ from aimesh_recommend.recommender import Recommender
 from aimesh_recommend.store import ItemRow, JobRow, NewInteraction, RecommendStore, VersionRow
 from aimesh_recommend.training import Trainer
 from aimesh_runtime.errors import InvalidArgument
+from aimesh_runtime.metrics import ModelMetrics
 from aimesh_runtime.pages import decode_page_token, encode_page_token, page_size, timestamp
 
 
@@ -95,10 +96,17 @@ def _interaction(index: int, message: pb.Interaction, now: dt.datetime) -> NewIn
 
 
 class RecommendServicer(recommend_service_pb2_grpc.RecommendServiceServicer):
-    def __init__(self, recommender: Recommender, trainer: Trainer, store: RecommendStore) -> None:
+    def __init__(
+        self,
+        recommender: Recommender,
+        trainer: Trainer,
+        store: RecommendStore,
+        model_metrics: ModelMetrics | None = None,
+    ) -> None:
         self._recommender = recommender
         self._trainer = trainer
         self._store = store
+        self._model_metrics = model_metrics
 
     async def RecordInteractions(
         self, request: pb.RecordInteractionsRequest, context: grpc.aio.ServicerContext
@@ -141,6 +149,8 @@ class RecommendServicer(recommend_service_pb2_grpc.RecommendServiceServicer):
         if not 1 <= request.k <= 100:  # also checked by protovalidate
             raise InvalidArgument.field("k", "must be between 1 and 100")
         found = await self._recommender.recommend(request.user, request.k, request.include_seen)
+        if self._model_metrics is not None:
+            self._model_metrics.count_variant("recommend", found.model_version)
         return pb.RecommendResponse(
             items=[pb.ScoredItem(item=f"items/{i}", score=s) for i, s in found.items],
             model_version=found.model_version,

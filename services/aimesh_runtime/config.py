@@ -198,6 +198,12 @@ class RuntimeConfig:
         "Take the client address from X-Forwarded-For (only behind a trusted gateway).",
         False,
     )
+    trusted_proxy_hops: int = setting(
+        "AIMESH_TRUSTED_PROXY_HOPS",
+        "Proxies in front of the service that append to X-Forwarded-For (the edge: 1); the "
+        "client address is the entry this many from the right.",
+        1,
+    )
     otlp_endpoint: str = setting(
         "AIMESH_OTLP_ENDPOINT", "OTLP gRPC endpoint for traces; empty exports none.", ""
     )
@@ -219,6 +225,8 @@ class RuntimeConfig:
             raise ConfigError("AIMESH_TRACE_SAMPLE_RATIO must be between 0 and 1")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"AIMESH_LOG_LEVEL={self.log_level!r} is invalid")
+        if self.trusted_proxy_hops < 1:
+            raise ConfigError("AIMESH_TRUSTED_PROXY_HOPS must be at least 1")
         if self.rate_limit_rps <= 0 or self.rate_limit_burst < 1:
             raise ConfigError("AIMESH_RATE_LIMIT_RPS and AIMESH_RATE_LIMIT_BURST must be positive")
         if self.rate_limit_anonymous_rps <= 0 or self.rate_limit_anonymous_burst < 1:

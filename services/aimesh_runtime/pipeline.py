@@ -103,6 +103,7 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         limiter: RateLimiter,
         anonymous_limiter: RateLimiter | None = None,
         trust_forwarded_for: bool = False,
+        trusted_proxy_hops: int = 1,
         slow_call_s: float = 1.0,
         ownership: OwnershipGuard | None = None,
     ) -> None:
@@ -116,6 +117,7 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         # limited per client address, much tighter: each may cost a password hash.
         self._anonymous_limiter = anonymous_limiter or RateLimiter(rate=10.0, burst=30)
         self._trust_forwarded_for = trust_forwarded_for
+        self._trusted_proxy_hops = trusted_proxy_hops
         self._slow_call_s = slow_call_s
         # Whose objects each method may touch (issue 20); checked after validation.
         self._ownership = ownership
@@ -355,11 +357,15 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
             )
 
     def _client(self, metadata: Mapping[str, str], context: grpc.aio.ServicerContext) -> str:
-        """The caller's address: behind Envoy the first X-Forwarded-For hop, when trusted."""
+        """The caller's address: behind trusted proxies, the X-Forwarded-For entry the
+        outermost of them appended. Each proxy appends the address it saw, so that entry is
+        `trusted_proxy_hops` from the right; anything left of it came from the client and
+        may be forged."""
         if self._trust_forwarded_for:
-            forwarded = metadata.get("x-forwarded-for", "").split(",")[0].strip()
-            if forwarded:
-                return forwarded
+            hops = [hop.strip() for hop in metadata.get("x-forwarded-for", "").split(",")]
+            hops = [hop for hop in hops if hop]
+            if len(hops) >= self._trusted_proxy_hops > 0:
+                return hops[-self._trusted_proxy_hops]
         return _peer_host(context)
 
     async def _authenticate(self, metadata: Mapping[str, str]) -> Principal:

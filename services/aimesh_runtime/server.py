@@ -202,6 +202,7 @@ class AimeshServer:
                 config.rate_limit_anonymous_rps, config.rate_limit_anonymous_burst
             ),
             trust_forwarded_for=config.trust_forwarded_for,
+            trusted_proxy_hops=config.trusted_proxy_hops,
             slow_call_s=config.slow_call_s,
             ownership=OwnershipGuard(ownership_rules, owners),
         )

@@ -142,14 +142,14 @@ def test_strict_validation_refuses_unknown_fields() -> None:
 
 
 def test_readme_rollout_patch_targets_the_weighted_routes() -> None:
-    """The README's `v2_share` patches /spec/http/2 and /3: both must split v1/v2."""
+    """The README's `v2_share` patches /spec/http/4 and /5: both must split v1/v2."""
     vs = next(
         d
         for d in build("istio")
         if d["kind"] == "VirtualService" and d["metadata"]["name"] == "recommend"
     )
     readme = (ROOT / "README.md").read_text()
-    for index in (2, 3):
+    for index in (4, 5):
         assert f"/spec/http/{index}/route/1/weight" in readme
         route = vs["spec"]["http"][index]["route"]
         assert [r["destination"]["subset"] for r in route] == ["v1", "v2"]

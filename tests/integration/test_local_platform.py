@@ -148,7 +148,8 @@ def test_monolith_serves_all_five_on_one_port(
 ) -> None:
     # Runs after the multi-process tests in this module share its databases.
     monolith_port = 50050 + int(platform_env["AIMESH_PORT_OFFSET"])
-    process, _ = start_up(platform_env, "--monolith")
+    # No edge: the five-process platform's edge holds this offset's edge ports.
+    process, _ = start_up(platform_env, "--monolith", "--no-edge")
     try:
         listed = grpcurl("-plaintext", f"127.0.0.1:{monolith_port}", "list")
         assert set(SERVICES.values()) <= set(listed.stdout.split())
