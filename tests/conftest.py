@@ -58,6 +58,20 @@ def new_database(pg_admin_url: str) -> Any:
     return create
 
 
+def under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require(available: bool, what: str) -> None:
+    """Skip a test whose prerequisite is missing here; with CI=true fail instead,
+    so a CI machine that lost the prerequisite cannot pass by skipping."""
+    if available:
+        return
+    if under_ci():
+        pytest.fail(f"missing prerequisite under CI=true: {what}", pytrace=False)
+    pytest.skip(f"missing prerequisite: {what} (a failure under CI=true)")
+
+
 def kek() -> str:
     return base64.urlsafe_b64encode(os.urandom(32)).decode()
 
