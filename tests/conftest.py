@@ -25,6 +25,9 @@ from aimesh.user.v1 import user_service_pb2_grpc  # noqa: E402
 from aimesh_runtime.config import RuntimeConfig, database_env, load  # noqa: E402
 from aimesh_runtime.server import AimeshServer, ServiceSpec  # noqa: E402
 
+# A process the tests start that crashes fails the run (issue 17, item 7).
+pytest_plugins = ("tests.crashwatch",)
+
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_EMAIL = "admin@example.com"
 ADMIN_PASSWORD = "admin-password-long-enough"

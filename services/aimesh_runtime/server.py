@@ -235,7 +235,11 @@ class AimeshServer:
         await grpc_server.start()
         self._server = grpc_server
         self._side.start()
-        await self._probe_once()
+        try:
+            await self._probe_once()
+        except BaseException:
+            self._side.stop()
+            raise
         self._tasks.append(asyncio.create_task(self._probe_forever(), name="health-probe"))
         for running in self._running:
             for job in running.mount.background:
@@ -330,6 +334,13 @@ class AimeshServer:
                 log.exception("health probe failed")
 
     async def stop(self, grace_s: float | None = None) -> None:
+        try:
+            await self._stop(grace_s)
+        finally:  # whatever failed above, no serving thread outlives the server
+            if self._side is not None:
+                self._side.stop()
+
+    async def _stop(self, grace_s: float | None) -> None:
         grace = self.config.drain_seconds if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
@@ -346,8 +357,6 @@ class AimeshServer:
             await running.pool.close()
         for channel in self._channels:
             await channel.close()
-        if self._side is not None:
-            self._side.stop()
         shutdown = getattr(self.tracer_provider, "shutdown", None)
         if shutdown is not None:  # the SDK provider flushes its exporter
             shutdown()
