@@ -35,6 +35,7 @@ from aimesh.user.v1 import user_service_pb2, user_service_pb2_grpc
 from aimesh_runtime.config import HTTP_PORT_OFFSET, SERVICE_PORTS, database_env
 
 SERVICES = tuple(SERVICE_PORTS)  # user first: the others fetch its JWKS
+SHARED_DATABASES = ("postgres", "template1")  # template0 takes no connections at all
 MONOLITH_PORT = 50050
 DEV_ADMIN_EMAIL = "admin@aimesh.local"
 
@@ -161,6 +162,11 @@ async def provision(admin_url: str, role_passwords: Mapping[str, str]) -> dict[s
             ):
                 await connection.execute(f"CREATE DATABASE {database} OWNER {role}")
             await connection.execute(f"REVOKE ALL ON DATABASE {database} FROM PUBLIC")
+        # Every role may connect to the shared databases and make temporary
+        # tables there by default: a service role could then hold objects outside
+        # its own database. Only superusers (the admin) need them.
+        for shared in SHARED_DATABASES:
+            await connection.execute(f"REVOKE CONNECT, TEMPORARY ON DATABASE {shared} FROM PUBLIC")
     finally:
         await connection.close()
     return {s: service_url(admin_url, s, role_passwords[s]) for s in SERVICES}
