@@ -101,6 +101,9 @@ async def start_server(
         "AIMESH_NOTIFY_SECRET_ENCRYPTION_KEY": kek(),
         "AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL": ADMIN_EMAIL,
         "AIMESH_USER_BOOTSTRAP_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        # Every test logs in from 127.0.0.1, and some fail logins on purpose: only
+        # a test about it throttles the address.
+        "AIMESH_USER_LOGIN_ADDRESS_FREE_FAILURES": "1000000",
         **(extra_env or {}),
     }
     for spec in specs:

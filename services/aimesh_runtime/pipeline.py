@@ -323,10 +323,11 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
     ) -> None:
         """Authorize and rate-limit the caller; raise a ServiceError to refuse."""
         scope.principal = principal
+        scope.client_address = self._client(metadata, context)
         if principal.subject:
             self._limit(self._limiter, principal.subject)
         else:
-            self._limit(self._anonymous_limiter, self._client(metadata, context))
+            self._limit(self._anonymous_limiter, scope.client_address)
         authorize(info.name, info.policy, principal)
         if principal.token:
             scope.forward.append(("authorization", "Bearer " + principal.token))

@@ -30,6 +30,7 @@ from aimesh_user.servicer import UserServicer
 from aimesh_user.settings import UserSettings
 from aimesh_user.signing import KeyRing
 from aimesh_user.store import UserStore
+from aimesh_user.throttle import LoginThrottle, ThrottlePolicy
 
 log = logging.getLogger(__name__)
 KEY_MAINTENANCE_INTERVAL_S = 60.0
@@ -78,7 +79,16 @@ async def mount(context: ServiceContext) -> Mount:
         publish_lead_s=settings.key_publish_lead_s,
     )
     await keys.load()
-    accounts = Accounts(store, keys, refresh_ttl_s=settings.refresh_token_ttl_s)
+    throttle = LoginThrottle(
+        context.pool,
+        ThrottlePolicy(
+            free_failures=settings.login_free_failures,
+            address_free_failures=settings.login_address_free_failures,
+            base_delay_s=settings.login_base_delay_s,
+            max_delay_s=settings.login_max_delay_s,
+        ),
+    )
+    accounts = Accounts(store, keys, throttle, refresh_ttl_s=settings.refresh_token_ttl_s)
     if settings.bootstrap_admin_email:
         await accounts.ensure_admin(
             settings.bootstrap_admin_email, settings.bootstrap_admin_password

@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2
 
 from aimesh.user.v1 import user_service_pb2 as pb
 from aimesh.user.v1 import user_service_pb2_grpc
+from aimesh_runtime.context import call_scope
 from aimesh_runtime.context import principal as caller
 from aimesh_runtime.errors import InvalidArgument
 from aimesh_runtime.pages import timestamp
@@ -104,7 +105,9 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
     async def Login(
         self, request: pb.LoginRequest, context: grpc.aio.ServicerContext
     ) -> pb.LoginResponse:
-        row, tokens = await self._accounts.login(request.email, request.password)
+        scope = call_scope()
+        address = scope.client_address if scope is not None else ""
+        row, tokens = await self._accounts.login(request.email, request.password, address)
         return pb.LoginResponse(
             access_token=tokens.access_token,
             access_token_ttl=_duration(tokens.access_ttl_s),

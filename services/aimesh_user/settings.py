@@ -58,6 +58,26 @@ class UserSettings:
     deletion_retry_max_s: float = setting(
         "AIMESH_USER_DELETION_RETRY_MAX_S", "Longest backoff between retries of a step.", 300.0
     )
+    login_free_failures: int = setting(
+        "AIMESH_USER_LOGIN_FREE_FAILURES",
+        "Failed logins in a row for one email before each further one locks it a while.",
+        5,
+    )
+    login_address_free_failures: int = setting(
+        "AIMESH_USER_LOGIN_ADDRESS_FREE_FAILURES",
+        "Failed logins from one client address before each further one locks the address.",
+        50,
+    )
+    login_base_delay_s: float = setting(
+        "AIMESH_USER_LOGIN_BASE_DELAY_S",
+        "Lock after the first failed login past the free ones; doubles per further failure.",
+        1.0,
+    )
+    login_max_delay_s: float = setting(
+        "AIMESH_USER_LOGIN_MAX_DELAY_S",
+        "Longest lock after failed logins (the delay doubles per failure up to this).",
+        30.0,
+    )
     deletion_lease_s: float = setting(
         "AIMESH_USER_DELETION_LEASE_S",
         "A saga whose runner is silent this long is resumed by another process.",
@@ -90,6 +110,13 @@ class UserSettings:
                 "go together"
             )
 
+        if self.login_free_failures < 1 or self.login_address_free_failures < 1:
+            raise ConfigError("AIMESH_USER_LOGIN_*_FREE_FAILURES must be at least 1")
+        if not 0 < self.login_base_delay_s <= self.login_max_delay_s <= 3600:
+            raise ConfigError(
+                "AIMESH_USER_LOGIN_BASE_DELAY_S must be positive and at most "
+                "AIMESH_USER_LOGIN_MAX_DELAY_S, itself at most 3600"
+            )
         if self.deletion_step_timeout_s <= 0 or self.deletion_retry_max_s <= 0:
             raise ConfigError(
                 "AIMESH_USER_DELETION_STEP_TIMEOUT_S and _RETRY_MAX_S must be positive"
