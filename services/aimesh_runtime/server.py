@@ -170,17 +170,17 @@ class AimeshServer:
         for spec in self.specs:
             url = database_url(spec.name, self.environ)
             pool = await db.create_pool(url)
-            await db.migrate(pool, spec.migrations)
-            context = ServiceContext(
-                spec.name,
-                config,
-                spec.load_settings(self.environ),
-                pool,
-                self.environ,
-                self.tracer_provider,
-                self.metrics_registry,
-            )
-            mount = await spec.mount(context)
+            try:
+                await db.migrate(pool, spec.migrations)
+                mount = await spec.mount(self._context(spec, pool))
+            except BaseException:  # a refused start (a missing key) leaves nothing open
+                await pool.close()
+                for started in self._running:
+                    if started.mount.close is not None:
+                        await started.mount.close()
+                    await started.pool.close()
+                self._running.clear()
+                raise
             self._running.append(_Running(spec, pool, mount, db.DatabaseProbe(url)))
         verifier, api_keys = self._auth()
         descriptors = [d for spec in self.specs for d in spec.services]
@@ -249,6 +249,17 @@ class AimeshServer:
             "serving %s",
             ", ".join(names),
             extra={"grpc_port": self.grpc_port, "http_port": self.http_port},
+        )
+
+    def _context(self, spec: ServiceSpec, pool: asyncpg.Pool) -> ServiceContext:
+        return ServiceContext(
+            spec.name,
+            self.config,
+            spec.load_settings(self.environ),
+            pool,
+            self.environ,
+            self.tracer_provider,
+            self.metrics_registry,
         )
 
     def _auth(self) -> tuple[TokenVerifier | None, ApiKeyAuthenticator | None]:

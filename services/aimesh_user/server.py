@@ -72,12 +72,14 @@ async def mount(context: ServiceContext) -> Mount:
     keys = KeyRing(
         store,
         settings.kek_bytes(),
+        settings.previous_kek_bytes(),
         issuer=context.config.jwt_issuer,
         audience=context.config.jwt_audience,
         access_ttl_s=settings.access_token_ttl_s,
         rotation_s=settings.signing_key_rotation_s,
         publish_lead_s=settings.key_publish_lead_s,
     )
+    await keys.reseal_at_rest()  # before load: a KEK that is not held stops the start here
     await keys.load()
     throttle = LoginThrottle(
         context.pool,

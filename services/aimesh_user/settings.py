@@ -13,6 +13,12 @@ class UserSettings:
         "AIMESH_USER_KEY_ENCRYPTION_KEY",
         "32 random bytes, base64url; seals the JWT signing keys stored in the database.",
     )
+    previous_key_encryption_keys: str = setting(
+        "AIMESH_USER_PREVIOUS_KEY_ENCRYPTION_KEYS",
+        "Comma-separated former key-encryption keys: they still open signing keys, which "
+        "every start reseals under the current one. Drop a key once a start has run.",
+        "",
+    )
     access_token_ttl_s: int = setting(
         "AIMESH_USER_ACCESS_TOKEN_TTL_S", "Lifetime of access tokens.", 900
     )
@@ -94,6 +100,7 @@ class UserSettings:
 
     def check(self) -> None:
         self.kek_bytes()  # a bad key stops the start, naming the variable
+        self.previous_kek_bytes()
         if not 60 <= self.access_token_ttl_s <= 3600:
             raise ConfigError("AIMESH_USER_ACCESS_TOKEN_TTL_S must be between 60 and 3600")
         if self.refresh_token_ttl_s < self.access_token_ttl_s:
@@ -130,3 +137,10 @@ class UserSettings:
 
     def kek_bytes(self) -> bytes:
         return key_bytes(self.key_encryption_key, "AIMESH_USER_KEY_ENCRYPTION_KEY")
+
+    def previous_kek_bytes(self) -> list[bytes]:
+        return [
+            key_bytes(value.strip(), "AIMESH_USER_PREVIOUS_KEY_ENCRYPTION_KEYS")
+            for value in self.previous_key_encryption_keys.split(",")
+            if value.strip()
+        ]
