@@ -112,7 +112,9 @@ async def start_server(
     # unless a test is about it.
     config_overrides.setdefault("rate_limit_anonymous_rps", 10_000.0)
     config_overrides.setdefault("rate_limit_anonymous_burst", 10_000)
-    config = load(RuntimeConfig, environ, grpc_port=0, http_port=0, **config_overrides)
+    config_overrides.setdefault("grpc_port", 0)  # a test restarting a server passes its port
+    config_overrides.setdefault("http_port", 0)
+    config = load(RuntimeConfig, environ, **config_overrides)
     server = AimeshServer(specs, config, environ)
     await server.start()
     return Running(server, f"127.0.0.1:{server.grpc_port}", server.http_port, environ)
