@@ -22,8 +22,13 @@ os.environ.setdefault("XDG_RUNTIME_DIR", str(_runtime))
 
 from aimesh.user.v1 import user_service_pb2 as user_pb  # noqa: E402
 from aimesh.user.v1 import user_service_pb2_grpc  # noqa: E402
+from aimesh_cli.embedded_pg import switch_users_after_exec  # noqa: E402
 from aimesh_runtime.config import RuntimeConfig, database_env, load  # noqa: E402
 from aimesh_runtime.server import AimeshServer, ServiceSpec  # noqa: E402
+
+# pg_ctl as pgserver's user from this process, busy with gRPC threads, must not
+# fork a Python child to switch users: it crashed (issue 17, item 7).
+switch_users_after_exec()
 
 # A process the tests start that crashes fails the run (issue 17, item 7).
 pytest_plugins = ("tests.crashwatch",)

@@ -127,6 +127,10 @@ def database_server(folder: Path) -> Iterator[str]:
     os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))
     from pgserver.postgres_server import get_server
 
+    from aimesh_cli.embedded_pg import switch_users_after_exec
+
+    switch_users_after_exec()  # see there: a forked user switch crashed beside gRPC
+
     data = folder / "pgdata"
     data.mkdir(parents=True, exist_ok=True)
     server = get_server(data, cleanup_mode="stop")

@@ -5,11 +5,9 @@ Envoy's JWKS fetch, never on a request's hot path, so a thread keeps them off
 the event loop without another web framework.
 
 The serving thread must be gone before the interpreter finalizes: a daemon
-thread that wakes from select() during finalization is ended with
-pthread_exit, which crashed processes with torch and faiss loaded
-("Fatal Python error: Segmentation fault" in socketserver.serve_forever,
-CPython gh-87135). stop() joins it, and an atexit hook stops a server that
-its owner never stopped.
+thread that wakes from select() then is ended with pthread_exit, which is
+known to crash processes with C++ extensions loaded (CPython gh-87135).
+stop() joins it, and an atexit hook stops a server its owner never stopped.
 """
 
 from __future__ import annotations
