@@ -1,82 +1,89 @@
-"""Run `buf lint` on the contracts and `buf breaking` against main's contracts.
+"""Run `buf lint` on the contracts and `buf breaking` against the released v1 baseline.
+
+    python protos/buf_checks.py                     # lint, then breaking against the baseline
+    python protos/buf_checks.py --refresh-baseline  # record the contracts as released (on purpose)
 
 buf cannot reach its registry here, so both run on images that protoc builds
-(see codegen.py). The breaking check compares the working tree with the ref in
-AIMESH_BREAKING_AGAINST, by default origin/main, else main. On main itself
-(as in CI) that compares main with its own working tree, which catches an
-uncommitted break but not one already committed: branch work is where this
-check bites. A missing ref is an error; a ref without contracts yet skips.
+(see codegen.py). The baseline, baseline/aimesh-v1.binpb, is a committed image
+of the contracts as released: comparing with a git ref instead compared main
+with itself in CI and in a fresh clone, so a committed break passed. Refresh it
+only when a release is cut, never to make a break pass.
 """
 
 from __future__ import annotations
 
-import os
+import argparse
 import subprocess
 import sys
-import tarfile
 import tempfile
-from io import BytesIO
 from pathlib import Path
+
+from google.protobuf import descriptor_pb2
 
 from codegen import PACKAGE, PROTOS, build_image
 
 BUF = Path(sys.executable).parent / "buf"
+BASELINE = PROTOS / "baseline" / "aimesh-v1.binpb"
 
 
-def _buf(*args: str) -> None:
-    result = subprocess.run([str(BUF), *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"buf {args[0]} failed:\n{result.stdout}{result.stderr}")
+def _run_buf(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BUF), *args, "--path", PACKAGE, "--config", str(PROTOS / "buf.yaml")],
+        capture_output=True,
+        text=True,
+    )
 
 
-def _git(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(["git", *args], cwd=PROTOS.parent, capture_output=True)
+def lint(image: Path) -> str:
+    """buf lint's findings; empty when clean."""
+    result = _run_buf("lint", str(image))
+    return "" if result.returncode == 0 else f"{result.stdout}{result.stderr}"
 
 
-def _baseline() -> str:
-    wanted = os.environ.get("AIMESH_BREAKING_AGAINST")
-    for ref in [wanted] if wanted else ["origin/main", "main"]:
-        if _git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}").returncode == 0:
-            return ref
-    sys.exit(f"buf breaking: no ref {wanted or 'origin/main or main'} to compare against")
+def breaking(image: Path, against: Path = BASELINE) -> str:
+    """buf breaking's findings of `image` against `against`; empty when compatible."""
+    if not against.is_file():
+        return f"no baseline at {against}: run protos/buf_checks.py --refresh-baseline"
+    result = _run_buf("breaking", str(image), "--against", str(against))
+    return "" if result.returncode == 0 else f"{result.stdout}{result.stderr}"
 
 
-def _export(ref: str, into: Path) -> bool:
-    """Unpack protos/ of `ref` into `into`; False if the ref has none yet."""
-    if _git("cat-file", "-e", f"{ref}:protos").returncode != 0:
-        return False
-    archive = _git("archive", "--format=tar", ref, "protos")
-    if archive.returncode != 0:
-        sys.exit(f"buf breaking: git archive {ref} failed: {archive.stderr.decode()}")
-    with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
-        tar.extractall(into, filter="data")  # Python 3.11.4 or newer
-    return any((into / "protos" / PACKAGE).rglob("*.proto"))
+def write_baseline(root: Path = PROTOS, into: Path = BASELINE) -> None:
+    """Record the contracts under `root` as the released baseline.
+
+    Source info (comments, line numbers) is dropped: breaking ignores it, and
+    without it a comment edit does not change the committed file."""
+    with tempfile.TemporaryDirectory() as tmp_name:
+        image = Path(tmp_name) / "image.binpb"
+        build_image(image, root)
+        files = descriptor_pb2.FileDescriptorSet.FromString(image.read_bytes())
+    for file in files.file:
+        file.ClearField("source_code_info")
+    into.parent.mkdir(parents=True, exist_ok=True)
+    into.write_bytes(files.SerializeToString(deterministic=True))
 
 
 def main() -> int:
-    ref = _baseline()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--refresh-baseline",
+        action="store_true",
+        help=f"write the current contracts to {BASELINE.relative_to(PROTOS.parent)}",
+    )
+    args = parser.parse_args()
+    if args.refresh_baseline:
+        write_baseline()
+        print(f"buf breaking: baseline written to {BASELINE.relative_to(PROTOS.parent)}")
+        return 0
     with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        current = tmp / "current.binpb"
+        current = Path(tmp_name) / "current.binpb"
         build_image(current)
-        _buf("lint", str(current), "--path", PACKAGE, "--config", str(PROTOS / "buf.yaml"))
+        if problems := lint(current):
+            sys.exit(f"buf lint failed:\n{problems}")
         print("buf lint: clean")
-        if not _export(ref, tmp / "old"):
-            print(f"buf breaking: skipped, {ref} has no contracts yet")
-            return 0
-        previous = tmp / "previous.binpb"
-        build_image(previous, tmp / "old" / "protos")
-        _buf(
-            "breaking",
-            str(current),
-            "--against",
-            str(previous),
-            "--path",
-            PACKAGE,
-            "--config",
-            str(PROTOS / "buf.yaml"),
-        )
-        print(f"buf breaking: no breaking change against {ref}")
+        if problems := breaking(current):
+            sys.exit(f"buf breaking failed against the released baseline:\n{problems}")
+        print(f"buf breaking: no breaking change against {BASELINE.relative_to(PROTOS.parent)}")
     return 0
 
 

@@ -22,8 +22,16 @@ os.environ.setdefault("XDG_RUNTIME_DIR", str(_runtime))
 
 from aimesh.user.v1 import user_service_pb2 as user_pb  # noqa: E402
 from aimesh.user.v1 import user_service_pb2_grpc  # noqa: E402
+from aimesh_cli.embedded_pg import switch_users_after_exec  # noqa: E402
 from aimesh_runtime.config import RuntimeConfig, database_env, load  # noqa: E402
 from aimesh_runtime.server import AimeshServer, ServiceSpec  # noqa: E402
+
+# pg_ctl as pgserver's user from this process, busy with gRPC threads, must not
+# fork a Python child to switch users: it crashed (issue 17, item 7).
+switch_users_after_exec()
+
+# A process the tests start that crashes fails the run (issue 17, item 7).
+pytest_plugins = ("tests.crashwatch",)
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_EMAIL = "admin@example.com"
@@ -58,6 +66,20 @@ def new_database(pg_admin_url: str) -> Any:
     return create
 
 
+def under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require(available: bool, what: str) -> None:
+    """Skip a test whose prerequisite is missing here; with CI=true fail instead,
+    so a CI machine that lost the prerequisite cannot pass by skipping."""
+    if available:
+        return
+    if under_ci():
+        pytest.fail(f"missing prerequisite under CI=true: {what}", pytrace=False)
+    pytest.skip(f"missing prerequisite: {what} (a failure under CI=true)")
+
+
 def kek() -> str:
     return base64.urlsafe_b64encode(os.urandom(32)).decode()
 
@@ -86,6 +108,9 @@ async def start_server(
         "AIMESH_USER_BOOTSTRAP_ADMIN_PASSWORD": ADMIN_PASSWORD,
         # Every test registers from 127.0.0.1: lift Register's per-client limit too.
         "AIMESH_USER_REGISTER_PER_CLIENT_PER_HOUR": "1000000",
+        # Every test logs in from 127.0.0.1, and some fail logins on purpose: only
+        # a test about it throttles the address.
+        "AIMESH_USER_LOGIN_ADDRESS_FREE_FAILURES": "1000000",
         **(extra_env or {}),
     }
     for spec in specs:
@@ -96,7 +121,9 @@ async def start_server(
     config_overrides.setdefault("rate_limit_anonymous_burst", 10_000)
     # Deletion sagas wait this out before purging: keep it short, not flaky.
     config_overrides.setdefault("revocation_max_stale_s", 1.0)
-    config = load(RuntimeConfig, environ, grpc_port=0, http_port=0, **config_overrides)
+    config_overrides.setdefault("grpc_port", 0)  # a test restarting a server passes its port
+    config_overrides.setdefault("http_port", 0)
+    config = load(RuntimeConfig, environ, **config_overrides)
     server = AimeshServer(specs, config, environ)
     await server.start()
     return Running(server, f"127.0.0.1:{server.grpc_port}", server.http_port, environ)

@@ -286,11 +286,13 @@ class ChatStore:
         return TurnContext(conversation, int(first["used_tokens"] or 0), said)
 
     async def purge_owner(self, owner_id: str) -> int:
-        deleted = await self._pool.fetchval(
-            """WITH gone AS (DELETE FROM conversations WHERE owner_id = $1 RETURNING 1)
-               SELECT count(*) FROM gone""",
-            owner_id,
-        )
+        async with self._pool.acquire() as connection, connection.transaction():
+            deleted = await connection.fetchval(
+                """WITH gone AS (DELETE FROM conversations WHERE owner_id = $1 RETURNING 1)
+                   SELECT count(*) FROM gone""",
+                owner_id,
+            )
+            await audit.pseudonymise(connection, owner_id)
         return int(deleted)
 
 

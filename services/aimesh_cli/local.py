@@ -35,6 +35,7 @@ from aimesh.user.v1 import user_service_pb2, user_service_pb2_grpc
 from aimesh_runtime.config import HTTP_PORT_OFFSET, SERVICE_PORTS, database_env
 
 SERVICES = tuple(SERVICE_PORTS)  # user first: the others fetch its JWKS
+SHARED_DATABASES = ("postgres", "template1")  # template0 takes no connections at all
 MONOLITH_PORT = 50050
 # Recommend serving model v2 beside v1, for the edge's A/B split; and the edge's own ports.
 EXTRA_PORTS = {"recommend-v2": 50056, "edge": 8080, "edge-admin": 9901, "edge-stats": 9902}
@@ -137,6 +138,10 @@ def database_server(folder: Path) -> Iterator[str]:
     os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))
     from pgserver.postgres_server import get_server
 
+    from aimesh_cli.embedded_pg import switch_users_after_exec
+
+    switch_users_after_exec()  # see there: a forked user switch crashed beside gRPC
+
     data = folder / "pgdata"
     data.mkdir(parents=True, exist_ok=True)
     server = get_server(data, cleanup_mode="stop")
@@ -172,6 +177,11 @@ async def provision(admin_url: str, role_passwords: Mapping[str, str]) -> dict[s
             ):
                 await connection.execute(f"CREATE DATABASE {database} OWNER {role}")
             await connection.execute(f"REVOKE ALL ON DATABASE {database} FROM PUBLIC")
+        # Every role may connect to the shared databases and make temporary
+        # tables there by default: a service role could then hold objects outside
+        # its own database. Only superusers (the admin) need them.
+        for shared in SHARED_DATABASES:
+            await connection.execute(f"REVOKE CONNECT, TEMPORARY ON DATABASE {shared} FROM PUBLIC")
     finally:
         await connection.close()
     return {s: service_url(admin_url, s, role_passwords[s]) for s in SERVICES}

@@ -62,6 +62,10 @@ class ServingLog:
     def add(self, serving: Serving) -> None:
         self._pending.append(serving)
 
+    def forget(self, user: str) -> None:
+        """Drop a user's unwritten servings (their data is being erased)."""
+        self._pending = [s for s in self._pending if s.user != user]
+
     async def flush(self) -> None:
         pending, self._pending = self._pending, []
         if not pending:
@@ -206,6 +210,7 @@ class Recommender:
         return recorded, len(ids) - recorded
 
     async def purge(self, user: str) -> int:
+        self._servings.forget(user)  # or a later flush would write the id back into audit
         deleted = await self._store.purge_user(user)
         await self._cache.invalidate([user])
         return deleted

@@ -10,6 +10,8 @@ from typing import Any
 
 import asyncpg
 
+from aimesh_runtime import audit
+
 KIND_NAMES = {1: "VIEW", 2: "CLICK", 3: "PURCHASE", 4: "RATING"}
 
 
@@ -166,6 +168,7 @@ class RecommendStore:
                 user,
             )
             await connection.execute("DELETE FROM servings WHERE user_id = $1", user)
+            await audit.pseudonymise(connection, user.removeprefix("users/"))
         return int(deleted)
 
     # items

@@ -11,13 +11,24 @@ from the append to the caller's commit, so append last in a transaction.
 This catches edits made without rewriting the whole chain; an attacker who
 rewrites every hash from the edit on is caught only by comparing the head
 with a copy kept elsewhere (`aimesh audit verify` prints it).
+
+Erasure: once a user is deleted, `pseudonymise` replaces their id in every
+row with a keyed pseudonym ("erased-" + HMAC-SHA256 under a random key that is
+then discarded: the user's rows still link to each other, nobody can tie them
+back to the id), re-chains the hashes from the first row it changed, and
+appends an "audit.pseudonymised" row naming the head it replaced, so a copy of
+an older head is accounted for rather than silently broken. The chain then
+verifies, and a later edit is caught as before.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import json
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +38,7 @@ import asyncpg
 AUDIT_LOCK_ID = 7_361_224_050  # advisory lock key serialising appends
 GENESIS = bytes(32)
 VERIFY_BATCH = 5_000
+PSEUDONYM_PREFIX = "erased-"
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,83 @@ async def record(
             seq,
             digest,
         )
+
+
+def pseudonym(user_id: str, key: bytes) -> str:
+    return PSEUDONYM_PREFIX + hmac.new(key, user_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def new_pseudonym(user_id: str) -> str:
+    """A pseudonym under a fresh random key that is discarded at once."""
+    return pseudonym(user_id, os.urandom(32))
+
+
+def _replaced(text: str, user_id: str, alias: str) -> str:
+    # The id as a whole word only: "users/ab" must not touch "users/abc".
+    return re.sub(rf"(?<![\w-]){re.escape(user_id)}(?![\w-])", alias, text)
+
+
+async def pseudonymise(conn: asyncpg.Connection, user_id: str, alias: str | None = None) -> int:
+    """Replace `user_id` in every row's subject and decision with a keyed pseudonym
+    (`alias`, else a new one) and re-chain; returns the rows changed. Commits or
+    rolls back with the caller's transaction (run it in the one that erases the
+    user's data)."""
+    if not user_id:
+        raise ValueError("no user id to pseudonymise")
+    alias = alias or new_pseudonym(user_id)
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", AUDIT_LOCK_ID)
+        candidates = await conn.fetch(
+            """SELECT seq, subject, decision FROM audit_log
+                WHERE strpos(subject, $1) > 0 OR strpos(decision, $1) > 0 ORDER BY seq""",
+            user_id,
+        )
+        changed = [
+            (row["seq"], _replaced(row["subject"], user_id, alias),
+             _replaced(row["decision"], user_id, alias))
+            for row in candidates
+        ]  # fmt: skip
+        changed = [c for c, row in zip(changed, candidates, strict=True) if c[1:] != tuple(row)[1:]]
+        if not changed:
+            return 0
+        await conn.executemany(
+            "UPDATE audit_log SET subject = $2, decision = $3 WHERE seq = $1", changed
+        )
+        first = int(changed[0][0])
+        count = len(changed)
+        previous_head = await conn.fetchrow("SELECT seq, hash FROM audit_head")
+        before = await conn.fetchval("SELECT hash FROM audit_log WHERE seq = $1", first - 1)
+        prev = GENESIS if before is None else bytes(before)
+        last = first - 1
+        while rows := await conn.fetch(
+            "SELECT * FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2", last, VERIFY_BATCH
+        ):
+            updates = []
+            for row in rows:
+                seq = int(row["seq"])
+                digest = link(
+                    prev, seq, row["kind"], row["subject"], row["decision"], row["create_time"]
+                )
+                updates.append((seq, prev, digest))
+                prev, last = digest, seq
+            await conn.executemany(
+                "UPDATE audit_log SET prev_hash = $2, hash = $3 WHERE seq = $1", updates
+            )
+        await conn.execute("UPDATE audit_head SET seq = $1, hash = $2", last, prev)
+        await record(
+            conn,
+            kind="audit.pseudonymised",
+            subject=alias,
+            decision={
+                "rows": count,
+                "rechained_from_seq": int(first),
+                "replaced_head": {
+                    "seq": int(previous_head["seq"]),
+                    "hash": bytes(previous_head["hash"]).hex(),
+                },
+            },
+        )
+    return count
 
 
 async def verify(conn: asyncpg.Connection) -> list[Finding]:

@@ -20,8 +20,8 @@ class CallScope:
     deadline: float | None = None
     # Metadata forwarded to downstream calls so every hop sees the same caller.
     forward: list[tuple[str, str]] = field(default_factory=list)
-    # The caller's address, as the anonymous rate limit keys it.
-    client: str = ""
+    # The caller's address as the rate limits see it (the trusted X-Forwarded-For hop).
+    client_address: str = ""
     # Ids for log lines when no span is recording; made on the first line logged.
     log_ids: tuple[str, str] | None = None
 

@@ -3,10 +3,16 @@
 A small threaded stdlib server: these endpoints are read by scrapers and by
 Envoy's JWKS fetch, never on a request's hot path, so a thread keeps them off
 the event loop without another web framework.
+
+The serving thread must be gone before the interpreter finalizes: a daemon
+thread that wakes from select() then is ended with pthread_exit, which is
+known to crash processes with C++ extensions loaded (CPython gh-87135).
+stop() joins it, and an atexit hook stops a server its owner never stopped.
 """
 
 from __future__ import annotations
 
+import atexit
 import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,7 +37,9 @@ class SideServer:
         traced = tracer if tracer is not None and not isinstance(tracer, trace.NoOpTracer) else None
         handler = _handler_for(dict(routes), traced)
         self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
+        # Request threads are joined on close too; Handler.timeout bounds how long
+        # a client that never finishes its request can hold that up.
+        self._server.daemon_threads = False
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="aimesh-http", daemon=True
         )
@@ -42,10 +50,19 @@ class SideServer:
 
     def start(self) -> None:
         self._thread.start()
+        atexit.register(self.stop)
 
     def stop(self) -> None:
-        self._server.shutdown()
+        """Stop serving and wait for the thread; safe to call twice."""
+        atexit.unregister(self.stop)
+        if self._thread.is_alive():
+            self._server.shutdown()  # returns once serve_forever has
+            self._thread.join()
         self._server.server_close()
+
+    @property
+    def serving(self) -> bool:
+        return self._thread.is_alive()
 
 
 def _handler_for(
@@ -54,6 +71,8 @@ def _handler_for(
     propagator = TraceContextTextMapPropagator()
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 10  # seconds a connection may sit idle mid-request
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if tracer is None or "traceparent" not in self.headers:

@@ -296,7 +296,7 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
             request_id=request_id,
             deadline=None if remaining is None else time.monotonic() + remaining,
             forward=[("x-request-id", request_id)],
-            client=self._client(metadata, context),
+            client_address=self._client(metadata, context),
         )
         span: trace.Span | None = None
         if self._tracing:
@@ -341,7 +341,7 @@ class ServerPipeline(grpc.aio.ServerInterceptor):
         if principal.subject:
             self._limit(self._limiter, principal.subject)
         else:
-            self._limit(self._anonymous_limiter, self._client(metadata, context))
+            self._limit(self._anonymous_limiter, scope.client_address)
         authorize(info.name, info.policy, principal)
         if principal.token:
             scope.forward.append(("authorization", "Bearer " + principal.token))

@@ -177,17 +177,17 @@ class AimeshServer:
         for spec in self.specs:
             url = database_url(spec.name, self.environ)
             pool = await db.create_pool(url)
-            await db.migrate(pool, spec.migrations)
-            context = ServiceContext(
-                spec.name,
-                config,
-                spec.load_settings(self.environ),
-                pool,
-                self.environ,
-                self.tracer_provider,
-                self.metrics_registry,
-            )
-            mount = await spec.mount(context)
+            try:
+                await db.migrate(pool, spec.migrations)
+                mount = await spec.mount(self._context(spec, pool))
+            except BaseException:  # a refused start (a missing key) leaves nothing open
+                await pool.close()
+                for started in self._running:
+                    if started.mount.close is not None:
+                        await started.mount.close()
+                    await started.pool.close()
+                self._running.clear()
+                raise
             self._running.append(_Running(spec, pool, mount, db.DatabaseProbe(url)))
         verifier, api_keys = self._auth()
         owners = {kind: r for running in self._running for kind, r in running.mount.owners.items()}
@@ -244,7 +244,11 @@ class AimeshServer:
         await grpc_server.start()
         self._server = grpc_server
         self._side.start()
-        await self._probe_once()
+        try:
+            await self._probe_once()
+        except BaseException:
+            self._side.stop()
+            raise
         self._tasks.append(asyncio.create_task(self._probe_forever(), name="health-probe"))
         for running in self._running:
             for job in running.mount.background:
@@ -254,6 +258,17 @@ class AimeshServer:
             "serving %s",
             ", ".join(names),
             extra={"grpc_port": self.grpc_port, "http_port": self.http_port},
+        )
+
+    def _context(self, spec: ServiceSpec, pool: asyncpg.Pool) -> ServiceContext:
+        return ServiceContext(
+            spec.name,
+            self.config,
+            spec.load_settings(self.environ),
+            pool,
+            self.environ,
+            self.tracer_provider,
+            self.metrics_registry,
         )
 
     def _auth(self) -> tuple[TokenVerifier | None, ApiKeyAuthenticator | None]:
@@ -347,6 +362,13 @@ class AimeshServer:
                 log.exception("health probe failed")
 
     async def stop(self, grace_s: float | None = None) -> None:
+        try:
+            await self._stop(grace_s)
+        finally:  # whatever failed above, no serving thread outlives the server
+            if self._side is not None:
+                self._side.stop()
+
+    async def _stop(self, grace_s: float | None) -> None:
         grace = self.config.drain_seconds if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
@@ -363,8 +385,6 @@ class AimeshServer:
             await running.pool.close()
         for channel in self._channels:
             await channel.close()
-        if self._side is not None:
-            self._side.stop()
         shutdown = getattr(self.tracer_provider, "shutdown", None)
         if shutdown is not None:  # the SDK provider flushes its exporter
             shutdown()

@@ -29,6 +29,7 @@ from aimesh_runtime.ownership import SERVICE_SCOPE
 from aimesh_runtime.pages import decode_keyset, encode_keyset, page_size
 from aimesh_user.signing import KeyRing
 from aimesh_user.store import ApiKeyRow, EmailTaken, KeyTaken, UserRow, UserStore
+from aimesh_user.throttle import LoginThrottle
 
 MEMBER_SCOPES = (
     "user.read",
@@ -95,8 +96,11 @@ class Tokens:
 
 
 class Accounts:
-    def __init__(self, store: UserStore, keys: KeyRing, *, refresh_ttl_s: int) -> None:
+    def __init__(
+        self, store: UserStore, keys: KeyRing, throttle: LoginThrottle, *, refresh_ttl_s: int
+    ) -> None:
         self._store = store
+        self._throttle = throttle
         self._keys = keys
         self._refresh_ttl_s = refresh_ttl_s
         self._hasher = password_hasher()
@@ -171,7 +175,9 @@ class Accounts:
         with contextlib.suppress(KeyTaken):  # another replica made it first
             await self._store.insert_api_key(user.id, row)
 
-    async def login(self, email: str, password: str) -> tuple[UserRow, Tokens]:
+    async def login(self, email: str, password: str, address: str) -> tuple[UserRow, Tokens]:
+        # Checked before the password, for known and unknown emails alike.
+        await self._throttle.check(email, address)
         user = await self._store.user_by_email(email)
         stored = user.password_hash if user is not None else self._decoy_hash
         try:
@@ -179,8 +185,10 @@ class Accounts:
         except (VerificationError, InvalidHashError):
             user = None
         if user is None:
+            await self._throttle.failed(email, address)
             raise Unauthenticated("wrong email or password", reason="BAD_CREDENTIALS")
         _refuse_disabled(user)
+        await self._throttle.succeeded(email, address)
         if self._hasher.check_needs_rehash(user.password_hash):
             new_hash = await asyncio.to_thread(self._hasher.hash, password)
             await self._store.update_user(user.id, user.id, {"password_hash": new_hash})

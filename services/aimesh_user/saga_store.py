@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from aimesh_runtime import outbox
+from aimesh_runtime import audit, outbox
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,22 @@ async def _audit(
         f"users/{user_id}",
         json.dumps(details),
     )
+
+
+async def _pseudonymise_audit(conn: asyncpg.Connection, user_id: str) -> None:
+    """The erased user's audit events, and the chained audit log, name a pseudonym
+    instead of the id from now on (see aimesh_runtime.audit.pseudonymise)."""
+    alias = audit.new_pseudonym(user_id)
+    await conn.execute(
+        """UPDATE audit_events SET actor = replace(actor, $1, $2),
+                                   target = replace(target, $1, $2),
+                                   details = replace(details::text, $1, $2)::jsonb
+            WHERE strpos(actor, $1) > 0 OR strpos(target, $1) > 0
+               OR strpos(details::text, $1) > 0""",
+        user_id,
+        alias,
+    )
+    await audit.pseudonymise(conn, user_id, alias)
 
 
 class DeletionStore:
@@ -260,6 +276,7 @@ class DeletionStore:
             await _audit(
                 conn, deletion.actor, "user.deleted", deletion.user_id, {"deletion": deletion.id}
             )
+            await _pseudonymise_audit(conn, deletion.user_id)
             name = f"users/{deletion.user_id}"
             await outbox.emit(
                 conn,

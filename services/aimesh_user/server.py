@@ -35,6 +35,7 @@ from aimesh_user.servicer import UserServicer
 from aimesh_user.settings import UserSettings
 from aimesh_user.signing import KeyRing
 from aimesh_user.store import UserStore
+from aimesh_user.throttle import LoginThrottle, ThrottlePolicy
 
 log = logging.getLogger(__name__)
 REVOCATION_MARGIN_S = 1.0
@@ -77,14 +78,25 @@ async def mount(context: ServiceContext) -> Mount:
     keys = KeyRing(
         store,
         settings.kek_bytes(),
+        settings.previous_kek_bytes(),
         issuer=context.config.jwt_issuer,
         audience=context.config.jwt_audience,
         access_ttl_s=settings.access_token_ttl_s,
         rotation_s=settings.signing_key_rotation_s,
         publish_lead_s=settings.key_publish_lead_s,
     )
+    await keys.reseal_at_rest()  # before load: a KEK that is not held stops the start here
     await keys.load()
-    accounts = Accounts(store, keys, refresh_ttl_s=settings.refresh_token_ttl_s)
+    throttle = LoginThrottle(
+        context.pool,
+        ThrottlePolicy(
+            free_failures=settings.login_free_failures,
+            address_free_failures=settings.login_address_free_failures,
+            base_delay_s=settings.login_base_delay_s,
+            max_delay_s=settings.login_max_delay_s,
+        ),
+    )
+    accounts = Accounts(store, keys, throttle, refresh_ttl_s=settings.refresh_token_ttl_s)
     if settings.bootstrap_admin_email:
         await accounts.ensure_admin(
             settings.bootstrap_admin_email, settings.bootstrap_admin_password

@@ -107,14 +107,16 @@ class UserServicer(user_service_pb2_grpc.UserServiceServicer):
         self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterResponse:
         scope = call_scope()
-        self._register_throttle.admit(scope.client if scope else "", request.email)
+        self._register_throttle.admit(scope.client_address if scope else "", request.email)
         row = await self._accounts.register(request.email, request.password, request.display_name)
         return pb.RegisterResponse(user=user_proto(row))
 
     async def Login(
         self, request: pb.LoginRequest, context: grpc.aio.ServicerContext
     ) -> pb.LoginResponse:
-        row, tokens = await self._accounts.login(request.email, request.password)
+        scope = call_scope()
+        address = scope.client_address if scope is not None else ""
+        row, tokens = await self._accounts.login(request.email, request.password, address)
         return pb.LoginResponse(
             access_token=tokens.access_token,
             access_token_ttl=_duration(tokens.access_ttl_s),

@@ -13,6 +13,12 @@ class UserSettings:
         "AIMESH_USER_KEY_ENCRYPTION_KEY",
         "32 random bytes, base64url; seals the JWT signing keys stored in the database.",
     )
+    previous_key_encryption_keys: str = setting(
+        "AIMESH_USER_PREVIOUS_KEY_ENCRYPTION_KEYS",
+        "Comma-separated former key-encryption keys: they still open signing keys, which "
+        "every start reseals under the current one. Drop a key once a start has run.",
+        "",
+    )
     access_token_ttl_s: int = setting(
         "AIMESH_USER_ACCESS_TOKEN_TTL_S", "Lifetime of access tokens.", 900
     )
@@ -68,6 +74,26 @@ class UserSettings:
     deletion_retry_max_s: float = setting(
         "AIMESH_USER_DELETION_RETRY_MAX_S", "Longest backoff between retries of a step.", 300.0
     )
+    login_free_failures: int = setting(
+        "AIMESH_USER_LOGIN_FREE_FAILURES",
+        "Failed logins in a row for one email before each further one locks it a while.",
+        5,
+    )
+    login_address_free_failures: int = setting(
+        "AIMESH_USER_LOGIN_ADDRESS_FREE_FAILURES",
+        "Failed logins from one client address before each further one locks the address.",
+        50,
+    )
+    login_base_delay_s: float = setting(
+        "AIMESH_USER_LOGIN_BASE_DELAY_S",
+        "Lock after the first failed login past the free ones; doubles per further failure.",
+        1.0,
+    )
+    login_max_delay_s: float = setting(
+        "AIMESH_USER_LOGIN_MAX_DELAY_S",
+        "Longest lock after failed logins (the delay doubles per failure up to this).",
+        30.0,
+    )
     deletion_lease_s: float = setting(
         "AIMESH_USER_DELETION_LEASE_S",
         "A saga whose runner is silent this long is resumed by another process.",
@@ -84,6 +110,7 @@ class UserSettings:
 
     def check(self) -> None:
         self.kek_bytes()  # a bad key stops the start, naming the variable
+        self.previous_kek_bytes()
         if not 60 <= self.access_token_ttl_s <= 3600:
             raise ConfigError("AIMESH_USER_ACCESS_TOKEN_TTL_S must be between 60 and 3600")
         if self.refresh_token_ttl_s < self.access_token_ttl_s:
@@ -102,6 +129,13 @@ class UserSettings:
 
         if self.register_per_client_per_hour < 1 or self.register_per_email_per_hour < 1:
             raise ConfigError("AIMESH_USER_REGISTER_PER_*_PER_HOUR must be at least 1")
+        if self.login_free_failures < 1 or self.login_address_free_failures < 1:
+            raise ConfigError("AIMESH_USER_LOGIN_*_FREE_FAILURES must be at least 1")
+        if not 0 < self.login_base_delay_s <= self.login_max_delay_s <= 3600:
+            raise ConfigError(
+                "AIMESH_USER_LOGIN_BASE_DELAY_S must be positive and at most "
+                "AIMESH_USER_LOGIN_MAX_DELAY_S, itself at most 3600"
+            )
         if self.deletion_step_timeout_s <= 0 or self.deletion_retry_max_s <= 0:
             raise ConfigError(
                 "AIMESH_USER_DELETION_STEP_TIMEOUT_S and _RETRY_MAX_S must be positive"
@@ -115,3 +149,10 @@ class UserSettings:
 
     def kek_bytes(self) -> bytes:
         return key_bytes(self.key_encryption_key, "AIMESH_USER_KEY_ENCRYPTION_KEY")
+
+    def previous_kek_bytes(self) -> list[bytes]:
+        return [
+            key_bytes(value.strip(), "AIMESH_USER_PREVIOUS_KEY_ENCRYPTION_KEYS")
+            for value in self.previous_key_encryption_keys.split(",")
+            if value.strip()
+        ]

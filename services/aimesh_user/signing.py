@@ -2,7 +2,11 @@
 
 The signing key is stored AES-256-GCM sealed under the key-encryption key from
 the environment, with the kid as associated data so a sealed key cannot be
-swapped under another kid. A rotated-in key is published first and signs only
+swapped under another kid. Each row names the KEK that sealed it (a public
+key id), so the KEK rotates as notify's sealing key does: the old KEK moves to
+AIMESH_USER_PREVIOUS_KEY_ENCRYPTION_KEYS, every start reseals under the current
+KEK what an older one sealed, and a start refuses while a live signing key is
+sealed under a KEK it does not hold. A rotated-in key is published first and signs only
 after the publish lead, so caches of the JWKS (Envoy's, other replicas') hold
 it before any token names it; the previous key stays in the JWKS until every
 token it signed has expired.
@@ -13,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import hashlib
 import logging
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jwt
@@ -33,11 +38,19 @@ from aimesh_user.store import SigningKeyRow, UserStore
 log = logging.getLogger(__name__)
 
 NONCE_BYTES = 12
+KEK_VARIABLE = "AIMESH_USER_KEY_ENCRYPTION_KEY"
+PREVIOUS_KEK_VARIABLE = "AIMESH_USER_PREVIOUS_KEY_ENCRYPTION_KEYS"
 ROTATION_LEEWAY_S = 60  # clock skew allowance on top of the token lifetime
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def key_id(kek: bytes) -> str:
+    """A short public name for a KEK: 8 base64url characters of its SHA-256."""
+    digest = hashlib.sha256(b"aimesh-user kek id\0" + kek).digest()
+    return base64.urlsafe_b64encode(digest[:6]).decode()
 
 
 def _b64url(data: bytes) -> str:
@@ -51,6 +64,7 @@ class KeyRing:
         self,
         store: UserStore,
         kek: bytes,
+        previous_keks: Sequence[bytes] = (),
         *,
         issuer: str,
         audience: str,
@@ -59,7 +73,11 @@ class KeyRing:
         publish_lead_s: int = 0,
     ) -> None:
         self._store = store
+        self.kek_id = key_id(kek)
         self._aead = AESGCM(kek)
+        self._keks = {self.kek_id: self._aead}  # the current KEK first
+        for old in previous_keks:
+            self._keks.setdefault(key_id(old), AESGCM(old))
         self._issuer = issuer
         self._audience = audience
         self._access_ttl_s = access_ttl_s
@@ -83,15 +101,44 @@ class KeyRing:
         nonce = os.urandom(NONCE_BYTES)
         return nonce + self._aead.encrypt(nonce, raw, kid.encode())
 
-    def _unseal(self, kid: str, sealed: bytes) -> Ed25519PrivateKey:
-        try:
-            raw = self._aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], kid.encode())
-        except InvalidTag:
+    def _unseal(self, row: SigningKeyRow) -> Ed25519PrivateKey:
+        if row.kek_id is not None and row.kek_id not in self._keks:
             raise ConfigError(
-                "AIMESH_USER_KEY_ENCRYPTION_KEY does not open the signing keys stored in the "
-                "database; it must stay the key they were sealed with"
-            ) from None
-        return Ed25519PrivateKey.from_private_bytes(raw)
+                f"signing key {row.kid} is sealed under key {row.kek_id}, which is neither "
+                f"{KEK_VARIABLE} nor one of {PREVIOUS_KEK_VARIABLE}; put that key back in "
+                f"{PREVIOUS_KEK_VARIABLE}"
+            )
+        # Sealed before key ids: try each KEK held.
+        candidates = [self._keks[row.kek_id]] if row.kek_id else list(self._keks.values())
+        sealed = row.private_key_sealed
+        for aead in candidates:
+            try:
+                raw = aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], row.kid.encode())
+            except InvalidTag:
+                continue
+            return Ed25519PrivateKey.from_private_bytes(raw)
+        raise ConfigError(
+            f"{KEK_VARIABLE} does not open the signing keys stored in the database; it must "
+            f"stay the key they were sealed with (to rotate it, move the old key to "
+            f"{PREVIOUS_KEK_VARIABLE})"
+        )
+
+    async def reseal_at_rest(self) -> int:
+        """Reseal under the current KEK every live signing key an older KEK (or none
+        named) sealed; a ConfigError if one needs a KEK not held. Returns how many
+        rows were rewritten. Idempotent, and safe with replicas starting together."""
+        resealed = 0
+        for row in await self._store.live_signing_keys():
+            if row.kek_id == self.kek_id:
+                continue
+            key = self._unseal(row)
+            if await self._store.reseal_signing_key(
+                row.kid, row.private_key_sealed, self._seal(row.kid, key), self.kek_id
+            ):
+                resealed += 1
+        if resealed:
+            log.info("resealed %d signing keys under key %s", resealed, self.kek_id)
+        return resealed
 
     def _new_row(self, activate_time: dt.datetime) -> SigningKeyRow:
         kid = uuid.uuid4().hex
@@ -100,7 +147,9 @@ class KeyRing:
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
         now = dt.datetime.now(dt.UTC)
-        return SigningKeyRow(kid, self._seal(kid, key), public, now, None, activate_time)
+        return SigningKeyRow(
+            kid, self._seal(kid, key), public, now, None, activate_time, self.kek_id
+        )
 
     async def load(self) -> None:
         """Read the live keys, creating the first signing key if there is none."""
@@ -112,8 +161,7 @@ class KeyRing:
                 rows = await self._store.live_signing_keys()
             self._rows = rows
             self._private = {
-                row.kid: self._private.get(row.kid) or self._unseal(row.kid, row.private_key_sealed)
-                for row in rows
+                row.kid: self._private.get(row.kid) or self._unseal(row) for row in rows
             }
             self._jwks_json = jwks_document(self.jwks())
 

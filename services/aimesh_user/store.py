@@ -58,6 +58,8 @@ class SigningKeyRow:
     create_time: dt.datetime
     retire_time: dt.datetime | None
     activate_time: dt.datetime
+    # The key-encryption key that sealed it; None if sealed before key ids.
+    kek_id: str | None = None
 
 
 def _user(row: asyncpg.Record) -> UserRow:
@@ -327,10 +329,21 @@ class UserStore:
         return [
             SigningKeyRow(
                 r["kid"], bytes(r["private_key_sealed"]), bytes(r["public_key"]),
-                r["create_time"], r["retire_time"], r["activate_time"],
+                r["create_time"], r["retire_time"], r["activate_time"], r["kek_id"],
             )
             for r in rows
         ]  # fmt: skip
+
+    async def reseal_signing_key(
+        self, kid: str, sealed: bytes, resealed: bytes, kek_id: str
+    ) -> bool:
+        """Store `resealed` if the row still holds `sealed` (replicas reseal together)."""
+        status = await self._pool.execute(
+            """UPDATE signing_keys SET private_key_sealed = $3, kek_id = $4
+                WHERE kid = $1 AND private_key_sealed = $2""",
+            kid, sealed, resealed, kek_id,
+        )  # fmt: skip
+        return bool(status.endswith(" 1"))
 
     async def rotate_signing_key(
         self,
@@ -356,9 +369,10 @@ class UserStore:
                 "UPDATE signing_keys SET retire_time = $1 WHERE retire_time IS NULL", retire_at
             )
             await connection.execute(
-                """INSERT INTO signing_keys (kid, private_key_sealed, public_key, activate_time)
-                   VALUES ($1, $2, $3, $4)""",
-                new.kid, new.private_key_sealed, new.public_key, new.activate_time,
+                """INSERT INTO signing_keys
+                       (kid, private_key_sealed, public_key, activate_time, kek_id)
+                   VALUES ($1, $2, $3, $4, $5)""",
+                new.kid, new.private_key_sealed, new.public_key, new.activate_time, new.kek_id,
             )  # fmt: skip
             await connection.execute(
                 "DELETE FROM signing_keys WHERE retire_time < now() - interval '1 day'"
@@ -371,9 +385,10 @@ class UserStore:
         """Insert a signing key if there is none; False if another replica won."""
         try:
             await self._pool.execute(
-                """INSERT INTO signing_keys (kid, private_key_sealed, public_key, activate_time)
-                   VALUES ($1, $2, $3, now())""",
-                key.kid, key.private_key_sealed, key.public_key,
+                """INSERT INTO signing_keys (kid, private_key_sealed, public_key, activate_time,
+                                             kek_id)
+                   VALUES ($1, $2, $3, now(), $4)""",
+                key.kid, key.private_key_sealed, key.public_key, key.kek_id,
             )  # fmt: skip
         except asyncpg.UniqueViolationError:
             return False

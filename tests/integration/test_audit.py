@@ -217,3 +217,46 @@ async def test_answers_finishing_together_cross_the_budget_exactly_once(new_data
         await pool.close()
     assert context.used_tokens == 2000 and other_day.used_tokens == 0
     assert [json.loads(e["payload"])["used_tokens"] for e in events] == [1100]
+
+
+# Erasure: a deleted user's id leaves the audit log; the chain still verifies.
+
+ERASED = "0123456789abcdef0123456789abcdef"
+KEPT = "fedcba9876543210fedcba9876543210"
+
+
+async def test_pseudonymising_a_user_rechains_and_edits_are_still_caught(
+    conn: asyncpg.Connection,
+) -> None:
+    await append(conn, 2)
+    for user in (ERASED, KEPT, ERASED):
+        async with conn.transaction():
+            await audit.record(
+                conn, kind="chat.answer", subject=f"users/{user}/x", decision={"owner": user}
+            )
+    await append(conn, 2)
+    replaced = await audit.head(conn)
+    kept_before = await conn.fetch("SELECT * FROM audit_log WHERE seq < 3 ORDER BY seq")
+
+    async with conn.transaction():
+        assert await audit.pseudonymise(conn, ERASED) == 2
+
+    rows = await conn.fetch("SELECT * FROM audit_log ORDER BY seq")
+    assert not any(ERASED in row["subject"] + row["decision"] for row in rows)
+    aliases = {json.loads(rows[n]["decision"])["owner"] for n in (2, 4)}
+    assert len(aliases) == 1 and aliases.pop().startswith("erased-")  # one user, one pseudonym
+    assert json.loads(rows[3]["decision"])["owner"] == KEPT
+    assert [dict(r) for r in rows[:2]] == [dict(r) for r in kept_before]  # before: untouched
+    last = rows[-1]
+    assert last["kind"] == "audit.pseudonymised"
+    assert json.loads(last["decision"])["replaced_head"] == {
+        "seq": replaced[0],
+        "hash": replaced[1],
+    }
+    assert await audit.verify(conn) == []
+    assert await audit.pseudonymise(conn, ERASED) == 0  # nothing left to replace
+
+    await conn.execute('UPDATE audit_log SET decision = \'{"owner":"x"}\' WHERE seq = 5')
+    assert [str(f) for f in await audit.verify(conn)] == [
+        "audit row 5 edited: its content does not match its hash"
+    ]

@@ -204,3 +204,36 @@ def _spec() -> Any:
     from aimesh_user.server import SPEC
 
     return SPEC
+
+
+async def test_a_finished_deletion_leaves_no_user_id_in_the_audit_trail(
+    new_database: Any, peers: FakePeers
+) -> None:
+    import asyncpg
+
+    from aimesh_runtime import audit
+
+    url = await new_database("user")
+    running = await start_server([_spec()], new_database, extra_env=saga_env(peers, url))
+    try:
+        async with running.channel() as channel:
+            users = user_service_pb2_grpc.UserServiceStub(channel)
+            user, token = await register_and_login(users)
+            started = await users.DeleteUser(
+                pb.DeleteUserRequest(name="users/me"), metadata=bearer(token)
+            )
+            ended = await until_ended(running, started.deletion.name)
+    finally:
+        await running.server.stop(0.5)
+    assert ended.state == pb.USER_DELETION_STATE_SUCCEEDED
+    user_id = user.name.removeprefix("users/")
+    connection = await asyncpg.connect(url)
+    try:
+        events = await connection.fetch("SELECT actor, target, details::text FROM audit_events")
+        erased = [e for e in events if "erased-" in e["target"]]
+        assert {e["target"] for e in erased} == {erased[0]["target"]}  # one pseudonym
+        assert len(erased) >= 3  # registered, deletion started, deleted
+        assert not any(user_id in "".join(map(str, e.values())) for e in events)
+        assert await audit.verify(connection) == []
+    finally:
+        await connection.close()
