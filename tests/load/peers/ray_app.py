@@ -8,7 +8,8 @@ a line arrives on stdin.
 
 Ray's own gRPC ingress serves aimesh's SearchService / RecommendService
 protos; each deployment has 2 replicas with one torch thread (the 2 cores),
-and `@serve.batch` at the aimesh service's batch size and wait. No auth, no
+`@serve.batch` at the aimesh service's batch size and wait, and
+max_ongoing_requests raised to that batch size. No auth, no
 validation, no store: the peer does only the model's work.
 """
 
@@ -27,7 +28,9 @@ from ray.serve.config import gRPCOptions
 REPLICAS = 2
 
 
-@serve.deployment(num_replicas=REPLICAS, ray_actor_options={"num_cpus": 1})
+# max_ongoing_requests at least the batch size, as Ray's docs advise for
+# @serve.batch: its default (5) would cap every batch at 5.
+@serve.deployment(num_replicas=REPLICAS, max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 class Search:
     def __init__(self, data_file: str) -> None:
         import numpy as np
@@ -68,7 +71,9 @@ class Search:
         )
 
 
-@serve.deployment(num_replicas=REPLICAS, ray_actor_options={"num_cpus": 1})
+@serve.deployment(
+    num_replicas=REPLICAS, max_ongoing_requests=128, ray_actor_options={"num_cpus": 1}
+)
 class Recommend:
     def __init__(self, data_file: str) -> None:
         import torch
