@@ -747,6 +747,53 @@ JOBS: dict[str, tuple[str, Callable[[argparse.Namespace], Awaitable[dict[str, An
 }
 
 
+def machine() -> str:
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} vCPU {model}, load average {os.getloadavg()[0]:.1f} at the end"
+
+
+def markdown_table(summaries: dict[str, dict[str, Any]]) -> str:
+    """The README's "How it compares" table, from this run's summaries."""
+    rows = [
+        f"`scripts/bench peers`, {time.strftime('%Y-%m-%d', time.gmtime())}, {machine()}:",
+        "",
+        "| job | peer | the peer | aimesh | aimesh ÷ peer |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("search", "recommend"):
+        if name in summaries:
+            got = summaries[name]
+            rows.append(
+                f"| {name}, {got['in_flight']} in flight | Ray Serve 2.60 |"
+                f" {got['ray_qps']:.0f} q/s, p99 {got['ray_p99_ms']:.0f} ms |"
+                f" {got['aimesh_qps']:.0f} q/s, p99 {got['aimesh_p99_ms']:.0f} ms |"
+                f" {got[f'{name}_vs_ray']:.2f}× throughput |"
+            )
+    if "chat" in summaries:
+        got = summaries["chat"]
+        rows.append(
+            f"| chat relay, added time to first chunk (p50) | LiteLLM proxy 1.108 |"
+            f" +{got['litellm_added_ttfc_ms_p50']:.1f} ms; {got['litellm_streams_per_s']:.0f}"
+            f" streams/s | +{got['aimesh_added_ttfc_ms_p50']:.1f} ms;"
+            f" {got['aimesh_streams_per_s']:.0f} streams/s |"
+            f" {got['chat_overhead_vs_litellm']:.2f}× the added time |"
+        )
+    if "notify" in summaries:
+        got = summaries["notify"]
+        rows.append(
+            f"| signed webhook deliveries, at least once | procrastinate 3.10 |"
+            f" {got['procrastinate_jobs_per_s']:.0f}/s, {got['procrastinate_lost']} lost |"
+            f" {got['aimesh_jobs_per_s']:.0f}/s, {got['aimesh_lost']} lost |"
+            f" {got['notify_vs_procrastinate']:.1f}× throughput |"
+        )
+    return "\n".join(rows)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs-only", default=",".join(JOBS), help="comma-separated jobs to run")
@@ -776,6 +823,7 @@ async def main() -> None:
     wanted = [name for name in args.jobs_only.split(",") if name]
     figures: dict[str, Any] = {"bench": "peers"}
     figures.update(dict.fromkeys(FIGURE_ORDER))
+    summaries: dict[str, dict[str, Any]] = {}
     for name in JOBS:
         key, job = JOBS[name]
         if name not in wanted:
@@ -792,8 +840,14 @@ async def main() -> None:
             continue
         print(json.dumps(summary), flush=True)
         figures[key] = summary[key]
+        summaries[name] = summary
+    table = markdown_table(summaries)
+    print(table)
     if args.plot:
         from tests.load import plotting
+
+        PLOTS_DIR.mkdir(parents=True, exist_ok=True)
+        (PLOTS_DIR / "peers-table.md").write_text(table + "\n")
 
         for path in plotting.write_peers(PLOT_DATA, PLOTS_DIR):
             print(f"  wrote {path.relative_to(ROOT)}")

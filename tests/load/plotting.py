@@ -53,8 +53,11 @@ def sweep_figure(job: str, data: dict[str, Any], path: Path, what: str) -> Path:
     axes[1].set_title(f"{what}: p99 latency")
     axes[1].set_ylabel("ms")
     axes[1].set_yscale("log")
+    levels = sorted(next(iter(data["sweep"].values())))
     for axis in axes[:2]:
         axis.set_xscale("log", base=2)
+        axis.set_xticks(levels, [str(level) for level in levels])
+        axis.minorticks_off()
         axis.set_xlabel("calls in flight")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
@@ -64,18 +67,35 @@ def sweep_figure(job: str, data: dict[str, Any], path: Path, what: str) -> Path:
     return path
 
 
+def cdf_panel(axis: Any, ttfc: dict[str, list[float]]) -> None:
+    """CDFs of time to first chunk, one line per path."""
+    for side, values in ttfc.items():
+        ordered = np.sort(values)
+        axis.plot(ordered, np.linspace(0, 1, len(ordered)), label=NAMES[side], color=COLOURS[side])
+    axis.set_title("time to first chunk (CDF)")
+    axis.set_xlabel("ms")
+    axis.set_ylabel("share of streams")
+
+
+def ttfc_figure(ttfc: dict[str, list[float]], path: Path) -> Path:
+    plt = pyplot()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axis = plt.subplots(figsize=(6, 4.2))
+    cdf_panel(axis, ttfc)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    save(figure, path)
+    return path
+
+
 def chat_figure(data: dict[str, Any], path: Path) -> Path:
     plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    for side, values in data["ttfc"].items():
-        ordered = np.sort(values)
-        axes[0].plot(ordered, np.linspace(0, 1, len(ordered)), label=NAMES[side],
-                     color=COLOURS[side])  # fmt: skip
-    axes[0].set_title("time to first chunk (CDF)")
-    axes[0].set_xlabel("ms")
-    axes[0].set_xscale("log")
+    cdf_panel(axes[0], data["ttfc"])
+    every = np.concatenate([np.asarray(v) for v in data["added"].values()])
+    bins = np.linspace(min(0.0, float(every.min())), float(np.percentile(every, 99.5)), 50)
     for side, values in data["added"].items():
-        axes[1].hist(values, bins=40, alpha=0.6, label=NAMES[side], color=COLOURS[side])
+        axes[1].hist(values, bins=bins, alpha=0.6, label=NAMES[side], color=COLOURS[side])
     axes[1].set_title("added over the direct stream, per triple")
     axes[1].set_xlabel("ms")
     axes[1].set_ylabel("streams")
