@@ -27,8 +27,8 @@ ratio_vs_raw  jobs_per_s / the rate of a raw asyncpg queue on the same
               the ratio against it, for comparison only.
 ratio_vs_store jobs_per_s / the store ceiling below: how close the whole
               service (gRPC, worker, signed HTTP) comes to its own SQL.
-store ceiling notify's own queue SQL alone,
-              on a fresh database of the same PostgreSQL, in the same run:
+store ceiling (printed) notify's own queue SQL alone, on a fresh
+              database of the same PostgreSQL, in the same run:
               NotifyStore.publish_batch (events and their deliveries, 100 per
               transaction, 4 in flight), the stream sequencer, and one
               consumer that claims 100 and completes them (the attempt rows
