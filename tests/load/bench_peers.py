@@ -11,7 +11,8 @@ notify_vs_procrastinate  signed webhook deliveries per second, at least once:
     and deliveries stored) and one `aimesh_notify.worker` process (256 at a
     time); procrastinate 3.10: batch_defer_async of a task that signs the
     request as notify does and POSTs it with httpx, one worker process (256
-    at a time). Both: JOBS jobs a round, 100 a call, 4 calls in flight, into
+    at a time, BENCH_PROCRASTINATE_CONCURRENCY; a pool of 16 connections).
+    Both: --jobs jobs a round, 100 a call, 4 calls in flight, into
     one embedded PostgreSQL (a database each), delivered to one receiver that
     verifies every signature. Rate = jobs ÷ seconds from the first publish to
     the last delivery accepted. N = aimesh's median ÷ the peer's.
@@ -21,8 +22,8 @@ chat_overhead_vs_litellm  added time to first text chunk over a direct SDK
     uvicorn worker, a master key, no database), measured in rotating triples
     (direct, aimesh, LiteLLM). C = aimesh's p50 ÷ LiteLLM's p50. Streams per
     second at 32 in flight are printed for both.
-search_vs_ray, recommend_vs_ray  calls per second with IN_FLIGHT calls in
-    flight, closed loop: aimesh's search (encoder micro-batcher, FAISS) and
+search_vs_ray, recommend_vs_ray  calls per second with --in-flight (64)
+    calls in flight, closed loop: aimesh's search (encoder micro-batcher, FAISS) and
     recommend (Torch scoring micro-batcher) services, against Ray Serve 2.60
     (gRPC ingress serving aimesh's own protos, `@serve.batch` at the service's
     batch size and wait, 2 replicas of one torch thread) running the same
@@ -467,11 +468,10 @@ async def job_chat(args: argparse.Namespace) -> dict[str, Any]:
         await direct.close()
         await proxied.close()
     finally:
-        if len(children) > 1:
-            await bench_chat.finish(children[1])
-        await bench_chat.finish(children[0]) if children else None
-        for child in children[2:]:
+        for child in children[2:]:  # LiteLLM
             await stop_child(child)
+        for child in reversed(children[:2]):  # the chat server, then the fake
+            await bench_chat.finish(child)
         pg.cleanup()
     summary: dict[str, Any] = {"bench": "peers.chat", "triples": args.pairs}
     summary["direct_ttfc_ms_p50"] = round(statistics.median(ttfc["direct"]), 3)
