@@ -264,12 +264,25 @@ class Run:
         }
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
+def pyplot() -> Any:
+    """matplotlib's pyplot drawing to files only (the dev extra, imported only
+    when a plot is asked for); scripts/bench's --plot draws with it too."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save(figure: Any, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot().close(figure)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
     seconds = [w["second"] for w in report["timeline"]]
     figure, axis = plt.subplots(figsize=(9, 4.5))
     for key, label in (("p50_ms", "p50"), ("p90_ms", "p90"), ("p99_ms", "p99"), ("max_ms", "max")):
@@ -281,9 +294,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     axis.set_title(f"aimesh bench {report['target']}: {mode}")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save(figure, path)
 
 
 async def run(args: Any) -> dict[str, Any]:

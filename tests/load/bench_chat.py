@@ -49,6 +49,7 @@ PAIRS = 200
 CONCURRENCY = 32
 THROUGHPUT_S = 5.0
 CHUNKS = [f"w{i} " for i in range(20)]
+TTFC: dict[str, list[float]] = {"direct": [], "aimesh": []}  # ms, for --plot
 
 
 async def serve_fake() -> None:
@@ -137,7 +138,7 @@ async def service_stream(stub: Any, metadata: Any, conversation: str) -> tuple[f
     return first, clean
 
 
-async def main() -> None:
+async def main(plot: bool) -> None:
     import pgserver
 
     folder = Path(tempfile.mkdtemp(prefix="aimesh-bench-chat-"))
@@ -159,6 +160,11 @@ async def main() -> None:
             await finish(fake)
     finally:
         pg.cleanup()
+    if plot:
+        from tests.load import plotting
+
+        path = plotting.ttfc_figure(TTFC, plotting.PLOTS_DIR / "chat-ttfc.png")
+        print(f"  wrote {path.relative_to(Path(__file__).resolve().parents[2])}")
     print(json.dumps(result))
 
 
@@ -188,6 +194,8 @@ async def measure(fake_url: str, chat_address: str, token: str) -> dict[str, Any
             if not clean:
                 raise RuntimeError("a stream did not finish cleanly")
             overheads.append((served - direct) * 1000)
+            TTFC["direct"].append(direct * 1000)
+            TTFC["aimesh"].append(served * 1000)
         overheads.sort()
         print(
             f"  ttfc overhead over {PAIRS} pairs: p50 {statistics.median(overheads):.2f} ms, "
@@ -227,10 +235,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--fake", action="store_true")
     parser.add_argument("--serve", nargs=2, metavar=("DATABASE_URL", "FAKE_URL"))
+    parser.add_argument("--plot", action="store_true", help="write PNGs into tests/load/plots")
     args = parser.parse_args()
     if args.fake:
         asyncio.run(serve_fake())
     elif args.serve:
         asyncio.run(serve_chat(*args.serve))
     else:
-        asyncio.run(main())
+        asyncio.run(main(args.plot))

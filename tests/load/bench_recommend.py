@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -50,7 +51,13 @@ from aimesh_recommend import evaluation, stats  # noqa: E402
 from aimesh_recommend import model as mf  # noqa: E402
 from aimesh_recommend.scoring import MAX_K, ScoreRequest, ServingModel  # noqa: E402
 from aimesh_recommend.training import evaluate  # noqa: E402
-from tests.load.servers import mean_of_histogram, on_off_rounds, start_process, wait_serving  # noqa: E402
+from tests.load.servers import (  # noqa: E402
+    histogram_buckets,
+    mean_of_histogram,
+    on_off_rounds,
+    start_process,
+    wait_serving,
+)
 
 IN_FLIGHT = 64
 SEEN_PER_USER = 20
@@ -178,7 +185,7 @@ async def grpc_floor_qps(port: int, seconds: float) -> float:
         return done / (time.monotonic() - started)
 
 
-async def measure_serving(args: argparse.Namespace) -> dict[str, float]:
+async def measure_serving(args: argparse.Namespace) -> dict[str, Any]:
     os.environ["AIMESH_PORT_OFFSET"] = str(local.free_port_offset(6000))
     folder = Path(tempfile.mkdtemp(prefix="aimesh-bench-recommend-"))
     stored = local.load_secrets(folder)
@@ -223,6 +230,7 @@ async def measure_serving(args: argparse.Namespace) -> dict[str, float]:
                 lambda port: load_round(port, token, user_ids, args.seconds),
                 raw_round,
             )
+            batch_buckets = histogram_buckets(ports["on"] + 1000, "aimesh_recommend_batch_size")
             floor_port = ports["on"] + 200
             processes.append(
                 subprocess.Popen(
@@ -246,7 +254,11 @@ async def measure_serving(args: argparse.Namespace) -> dict[str, float]:
         f"  health checks from this client to a bare gRPC server"
         f" (no work per call): {floor:.0f} q/s"
     )
-    return {"batch_qps_ratio": on_qps / off_qps, "feed_efficiency": on_qps / raw}
+    return {
+        "batch_qps_ratio": on_qps / off_qps,
+        "feed_efficiency": on_qps / raw,
+        "batches": batch_buckets,
+    }
 
 
 def measure_model() -> float:
@@ -282,12 +294,22 @@ async def main() -> None:
     parser.add_argument("--users", type=int, default=5_000)
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--dimension", type=int, default=32)
+    parser.add_argument("--plot", action="store_true", help="write PNGs into tests/load/plots")
     args = parser.parse_args()
     print(
         f"serving: {args.items} items x {args.dimension} dims, {args.users} users;"
         f" {args.rounds} rounds of {args.seconds:.0f} s, {IN_FLIGHT} in flight, cache off"
     )
     serving = await measure_serving(args)
+    if args.plot:
+        from tests.load import plotting
+
+        path = plotting.batch_figure(
+            serving["batches"],
+            plotting.PLOTS_DIR / "recommend-batches.png",
+            "recommend: batches the scoring micro-batcher formed",
+        )
+        print(f"  wrote {path.relative_to(ROOT)}")
     print("model and A/B test, offline")
     hr_ratio = measure_model()
     false_positives, power = measure_test()

@@ -51,6 +51,14 @@ def mean_of_histogram(http_port: int, name: str) -> float:
     return values["sum"] / values["count"]
 
 
+def histogram_buckets(http_port: int, name: str) -> list[tuple[float, float]]:
+    """(upper bound, cumulative count) of Prometheus histogram `name` on /metrics."""
+    url = f"http://127.0.0.1:{http_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    found = re.findall(rf'^{name}_bucket{{[^}}]*le="([^"]+)"[^}}]*}} (\S+)', text, re.M)
+    return [(float(bound), float(count)) for bound, count in found]
+
+
 async def on_off_rounds(
     ports: dict[str, int],
     rounds: int,
