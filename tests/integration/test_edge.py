@@ -82,6 +82,10 @@ def fake_model() -> Iterator[str]:
         started.append(fake.base_url)
         ready.set()
         loop.run_forever()
+        # Stopped by the fixture: close the server and the loop in this thread, so no
+        # socket or loop is left for the garbage collector to warn about in a later test.
+        loop.run_until_complete(fake.stop())
+        loop.close()
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()

@@ -35,10 +35,14 @@ ADMIN_READ = "user.read user.admin"
 class SlowUsers(user_service_pb2_grpc.UserServiceServicer):
     """GetUser sleeps when asked for users/slow and crashes for users/crash."""
 
+    # Slow calls that reached the handler, so a test can stop the server while they run.
+    slow_entered = 0
+
     async def GetUser(
         self, request: pb.GetUserRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetUserResponse:
         if request.name == "users/slow":
+            SlowUsers.slow_entered += 1
             await asyncio.sleep(0.5)
         if request.name == "users/crash":
             raise RuntimeError("bug in a handler")
@@ -166,13 +170,18 @@ async def test_graceful_drain_finishes_in_flight_calls(new_database: Any, tmp_pa
     async with running.channel() as channel:
         stub = user_service_pb2_grpc.UserServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
+        entered_before = SlowUsers.slow_entered
         in_flight = [
             asyncio.ensure_future(
                 stub.GetUser(pb.GetUserRequest(name="users/slow"), metadata=token_metadata())
             )
             for _ in range(10)
         ]
-        await asyncio.sleep(0.1)
+        # Stop only once all ten are in the handler: under load they may take a while
+        # to get past authentication, and a call not yet accepted is not in flight.
+        async with asyncio.timeout(30):
+            while SlowUsers.slow_entered < entered_before + 10:
+                await asyncio.sleep(0.01)
         stopping = asyncio.ensure_future(running.server.stop(5.0))
         await asyncio.sleep(0.05)
         replies = await asyncio.gather(*in_flight)
