@@ -20,7 +20,7 @@ from aimesh_notify.store import NotifyStore, SubscriptionRow
 from aimesh_runtime.auth import Principal
 from aimesh_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from aimesh_runtime.ownership import Owner
-from aimesh_runtime.pages import decode_keyset, encode_keyset, page_size
+from aimesh_runtime.pages import cut_page, decode_keyset, encode_keyset, page_size
 
 ADMIN_SCOPE = "notify.admin"
 DEFAULT_TIMEOUT_MS = 10_000
@@ -148,11 +148,7 @@ class Subscriptions:
     async def list(self, caller: Principal, size: int, token: str) -> Page:
         limit = page_size(size)
         rows = await self._store.subscriptions(owner_scope(caller), decode_keyset(token), limit + 1)
-        following = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            following = encode_keyset(rows[-1].create_time, rows[-1].id)
-        return Page(rows, following)
+        return Page(*cut_page(rows, limit, lambda row: encode_keyset(row.create_time, row.id)))
 
     async def update(
         self,

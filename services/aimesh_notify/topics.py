@@ -20,7 +20,7 @@ import uuid
 from aimesh_notify.store import NotifyStore, TopicGrantRow
 from aimesh_runtime.errors import InvalidArgument, NotFound
 from aimesh_runtime.ownership import Owner
-from aimesh_runtime.pages import decode_keyset, encode_keyset, page_size
+from aimesh_runtime.pages import cut_page, decode_keyset, encode_keyset, page_size
 
 PLATFORM_TOPICS = frozenset({"user", "search", "chat", "recommend", "notify"})
 APPS = "apps"
@@ -88,10 +88,7 @@ class Topics:
     async def list(self, size: int, token: str) -> tuple[list[TopicGrantRow], str]:
         limit = page_size(size)
         rows = await self._store.topic_grants(decode_keyset(token), limit + 1)
-        if len(rows) > limit:
-            rows = rows[:limit]
-            return rows, encode_keyset(rows[-1].create_time, rows[-1].id)
-        return rows, ""
+        return cut_page(rows, limit, lambda row: encode_keyset(row.create_time, row.id))
 
     async def revoke(self, name: str) -> None:
         if not await self._store.delete_topic_grant(name.removeprefix("topicGrants/")):

@@ -32,7 +32,7 @@ from aimesh_recommend.store import ItemRow, NewInteraction, RecommendStore, Serv
 from aimesh_runtime import audit
 from aimesh_runtime.batching import MicroBatcher
 from aimesh_runtime.errors import InvalidArgument, NotFound, ResourceExhausted
-from aimesh_runtime.pages import decode_page_token, encode_page_token, page_size
+from aimesh_runtime.pages import cut_page, decode_page_token, encode_page_token, page_size
 from aimesh_runtime.resilience import BreakerOpen, CircuitBreaker, FirstLoad
 
 log = logging.getLogger(__name__)
@@ -258,9 +258,7 @@ class Recommender:
         position = decode_page_token(token)
         after = "" if position is None else str(position)
         rows = await self._store.items(after, limit + 1)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return rows, encode_page_token(rows[-1].id) if more else ""
+        return cut_page(rows, limit, lambda row: encode_page_token(row.id))
 
     async def delete_item(self, item_id: str) -> None:
         if not await self._store.delete_item(item_id):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 
 from aimesh.recommend.v1 import recommend_service_pb2 as pb
 from aimesh.recommend.v1 import recommend_service_pb2_grpc
@@ -17,24 +16,25 @@ from aimesh_recommend.store import ItemRow, JobRow, NewInteraction, RecommendSto
 from aimesh_recommend.training import Trainer
 from aimesh_runtime.errors import InvalidArgument
 from aimesh_runtime.metrics import ModelMetrics
-from aimesh_runtime.pages import decode_page_token, encode_page_token, page_size, timestamp
+from aimesh_runtime.pages import (
+    cut_page,
+    decode_page_token,
+    encode_page_token,
+    page_size,
+    struct,
+    timestamp,
+)
 
 
 def _item_id(name: str) -> str:
     return name.removeprefix("items/")
 
 
-def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    message.update(values)
-    return message
-
-
 def item_proto(row: ItemRow) -> pb.Item:
     return pb.Item(
         name=f"items/{row.id}",
         text=row.text,
-        metadata=_struct(row.metadata),
+        metadata=struct(row.metadata),
         content_embedded=row.content_embedded,
         create_time=timestamp(row.create_time),
         update_time=timestamp(row.update_time),
@@ -199,9 +199,9 @@ class RecommendServicer(recommend_service_pb2_grpc.RecommendServiceServicer):
         if position is not None and not isinstance(position, int):
             raise InvalidArgument.field("page_token", "not a token from a previous page")
         rows = await self._store.versions(position, limit + 1)
-        token = encode_page_token(rows[limit - 1].seq) if len(rows) > limit else ""
+        rows, token = cut_page(rows, limit, lambda row: encode_page_token(row.seq))
         return pb.ListModelVersionsResponse(
-            model_versions=[version_proto(r) for r in rows[:limit]],
+            model_versions=[version_proto(r) for r in rows],
             next_page_token=token,
             serving_version=self._recommender.version,
         )

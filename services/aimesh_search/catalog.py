@@ -27,7 +27,13 @@ from aimesh_runtime.errors import (
     NotFound,
 )
 from aimesh_runtime.ownership import Owner
-from aimesh_runtime.pages import bad_page_token, decode_page_token, encode_page_token, page_size
+from aimesh_runtime.pages import (
+    bad_page_token,
+    cut_page,
+    decode_page_token,
+    encode_page_token,
+    page_size,
+)
 from aimesh_runtime.resilience import FirstLoad
 from aimesh_search import filters
 from aimesh_search.batcher import BatcherMetrics, EncoderBatcher, QueryCache
@@ -225,9 +231,7 @@ class Catalog:
     ) -> tuple[list[CollectionRow], str]:
         limit = page_size(size)
         rows = await self._store.collections(decode_after(token), limit + 1, visible_to)
-        if len(rows) > limit:
-            return rows[:limit], encode_page_token(rows[limit - 1].id)
-        return rows, ""
+        return cut_page(rows, limit, lambda row: encode_page_token(row.id))
 
     async def delete_collection(self, collection_id: str) -> None:
         async with self._write_locks[collection_id]:
@@ -316,9 +320,7 @@ class Catalog:
         await self._collection(collection_id)
         limit = page_size(size)
         rows = await self._store.documents(collection_id, decode_after(token), limit + 1)
-        if len(rows) > limit:
-            return rows[:limit], encode_page_token(rows[limit - 1].id)
-        return rows, ""
+        return cut_page(rows, limit, lambda row: encode_page_token(row.id))
 
     async def delete_document(self, collection_id: str, document_id: str) -> None:
         await self._collection(collection_id)

@@ -19,7 +19,7 @@ from typing import Any
 
 from aimesh.search.v1 import search_service_pb2 as pb
 from aimesh_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
-from aimesh_runtime.pages import encode_page_token, page_size
+from aimesh_runtime.pages import cut_page, encode_page_token, page_size
 from aimesh_search.batcher import EncoderBatcher
 from aimesh_search.catalog import Catalog, DocumentInput, decode_after
 from aimesh_search.store import ImportJobRow, SearchStore
@@ -241,9 +241,7 @@ class Importer:
         await self._catalog.get_collection(collection_id)
         limit = page_size(size)
         rows = await self._store.import_jobs(collection_id, decode_after(token), limit + 1)
-        if len(rows) > limit:
-            return rows[:limit], encode_page_token(rows[limit - 1].id)
-        return rows, ""
+        return cut_page(rows, limit, lambda row: encode_page_token(row.id))
 
     async def cancel(self, collection_id: str, job_id: str) -> ImportJobRow:
         await self.get(collection_id, job_id)

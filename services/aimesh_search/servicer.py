@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 
 from aimesh.search.v1 import search_service_pb2 as pb
 from aimesh.search.v1 import search_service_pb2_grpc
@@ -14,18 +14,12 @@ from aimesh_runtime.auth import Principal
 from aimesh_runtime.context import principal as caller
 from aimesh_runtime.errors import InvalidArgument, PermissionDenied
 from aimesh_runtime.ownership import is_service_account
-from aimesh_runtime.pages import timestamp
+from aimesh_runtime.pages import struct, timestamp
 from aimesh_search.catalog import Catalog, DocumentInput, Query
 from aimesh_search.importer import Importer
 from aimesh_search.store import CollectionRow, DocumentRow, ImportJobRow
 
 UPDATABLE_COLLECTION_FIELDS = frozenset({"display_name", "visibility"})
-
-
-def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    message.update(values)
-    return message
 
 
 def _collection_id(name: str) -> str:
@@ -58,7 +52,7 @@ def document_proto(row: DocumentRow) -> pb.Document:
     return pb.Document(
         name=f"collections/{row.collection_id}/documents/{row.id}",
         text=row.text,
-        metadata=_struct(row.metadata),
+        metadata=struct(row.metadata),
         owner=row.owner,
         text_truncated=row.text_truncated,
         create_time=timestamp(row.create_time),
@@ -104,7 +98,7 @@ def _response(hits_and_flag: tuple[list[Any], bool]) -> pb.SearchResponse:
                 document=f"collections/{h.document.collection_id}/documents/{h.document.id}",
                 score=h.score,
                 text=h.document.text,
-                metadata=_struct(h.document.metadata),
+                metadata=struct(h.document.metadata),
             )
             for h in hits
         ],
