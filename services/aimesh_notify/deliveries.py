@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aimesh_notify.store import DeliveryRow, NotifyStore
+from aimesh_notify.delivery_store import DeliveryRow, DeliveryStore
 from aimesh_notify.subscriptions import Subscriptions
 from aimesh_runtime.auth import Principal
 from aimesh_runtime.pages import (
@@ -25,7 +25,7 @@ class Page:
 
 
 class Deliveries:
-    def __init__(self, store: NotifyStore, subscriptions: Subscriptions) -> None:
+    def __init__(self, store: DeliveryStore, subscriptions: Subscriptions) -> None:
         self._store = store
         self._subscriptions = subscriptions
 

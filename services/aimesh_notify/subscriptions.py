@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from aimesh_notify.netguard import DeniedUrl, NetworkGuard
 from aimesh_notify.sealing import SecretBox
 from aimesh_notify.signing import new_secret
-from aimesh_notify.store import NotifyStore, SubscriptionRow
+from aimesh_notify.store import SubscriptionRow, SubscriptionStore
 from aimesh_runtime.auth import Principal
 from aimesh_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from aimesh_runtime.ownership import Owner
@@ -92,7 +92,7 @@ def check_timeout(timeout_ms: int, field: str) -> int:
 
 
 class Subscriptions:
-    def __init__(self, store: NotifyStore, guard: NetworkGuard, box: SecretBox) -> None:
+    def __init__(self, store: SubscriptionStore, guard: NetworkGuard, box: SecretBox) -> None:
         self._store = store
         self._guard = guard
         self._box = box
@@ -136,8 +136,12 @@ class Subscriptions:
     async def owner_of(self, name: str) -> Owner | None:
         """Who owns the subscription `name`; None if there is none."""
         subscription_id = name.removeprefix("subscriptions/").split("/", 1)[0]
-        row = await self._store.subscription(subscription_id, None)
+        row = await self.by_id(subscription_id)
         return None if row is None else Owner(row.owner_id)
+
+    async def by_id(self, subscription_id: str) -> SubscriptionRow | None:
+        """The subscription as stored now, whoever owns it (the caller was checked before)."""
+        return await self._store.subscription(subscription_id, None)
 
     async def get(self, caller: Principal, name: str, field: str = "name") -> SubscriptionRow:
         row = await self._store.subscription(parse_subscription(name, field), owner_scope(caller))

@@ -17,7 +17,7 @@ import re
 import time
 import uuid
 
-from aimesh_notify.store import NotifyStore, TopicGrantRow
+from aimesh_notify.store import SubscriptionStore, TopicGrantRow
 from aimesh_runtime.errors import InvalidArgument, NotFound
 from aimesh_runtime.ownership import Owner
 from aimesh_runtime.pages import cut_page, decode_keyset, encode_keyset, page_size
@@ -45,7 +45,7 @@ def grant_name(grant_id: str) -> str:
 class Topics:
     """Topic ownership for the pipeline, and the grants admins make."""
 
-    def __init__(self, store: NotifyStore) -> None:
+    def __init__(self, store: SubscriptionStore) -> None:
         self._store = store
         self._grants: list[tuple[str, str]] = []
         self._read_at = -1e9

@@ -36,7 +36,8 @@ from aimesh_runtime.pages import (
 )
 from aimesh_runtime.resilience import FirstLoad
 from aimesh_search import filters
-from aimesh_search.batcher import BatcherMetrics, EncoderBatcher, QueryCache
+from aimesh_search.batcher import BatcherMetrics, EncoderBatcher
+from aimesh_search.cache import QueryCache
 from aimesh_search.encoder import Encoder
 from aimesh_search.index import VectorIndex
 from aimesh_search.settings import SearchSettings
