@@ -18,6 +18,7 @@ from aimesh.search.v1 import search_service_pb2
 from aimesh_recommend.batcher import scoring_batcher
 from aimesh_recommend.cache import build_cache
 from aimesh_recommend.content import ContentIndex
+from aimesh_recommend.experiments import ModelRegistry
 from aimesh_recommend.model import pick_device
 from aimesh_recommend.recommender import Recommender, ServingLog
 from aimesh_recommend.servicer import RecommendServicer
@@ -84,7 +85,7 @@ async def mount(context: ServiceContext) -> Mount:
         servicers=[
             (
                 recommend_service_pb2_grpc.add_RecommendServiceServicer_to_server,
-                RecommendServicer(recommender, trainer, store, model_metrics),
+                RecommendServicer(recommender, trainer, ModelRegistry(store), model_metrics),
             )
         ],
         background=[recommender.run_refresh, servings.run],

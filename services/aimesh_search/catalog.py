@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from aimesh.search.v1 import search_service_pb2 as pb
 from aimesh_runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -72,8 +71,14 @@ class Hit:
 class Query:
     text: str
     top_k: int
-    metadata_filter: pb.MetadataFilter | None
+    conditions: tuple[filters.Condition, ...]  # all must hold; none: no filter
     min_score: float | None
+
+
+@dataclass(frozen=True)
+class SearchAnswer:
+    hits: list[Hit]
+    query_truncated: bool  # the query text was cut to the model's input limit
 
 
 def decode_after(token: str) -> str:
@@ -359,20 +364,18 @@ class Catalog:
         vectors = np.stack([hit[0] for hit in cached if hit is not None])
         return vectors, [hit[1] for hit in cached if hit is not None]
 
-    async def search(
-        self, collection_id: str, queries: Sequence[Query]
-    ) -> list[tuple[list[Hit], bool]]:
+    async def search(self, collection_id: str, queries: Sequence[Query]) -> list[SearchAnswer]:
         for query in queries:
-            for condition in query.metadata_filter.conditions if query.metadata_filter else ():
-                bounds = condition.range
+            for condition in query.conditions:
                 if (
-                    condition.WhichOneof("test") == "range"
-                    and bounds.HasField("min")
-                    and bounds.HasField("max")
-                    and bounds.min > bounds.max
+                    isinstance(condition, filters.Range)
+                    and condition.min is not None
+                    and condition.max is not None
+                    and condition.min > condition.max
                 ):
                     raise InvalidArgument.field(
-                        "filter.conditions.range", f"min {bounds.min} exceeds max {bounds.max}"
+                        "filter.conditions.range",
+                        f"min {condition.min} exceeds max {condition.max}",
                     )
         row = self._served.get(collection_id) or await self._collection(collection_id)
         self._check_served(row)
@@ -381,8 +384,8 @@ class Catalog:
         found = []
         for position, query in enumerate(queries):
             allowed = None
-            if query.metadata_filter is not None and query.metadata_filter.conditions:
-                where, args = filters.to_sql(query.metadata_filter, first_param=2)
+            if query.conditions:
+                where, args = filters.to_sql(query.conditions, first_param=2)
                 allowed = await self._store.matching_vector_ids(collection_id, where, args)
             scores, ids = await index.search(
                 vectors[position : position + 1], query.top_k + OVERFETCH, allowed
@@ -408,5 +411,5 @@ class Catalog:
                 hits.append(Hit(document, float(score)))
                 if len(hits) == query.top_k:
                     break
-            answers.append((hits, truncated[position]))
+            answers.append(SearchAnswer(hits, truncated[position]))
         return answers
