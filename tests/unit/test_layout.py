@@ -5,17 +5,20 @@
   google.protobuf. Everything else there is domain or store, and works on the
   package's own types.
 - A service never imports another service's package.
+- The CLI is a client and a launcher: it imports no service package.
 """
 
 from __future__ import annotations
 
 import ast
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 
 SERVICES_DIR = Path(__file__).resolve().parents[2] / "services"
 SERVICES = ("aimesh_user", "aimesh_search", "aimesh_recommend", "aimesh_chat", "aimesh_notify")
+SERVICES_IN_START_ORDER = ("user", "search", "recommend", "chat", "notify")
 # The servicer translates proto <-> domain; the server wires the servicer in.
 CONTRACT_MODULES = frozenset({"servicer.py", "server.py"})
 # Clients of another service's generated stub (a call out, translated at the edge).
@@ -69,3 +72,23 @@ def test_a_service_imports_no_other_service(service: str) -> None:
         for path in sorted((SERVICES_DIR / service).rglob("*.py"))
     }
     assert {path: found for path, found in offenders.items() if found} == {}
+
+
+def test_the_cli_imports_no_service_package() -> None:
+    offenders = {
+        str(path.relative_to(SERVICES_DIR)): sorted(
+            name for name in imported(path) if name.split(".")[0] in SERVICES
+        )
+        for path in sorted((SERVICES_DIR / "aimesh_cli").rglob("*.py"))
+    }
+    assert {path: found for path, found in offenders.items() if found} == {}
+
+
+def test_every_service_is_registered_for_the_monolith() -> None:
+    """Named only: loading them imports every service (test_local_platform's
+    monolith test starts them)."""
+    from aimesh_cli.monolith import GROUP, ORDER
+
+    points = {point.name: point.value for point in entry_points(group=GROUP)}
+    assert ORDER == SERVICES_IN_START_ORDER
+    assert points == {name: f"aimesh_{name}.server:SPEC" for name in ORDER}
