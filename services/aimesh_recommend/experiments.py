@@ -57,29 +57,18 @@ class ModelRegistry:
     ) -> Results:
         """Exposures and conversions (interactions of `kinds`, by default clicks and
         purchases) of two versions between `start` and `end`, and the test."""
-        return await experiment(self._store, control, treatment, kinds, start, end)
-
-
-async def experiment(
-    store: RecommendStore,
-    control: str,
-    treatment: str,
-    kinds: Sequence[int],
-    start: dt.datetime | None,
-    end: dt.datetime | None,
-) -> Results:
-    if control == treatment:
-        raise InvalidArgument.field("treatment_version", "must differ from control_version")
-    for field, version in (("control_version", control), ("treatment_version", treatment)):
-        if await store.version(version) is None:
-            raise NotFound(
-                f"modelVersions/{version} is not registered",
-                reason="MODEL_VERSION_NOT_FOUND",
-                metadata={"model_version": version, "field": field},
-            )
-    chosen = list(kinds) or [int(kind) for kind in DEFAULT_CONVERSIONS]
-    variants = []
-    for version in (control, treatment):
-        exposures, conversions = await store.experiment_counts(version, chosen, start, end)
-        variants.append(stats.Variant(version, exposures, conversions))
-    return Results(variants[0], variants[1], stats.compare(variants[0], variants[1]))
+        if control == treatment:
+            raise InvalidArgument.field("treatment_version", "must differ from control_version")
+        for field, version in (("control_version", control), ("treatment_version", treatment)):
+            if await self._store.version(version) is None:
+                raise NotFound(
+                    f"modelVersions/{version} is not registered",
+                    reason="MODEL_VERSION_NOT_FOUND",
+                    metadata={"model_version": version, "field": field},
+                )
+        chosen = list(kinds) or [int(kind) for kind in DEFAULT_CONVERSIONS]
+        variants = []
+        for version in (control, treatment):
+            counts = await self._store.experiment_counts(version, chosen, start, end)
+            variants.append(stats.Variant(version, *counts))
+        return Results(variants[0], variants[1], stats.compare(variants[0], variants[1]))
