@@ -45,7 +45,6 @@ def downstream_timeout_s(cap_s: float, share: float) -> float:
     remaining = None if scope is None else scope.remaining_s()
     if remaining is None:
         return cap_s
-    # Never zero or negative: the stub would treat that as no deadline or fail oddly.
     return max(min(cap_s, remaining * share), 0.001)
 
 
