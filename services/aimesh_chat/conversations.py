@@ -17,6 +17,7 @@ from aimesh_runtime.errors import InvalidArgument, NotFound
 from aimesh_runtime.ownership import Owner
 from aimesh_runtime.pages import (
     bad_page_token,
+    cut_page,
     decode_keyset,
     decode_page_token,
     encode_keyset,
@@ -98,11 +99,7 @@ class Conversations:
     async def list(self, owner_id: str, size: int, token: str) -> Page[ConversationRow]:
         limit = page_size(size)
         rows = await self._store.conversations_of(owner_id, decode_keyset(token), limit + 1)
-        following = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            following = encode_keyset(rows[-1].update_time, rows[-1].id)
-        return Page(rows, following)
+        return Page(*cut_page(rows, limit, lambda row: encode_keyset(row.update_time, row.id)))
 
     async def messages(self, owner_id: str, parent: str, size: int, token: str) -> Page[MessageRow]:
         conversation = await self.get(owner_id, parent, "parent")
@@ -111,11 +108,7 @@ class Conversations:
         if not isinstance(after, int) or after < 0:
             raise bad_page_token()
         rows = await self._store.messages_of(conversation.id, after, limit + 1)
-        following = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            following = encode_page_token(rows[-1].seq)
-        return Page(rows, following)
+        return Page(*cut_page(rows, limit, lambda row: encode_page_token(row.seq)))
 
     async def message(self, owner_id: str, name: str) -> MessageRow:
         conversation_id, message_id = parse_message(name)

@@ -17,7 +17,7 @@ import grpc
 
 from aimesh.search.v1 import search_service_pb2, search_service_pb2_grpc
 from aimesh_chat.prompting import Passage
-from aimesh_runtime.context import call_scope
+from aimesh_runtime.context import downstream_timeout_s
 from aimesh_runtime.errors import NotFound
 from aimesh_runtime.resilience import BreakerOpen, CircuitBreaker
 
@@ -49,11 +49,7 @@ class SearchRetriever:
 
     def budget_s(self) -> float:
         """Search's share of the caller's remaining deadline, capped."""
-        scope = call_scope()
-        remaining = None if scope is None else scope.remaining_s()
-        if remaining is None:
-            return self._timeout_s
-        return max(min(self._timeout_s, remaining * self._share), 0.001)
+        return downstream_timeout_s(self._timeout_s, self._share)
 
     async def retrieve(self, collection: str, query: str, top_k: int) -> Retrieval:
         if not collection:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from aimesh_runtime import audit, outbox
+from aimesh_runtime.db import KeysetPage
 
 
 @dataclass(frozen=True)
@@ -128,23 +129,13 @@ class ChatStore:
     async def conversations_of(
         self, owner_id: str, after: tuple[dt.datetime, str] | None, limit: int
     ) -> list[ConversationRow]:
-        if after is None:
-            rows = await self._pool.fetch(
-                """SELECT * FROM conversations WHERE owner_id = $1
-                   ORDER BY update_time DESC, id DESC LIMIT $2""",
-                owner_id,
-                limit,
-            )
-        else:
-            rows = await self._pool.fetch(
-                """SELECT * FROM conversations WHERE owner_id = $1
-                     AND (update_time, id) < ($2, $3)
-                   ORDER BY update_time DESC, id DESC LIMIT $4""",
-                owner_id,
-                after[0],
-                after[1],
-                limit,
-            )
+        page = KeysetPage.of(after, limit, column="update_time", descending=True, first=2)
+        rows = await self._pool.fetch(
+            f"""SELECT * FROM conversations WHERE owner_id = $1 AND {page.where}
+                {page.order_limit}""",
+            owner_id,
+            *page.values,
+        )
         return [_conversation(row) for row in rows]
 
     async def messages_of(

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -120,48 +120,11 @@ async def _train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    # Torch is imported only here: the rest of the CLI runs without it.
-    from aimesh_recommend import evaluation, model
-    from aimesh_recommend.training import evaluate
-
+    # The harness is the recommend service's own module, run in its own process:
+    # the CLI imports no service package (and needs no torch).
+    command = [sys.executable, "-m", "aimesh_recommend.evaluation"]
     if args.file is not None:
-        try:
-            events = evaluation.read_movielens(args.file)
-        except (OSError, ValueError) as error:
-            print(f"aimesh: {error}", file=sys.stderr)
-            return 2
-        source = str(args.file)
-    else:
-        events = evaluation.planted(seed=args.seed)
-        source = "synthetic interactions with planted user and item groups"
-    split = evaluation.leave_last_out(events)
-    data = split.train
-    print(
-        f"{source}: {len(events)} interactions, {len(data.user_ids)} users, "
-        f"{len(data.item_ids)} items; {len(split.held_users)} held out (each user's latest)"
-    )
-    device = model.pick_device(args.device)
-    options = model.TrainingOptions(dimension=args.dimension, epochs=args.epochs, seed=args.seed)
-    started = time.perf_counter()
-
-    def progress(done: int, loss: float) -> None:
-        print(
-            bar(done / options.epochs, f"epoch {done}/{options.epochs}, loss {loss:.4f}"),
-            end="",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    trained = model.train(data, options, device, progress)
-    print(file=sys.stderr)
-    metrics = evaluate(trained, split, device)
-    print(f"trained on {device} in {time.perf_counter() - started:.1f} s")
-    print(f"{'':<12}{'HR@10':>8}{'NDCG@10':>10}")
-    print(f"{'model':<12}{metrics['hr_at_10']:>8.4f}{metrics['ndcg_at_10']:>10.4f}")
-    print(
-        f"{'popularity':<12}{metrics['popularity_hr_at_10']:>8.4f}"
-        f"{metrics['popularity_ndcg_at_10']:>10.4f}"
-    )
-    ratio = metrics["hr_at_10"] / max(metrics["popularity_hr_at_10"], 1e-12)
-    print(f"HR@10 is {ratio:.2f}x popularity's")
-    return 0
+        command += ["--file", str(args.file)]
+    command += ["--epochs", str(args.epochs), "--dimension", str(args.dimension)]
+    command += ["--device", args.device, "--seed", str(args.seed)]
+    return subprocess.run(command, check=False).returncode

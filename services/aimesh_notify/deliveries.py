@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aimesh_notify.store import DeliveryRow, NotifyStore
+from aimesh_notify.delivery_store import DeliveryRow, DeliveryStore
 from aimesh_notify.subscriptions import Subscriptions
 from aimesh_runtime.auth import Principal
-from aimesh_runtime.pages import bad_page_token, decode_page_token, encode_page_token, page_size
+from aimesh_runtime.pages import (
+    bad_page_token,
+    cut_page,
+    decode_page_token,
+    encode_page_token,
+    page_size,
+)
 
 ALL_SUBSCRIPTIONS = "subscriptions/-"
 
@@ -19,7 +25,7 @@ class Page:
 
 
 class Deliveries:
-    def __init__(self, store: NotifyStore, subscriptions: Subscriptions) -> None:
+    def __init__(self, store: DeliveryStore, subscriptions: Subscriptions) -> None:
         self._store = store
         self._subscriptions = subscriptions
 
@@ -32,11 +38,7 @@ class Deliveries:
         if before is not None and not (isinstance(before, int) and before > 0):
             raise bad_page_token()
         rows = await self._store.deliveries(subscription.id, status, before, limit + 1)
-        following = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            following = encode_page_token(rows[-1].id)
-        return Page(rows, following)
+        return Page(*cut_page(rows, limit, lambda row: encode_page_token(row.id)))
 
     async def redrive(self, caller: Principal, parent: str) -> int:
         if parent == ALL_SUBSCRIPTIONS:

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import asyncpg
 
-from aimesh_notify.store import CHANNEL, EventRow, NotifyStore
+from aimesh_notify.event_store import CHANNEL, EventRow, EventStore
 from aimesh_notify.subscriptions import Subscriptions, not_found
 from aimesh_runtime.auth import Principal
 from aimesh_runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument
@@ -107,7 +107,7 @@ class Announcer:
     into at most one NOTIFY in flight at a time.
     """
 
-    def __init__(self, store: NotifyStore) -> None:
+    def __init__(self, store: EventStore) -> None:
         self._store = store
         self._poked = asyncio.Event()
 
@@ -128,7 +128,7 @@ class Announcer:
 class Sequencer:
     """Numbers committed events for streams, batch by batch."""
 
-    def __init__(self, store: NotifyStore, bell: Bell, *, poll_s: float, batch: int = 5000) -> None:
+    def __init__(self, store: EventStore, bell: Bell, *, poll_s: float, batch: int = 5000) -> None:
         self._store = store
         self._bell = bell
         self._poll_s = poll_s
@@ -216,7 +216,7 @@ def decode_cursor(cursor: str) -> int | None:
 class Events:
     def __init__(
         self,
-        store: NotifyStore,
+        store: EventStore,
         subscriptions: Subscriptions,
         bell: Bell,
         announcer: Announcer,
@@ -325,7 +325,7 @@ class Events:
                 continue
             await self._bell.wait(seen, self._poll_s)
             # Picks up topic changes, and ends the stream if the subscription went.
-            current = await self._store.subscription(row.id, None)
+            current = await self._subscriptions.by_id(row.id)
             if current is None:
                 raise not_found(name)
             topics = current.topics

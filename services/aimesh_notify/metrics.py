@@ -21,7 +21,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from aimesh_notify.store import QueueStats
+from aimesh_notify.delivery_store import QueueStats
 from aimesh_runtime.metrics import MethodMetrics, cumulative_buckets
 
 # How an attempt ended: delivered, due again after a backoff, dead-lettered, or

@@ -54,6 +54,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
+from aimesh_notify.delivery_store import Claimed, DeliveryStore, Outcome
 from aimesh_notify.events import Bell
 from aimesh_notify.http1 import Http1Client, Origin, ProtocolError
 from aimesh_notify.metrics import DeliveryMetrics
@@ -61,7 +62,6 @@ from aimesh_notify.netguard import DeniedUrl, NetworkGuard
 from aimesh_notify.sealing import SealError, SecretBox
 from aimesh_notify.settings import NotifySettings
 from aimesh_notify.signing import Signed, signature_header
-from aimesh_notify.store import Claimed, NotifyStore, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class DeliveryWorker:
 
     def __init__(
         self,
-        store: NotifyStore,
+        store: DeliveryStore,
         sender: WebhookSender,
         bell: Bell,
         settings: NotifySettings,

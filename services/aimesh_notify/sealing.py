@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from aimesh_notify.store import NotifyStore, SubscriptionRow
+from aimesh_notify.store import SubscriptionRow, SubscriptionStore
 from aimesh_runtime.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class Sweep:
     damaged: list[str] = field(default_factory=list)  # under a held key, yet not opening
 
 
-async def seal_at_rest(store: NotifyStore, box: SecretBox, *, strict: bool) -> Sweep:
+async def seal_at_rest(store: SubscriptionStore, box: SecretBox, *, strict: bool) -> Sweep:
     """Check the keys; then seal plaintext secrets, and reseal under the current
     key those an older key sealed. With `strict` (at start), a live secret
     sealed under a key not held is a ConfigError.

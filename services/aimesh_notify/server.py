@@ -18,6 +18,8 @@ import asyncpg
 
 from aimesh.notify.v1 import notify_service_pb2, notify_service_pb2_grpc
 from aimesh_notify.deliveries import Deliveries
+from aimesh_notify.delivery_store import DeliveryStore
+from aimesh_notify.event_store import EventStore
 from aimesh_notify.events import Announcer, Bell, Events, Sequencer
 from aimesh_notify.metrics import DeliveryMetrics
 from aimesh_notify.netguard import NetworkGuard
@@ -25,7 +27,7 @@ from aimesh_notify.queue import DeliveryWorker, WebhookSender
 from aimesh_notify.sealing import SecretBox, seal_at_rest
 from aimesh_notify.servicer import NotifyServicer
 from aimesh_notify.settings import NotifySettings
-from aimesh_notify.store import NotifyStore
+from aimesh_notify.store import SubscriptionStore
 from aimesh_notify.subscriptions import Subscriptions, not_found
 from aimesh_notify.topics import Topics
 from aimesh_runtime import db
@@ -40,7 +42,9 @@ PRUNE_EVERY_S = 3600.0
 
 async def mount(context: ServiceContext) -> Mount:
     settings: NotifySettings = context.settings
-    store = NotifyStore(context.pool)
+    store = SubscriptionStore(context.pool)
+    event_store = EventStore(context.pool)
+    delivery_store = DeliveryStore(context.pool)
     box = SecretBox(settings.secret_key_bytes(), settings.previous_key_bytes())
     await seal_at_rest(store, box, strict=True)  # a missing key stops the start here
     guard = NetworkGuard(settings.allow_private_webhooks)
@@ -50,12 +54,12 @@ async def mount(context: ServiceContext) -> Mount:
     bell = Bell(url)
     subscriptions = Subscriptions(store, guard, box)
     topics = Topics(store)
-    announcer = Announcer(store)
-    events = Events(store, subscriptions, bell, announcer, poll_s=settings.poll_s)
+    announcer = Announcer(event_store)
+    events = Events(event_store, subscriptions, bell, announcer, poll_s=settings.poll_s)
     background: list[Callable[[], Coroutine[Any, Any, None]]] = [
         bell.listen_forever,
         announcer.run,
-        Sequencer(store, bell, poll_s=settings.poll_s).run,
+        Sequencer(event_store, bell, poll_s=settings.poll_s).run,
     ]
 
     async def maintain_forever() -> None:
@@ -80,7 +84,7 @@ async def mount(context: ServiceContext) -> Mount:
     async def read_queue_forever() -> None:
         while True:
             try:
-                metrics.record_queue(await store.queue_stats())
+                metrics.record_queue(await delivery_store.queue_stats())
             except Exception as error:  # the gauges keep their last values meanwhile
                 log.warning("reading the queue for metrics failed: %s", error)
             await asyncio.sleep(settings.queue_stats_s)
@@ -93,7 +97,7 @@ async def mount(context: ServiceContext) -> Mount:
         worker_pool = await db.create_pool(url, max_size=4)
         sender = WebhookSender(guard, settings.worker_concurrency)
         worker = DeliveryWorker(
-            NotifyStore(worker_pool),
+            DeliveryStore(worker_pool),
             sender,
             bell,
             settings,
@@ -114,7 +118,9 @@ async def mount(context: ServiceContext) -> Mount:
         servicers=[
             (
                 notify_service_pb2_grpc.add_NotifyServiceServicer_to_server,
-                NotifyServicer(subscriptions, events, Deliveries(store, subscriptions), topics),
+                NotifyServicer(
+                    subscriptions, events, Deliveries(delivery_store, subscriptions), topics
+                ),
             )
         ],
         background=background,

@@ -11,8 +11,10 @@ from google.protobuf import duration_pb2
 from aimesh.notify.v1 import notify_service_pb2 as pb
 from aimesh.notify.v1 import notify_service_pb2_grpc
 from aimesh_notify.deliveries import Deliveries
+from aimesh_notify.delivery_store import DeliveryRow
+from aimesh_notify.event_store import EventRow
 from aimesh_notify.events import Events, Publish
-from aimesh_notify.store import DeliveryRow, EventRow, SubscriptionRow, TopicGrantRow
+from aimesh_notify.store import SubscriptionRow, TopicGrantRow
 from aimesh_notify.subscriptions import Subscriptions, Webhook, subscription_name
 from aimesh_notify.topics import Topics, grant_name
 from aimesh_runtime.context import principal as caller

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from aimesh_notify.netguard import DeniedUrl, NetworkGuard
 from aimesh_notify.sealing import SecretBox
 from aimesh_notify.signing import new_secret
-from aimesh_notify.store import NotifyStore, SubscriptionRow
+from aimesh_notify.store import SubscriptionRow, SubscriptionStore
 from aimesh_runtime.auth import Principal
 from aimesh_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from aimesh_runtime.ownership import Owner
-from aimesh_runtime.pages import decode_keyset, encode_keyset, page_size
+from aimesh_runtime.pages import cut_page, decode_keyset, encode_keyset, page_size
 
 ADMIN_SCOPE = "notify.admin"
 DEFAULT_TIMEOUT_MS = 10_000
@@ -92,7 +92,7 @@ def check_timeout(timeout_ms: int, field: str) -> int:
 
 
 class Subscriptions:
-    def __init__(self, store: NotifyStore, guard: NetworkGuard, box: SecretBox) -> None:
+    def __init__(self, store: SubscriptionStore, guard: NetworkGuard, box: SecretBox) -> None:
         self._store = store
         self._guard = guard
         self._box = box
@@ -136,8 +136,12 @@ class Subscriptions:
     async def owner_of(self, name: str) -> Owner | None:
         """Who owns the subscription `name`; None if there is none."""
         subscription_id = name.removeprefix("subscriptions/").split("/", 1)[0]
-        row = await self._store.subscription(subscription_id, None)
+        row = await self.by_id(subscription_id)
         return None if row is None else Owner(row.owner_id)
+
+    async def by_id(self, subscription_id: str) -> SubscriptionRow | None:
+        """The subscription as stored now, whoever owns it (the caller was checked before)."""
+        return await self._store.subscription(subscription_id, None)
 
     async def get(self, caller: Principal, name: str, field: str = "name") -> SubscriptionRow:
         row = await self._store.subscription(parse_subscription(name, field), owner_scope(caller))
@@ -148,11 +152,7 @@ class Subscriptions:
     async def list(self, caller: Principal, size: int, token: str) -> Page:
         limit = page_size(size)
         rows = await self._store.subscriptions(owner_scope(caller), decode_keyset(token), limit + 1)
-        following = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            following = encode_keyset(rows[-1].create_time, rows[-1].id)
-        return Page(rows, following)
+        return Page(*cut_page(rows, limit, lambda row: encode_keyset(row.create_time, row.id)))
 
     async def update(
         self,

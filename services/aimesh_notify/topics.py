@@ -17,10 +17,10 @@ import re
 import time
 import uuid
 
-from aimesh_notify.store import NotifyStore, TopicGrantRow
+from aimesh_notify.store import SubscriptionStore, TopicGrantRow
 from aimesh_runtime.errors import InvalidArgument, NotFound
 from aimesh_runtime.ownership import Owner
-from aimesh_runtime.pages import decode_keyset, encode_keyset, page_size
+from aimesh_runtime.pages import cut_page, decode_keyset, encode_keyset, page_size
 
 PLATFORM_TOPICS = frozenset({"user", "search", "chat", "recommend", "notify"})
 APPS = "apps"
@@ -45,7 +45,7 @@ def grant_name(grant_id: str) -> str:
 class Topics:
     """Topic ownership for the pipeline, and the grants admins make."""
 
-    def __init__(self, store: NotifyStore) -> None:
+    def __init__(self, store: SubscriptionStore) -> None:
         self._store = store
         self._grants: list[tuple[str, str]] = []
         self._read_at = -1e9
@@ -88,10 +88,7 @@ class Topics:
     async def list(self, size: int, token: str) -> tuple[list[TopicGrantRow], str]:
         limit = page_size(size)
         rows = await self._store.topic_grants(decode_keyset(token), limit + 1)
-        if len(rows) > limit:
-            rows = rows[:limit]
-            return rows, encode_keyset(rows[-1].create_time, rows[-1].id)
-        return rows, ""
+        return cut_page(rows, limit, lambda row: encode_keyset(row.create_time, row.id))
 
     async def revoke(self, name: str) -> None:
         if not await self._store.delete_topic_grant(name.removeprefix("topicGrants/")):

@@ -24,13 +24,14 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from aimesh_notify.delivery_store import DeliveryStore
 from aimesh_notify.events import Bell
 from aimesh_notify.metrics import DeliveryMetrics
 from aimesh_notify.netguard import NetworkGuard
 from aimesh_notify.queue import DeliveryWorker, WebhookSender
 from aimesh_notify.sealing import SecretBox, seal_at_rest
 from aimesh_notify.settings import NotifySettings
-from aimesh_notify.store import NotifyStore
+from aimesh_notify.store import SubscriptionStore
 from aimesh_runtime import db
 from aimesh_runtime.collector import settle_collector
 from aimesh_runtime.config import ConfigError, database_url, load
@@ -49,15 +50,16 @@ async def run(
     workers = concurrency or settings.worker_concurrency or DEFAULT_CONCURRENCY
     pool = await db.create_pool(url, max_size=4)
     await db.migrate(pool, Path(__file__).parent / "migrations")
-    store = NotifyStore(pool)
     box = SecretBox(settings.secret_key_bytes(), settings.previous_key_bytes())
-    await seal_at_rest(store, box, strict=True)  # a missing key stops the worker here
+    await seal_at_rest(
+        SubscriptionStore(pool), box, strict=True
+    )  # a missing key stops the worker here
     bell = Bell(url)
     sender = WebhookSender(NetworkGuard(settings.allow_private_webhooks), workers)
     registry = CollectorRegistry()
     metrics = DeliveryMetrics(registry)
     worker = DeliveryWorker(
-        store, sender, bell, settings, box, concurrency=workers, metrics=metrics
+        DeliveryStore(pool), sender, bell, settings, box, concurrency=workers, metrics=metrics
     )
     exporter = None
     if metrics_port is not None:

@@ -1,11 +1,16 @@
-"""Metrics of the scoring batcher (aimesh_runtime.batching): concurrent
+"""The scoring batcher (aimesh_runtime.batching) and its metrics: concurrent
 recommendation requests are scored as one matmul per batch, on one lane."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from aimesh_runtime.batching import BATCH_BUCKETS, BatchMetrics
+from aimesh_recommend.scoring import Ranked, ScoreRequest, score_batch
+from aimesh_recommend.settings import RecommendSettings
+from aimesh_runtime.batching import BATCH_BUCKETS, BatchMetrics, MicroBatcher
+from aimesh_runtime.metrics import ModelMetrics
 
 
 def batcher_metrics(registry: CollectorRegistry | None) -> BatchMetrics:
@@ -24,4 +29,31 @@ def batcher_metrics(registry: CollectorRegistry | None) -> BatchMetrics:
             "Requests refused because the queue was full.",
             registry=registry,
         ),
+    )
+
+
+def scoring_batcher(
+    settings: RecommendSettings,
+    registry: CollectorRegistry | None,
+    model_metrics: ModelMetrics,
+) -> MicroBatcher[ScoreRequest, Ranked]:
+    """The scorer, not yet started."""
+    scorer_metrics = batcher_metrics(registry)
+    model_metrics.track_queue(
+        "recommend", lambda: next(iter(scorer_metrics.queue_depth.collect())).samples[0].value
+    )
+
+    def observed_batch(requests: Sequence[ScoreRequest]) -> list[Ranked]:
+        model_metrics.observe_batch("recommend", len(requests))
+        return score_batch(requests)
+
+    return MicroBatcher(
+        [observed_batch],  # one lane: a batch is one matmul, and torch is given the cores
+        enabled=settings.batching,
+        max_batch=settings.max_batch,
+        max_wait_s=settings.max_wait_ms / 1000,
+        queue_size=settings.queue_size,
+        metrics=scorer_metrics,
+        busy_reason="SCORER_BUSY",
+        name="scorer",
     )

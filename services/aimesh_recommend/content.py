@@ -20,7 +20,7 @@ import grpc
 
 from aimesh.search.v1 import search_service_pb2 as search_pb
 from aimesh.search.v1 import search_service_pb2_grpc
-from aimesh_runtime.context import call_scope
+from aimesh_runtime.context import downstream_timeout_s
 from aimesh_runtime.resilience import BreakerOpen, CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -54,11 +54,7 @@ class ContentIndex:
         self._collection_ready = False
 
     def budget_s(self) -> float:
-        scope = call_scope()
-        remaining = None if scope is None else scope.remaining_s()
-        if remaining is None:
-            return self._timeout_s
-        return max(min(self._timeout_s, remaining * self._share), 0.001)
+        return downstream_timeout_s(self._timeout_s, self._share)
 
     async def embed(self, items: Sequence[tuple[str, str]]) -> set[str]:
         """Send (item id, text) pairs to search; returns the ids it embedded."""

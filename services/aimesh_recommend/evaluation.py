@@ -5,12 +5,18 @@ training; a model is scored on ranking that item among all items the user has
 not interacted with in training. The same split ranks items by popularity as
 the baseline. Also: synthetic interactions with planted structure, and a reader
 for MovieLens files.
+
+`python -m aimesh_recommend.evaluation` trains a model on such a split and
+prints both scores (`aimesh recommend eval` runs it).
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import math
+import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,3 +152,80 @@ def read_movielens(path: Path) -> list[Event]:
                 ) from None
             events.append((f"u{user}", f"i{item}", rating, stamp))
     return events
+
+
+BAR_WIDTH = 30
+
+
+def _bar(fraction: float, note: str) -> str:
+    filled = round(BAR_WIDTH * min(max(fraction, 0.0), 1.0))
+    return f"\r[{'#' * filled}{' ' * (BAR_WIDTH - filled)}] {fraction * 100:5.1f}%  {note}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train on a leave-last-out split and print HR@10 and NDCG@10 against popularity."""
+    parser = argparse.ArgumentParser(
+        prog="python -m aimesh_recommend.evaluation",
+        description="HR@10 and NDCG@10 vs popularity on held-out data, offline",
+    )
+    parser.add_argument(
+        "--file", type=Path, help="MovieLens ratings (ratings.dat, u.data or ratings.csv)"
+    )
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--dimension", type=int, default=32)
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    # Imported here: training imports this module.
+    from aimesh_recommend import model
+    from aimesh_recommend.training import evaluate
+
+    if args.file is not None:
+        try:
+            events = read_movielens(args.file)
+        except (OSError, ValueError) as error:
+            print(f"aimesh: {error}", file=sys.stderr)
+            return 2
+        source = str(args.file)
+    else:
+        events = planted(seed=args.seed)
+        source = "synthetic interactions with planted user and item groups"
+    split = leave_last_out(events)
+    data = split.train
+    print(
+        f"{source}: {len(events)} interactions, {len(data.user_ids)} users, "
+        f"{len(data.item_ids)} items; {len(split.held_users)} held out (each user's latest)"
+    )
+    device = model.pick_device(args.device)
+    options = model.TrainingOptions(dimension=args.dimension, epochs=args.epochs, seed=args.seed)
+    started = time.perf_counter()
+
+    def progress(done: int, loss: float) -> None:
+        print(
+            _bar(done / options.epochs, f"epoch {done}/{options.epochs}, loss {loss:.4f}"),
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    trained = model.train(data, options, device, progress)
+    print(file=sys.stderr)
+    metrics = evaluate(trained, split, device)
+    print(f"trained on {device} in {time.perf_counter() - started:.1f} s")
+    print(f"{'':<12}{'HR@10':>8}{'NDCG@10':>10}")
+    print(f"{'model':<12}{metrics['hr_at_10']:>8.4f}{metrics['ndcg_at_10']:>10.4f}")
+    print(
+        f"{'popularity':<12}{metrics['popularity_hr_at_10']:>8.4f}"
+        f"{metrics['popularity_ndcg_at_10']:>10.4f}"
+    )
+    ratio = metrics["hr_at_10"] / max(metrics["popularity_hr_at_10"], 1e-12)
+    print(f"HR@10 is {ratio:.2f}x popularity's")
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, not this __main__ copy: training imports
+    # aimesh_recommend.evaluation, and both should see the same classes.
+    from aimesh_recommend.evaluation import main as evaluation_main
+
+    sys.exit(evaluation_main())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import enum
 import itertools
 import logging
 import secrets
@@ -22,7 +23,6 @@ from typing import Any
 
 import torch
 
-from aimesh.recommend.v1 import recommend_service_pb2 as pb
 from aimesh_recommend import model as mf
 from aimesh_recommend.cache import Cached, ResultCache
 from aimesh_recommend.content import ContentIndex
@@ -32,21 +32,42 @@ from aimesh_recommend.store import ItemRow, NewInteraction, RecommendStore, Serv
 from aimesh_runtime import audit
 from aimesh_runtime.batching import MicroBatcher
 from aimesh_runtime.errors import InvalidArgument, NotFound, ResourceExhausted
-from aimesh_runtime.pages import decode_page_token, encode_page_token, page_size
+from aimesh_runtime.pages import cut_page, decode_page_token, encode_page_token, page_size
 from aimesh_runtime.resilience import BreakerOpen, CircuitBreaker, FirstLoad
 
 log = logging.getLogger(__name__)
 POPULAR_KEPT = 1000
 FIRST_LOAD_WAIT_S = 10.0
-REASON_NAMES: dict[int, str] = {int(value): name for name, value in pb.FallbackReason.items()}
+
+
+class FallbackReason(enum.IntEnum):
+    """Why a fallback answered instead of the model. The numbers are the contract's
+    (the servicer maps by name) and are what the result cache stores."""
+
+    NONE = 0  # the model answered
+    MODEL_MISSING = 1
+    USER_UNKNOWN = 2
+    ITEM_UNKNOWN = 3
+    BREAKER_OPEN = 4
+
+    @property
+    def serving_label(self) -> str:
+        """How the servings table records it ("" when the model answered)."""
+        return "" if self is FallbackReason.NONE else f"FALLBACK_REASON_{self.name}"
 
 
 @dataclass(frozen=True)
 class Recommendation:
     items: list[tuple[str, float]]
     model_version: str
-    fallback_reason: int  # 0 when the model answered
+    fallback_reason: FallbackReason
     serving_id: str
+
+
+@dataclass(frozen=True)
+class Similar:
+    items: list[tuple[str, float]]
+    fallback_reason: FallbackReason
 
 
 class ServingLog:
@@ -258,9 +279,7 @@ class Recommender:
         position = decode_page_token(token)
         after = "" if position is None else str(position)
         rows = await self._store.items(after, limit + 1)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return rows, encode_page_token(rows[-1].id) if more else ""
+        return cut_page(rows, limit, lambda row: encode_page_token(row.id))
 
     async def delete_item(self, item_id: str) -> None:
         if not await self._store.delete_item(item_id):
@@ -281,11 +300,10 @@ class Recommender:
             cached = await self._rank(model, user, include_seen)
             await self._cache.put(user, key, cached)
         serving_id = f"{self._serving_prefix}{next(self._serving_numbers):016x}"
-        reason = cached.fallback_reason
+        reason = FallbackReason(cached.fallback_reason)
         self._servings.add(
             Serving(
-                serving_id, user, self.version, REASON_NAMES[reason] if reason else "",
-                dt.datetime.now(dt.UTC),
+                serving_id, user, self.version, reason.serving_label, dt.datetime.now(dt.UTC)
             )
         )  # fmt: skip
         # A cached answer may name an item deleted since, here or on another replica.
@@ -304,49 +322,50 @@ class Recommender:
 
     async def _rank(self, model: ServingModel | None, user: str, include_seen: bool) -> Cached:
         if model is None:
-            return await self._popularity(user, include_seen, pb.FALLBACK_REASON_MODEL_MISSING)
+            return await self._popularity(user, include_seen, FallbackReason.MODEL_MISSING)
         row = model.user_index.get(user)
         if row is None:
-            return await self._popularity(user, include_seen, pb.FALLBACK_REASON_USER_UNKNOWN)
+            return await self._popularity(user, include_seen, FallbackReason.USER_UNKNOWN)
         exclude = () if include_seen else tuple(model.seen.get(row, ()))
         request = ScoreRequest(model, row, exclude)
         try:
             scored = await self.model_breaker.call(lambda: self._batcher.submit([request]))
             ranked = scored[0]
         except BreakerOpen:
-            return await self._popularity(user, include_seen, pb.FALLBACK_REASON_BREAKER_OPEN)
+            return await self._popularity(user, include_seen, FallbackReason.BREAKER_OPEN)
         except ResourceExhausted:
             raise  # back-pressure: the caller retries after RetryInfo
         except Exception:
             log.exception("model %s could not score", self.version)
-            return await self._popularity(user, include_seen, pb.FALLBACK_REASON_MODEL_MISSING)
+            return await self._popularity(user, include_seen, FallbackReason.MODEL_MISSING)
         return Cached(list(map(model.item_ids.__getitem__, ranked.rows)), ranked.scores, 0)
 
-    async def _popularity(self, user: str, include_seen: bool, reason: int) -> Cached:
+    async def _popularity(self, user: str, include_seen: bool, reason: FallbackReason) -> Cached:
         seen = set() if include_seen else set(await self._store.seen_items(user))
         chosen = [(item, score) for item, score in self._popular if item not in seen]
         chosen = chosen[:MAX_K]
-        return Cached([i for i, _ in chosen], [s for _, s in chosen], reason)
+        return Cached([i for i, _ in chosen], [s for _, s in chosen], int(reason))
 
-    async def similar(self, item_id: str, k: int) -> tuple[list[tuple[str, float]], int]:
-        """Similar items and the fallback reason (0 when the model's embeddings answered)."""
+    async def similar(self, item_id: str, k: int) -> Similar:
+        """Similar items, by the model's embeddings or else by content or popularity."""
         await self.until_loaded()
         row = await self.item(item_id)
         model = self.model
         if model is not None and item_id in model.item_index:
             ranked = await self._batcher.on_lane(model.similar, model.item_index[item_id], k)
             names = model.item_ids
-            return [(names[i], s) for i, s in zip(ranked.rows, ranked.scores, strict=True)], 0
-        reason: int = pb.FALLBACK_REASON_ITEM_UNKNOWN
+            items = [(names[i], s) for i, s in zip(ranked.rows, ranked.scores, strict=True)]
+            return Similar(items, FallbackReason.NONE)
+        reason = FallbackReason.ITEM_UNKNOWN
         if model is None:
-            reason = pb.FALLBACK_REASON_MODEL_MISSING
+            reason = FallbackReason.MODEL_MISSING
         found = await self.content.neighbours(row.text, k + 1)
         if found.unavailable == "breaker":
-            reason = pb.FALLBACK_REASON_BREAKER_OPEN
+            reason = FallbackReason.BREAKER_OPEN
         items = [(i, s) for i, s in found.items if i != item_id and i in self._catalogue][:k]
         if not items:  # no content answer either: the most popular other items
             items = [(i, s) for i, s in self._popular if i != item_id][:k]
-        return items, reason
+        return Similar(items, reason)
 
     async def close(self) -> None:
         await self._servings.flush()

@@ -9,24 +9,22 @@ the periodic refresh as soon as it is, and meanwhile the fallback answers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from aimesh.recommend.v1 import recommend_service_pb2, recommend_service_pb2_grpc
 from aimesh.search.v1 import search_service_pb2
-from aimesh_recommend.batcher import batcher_metrics
+from aimesh_recommend.batcher import scoring_batcher
 from aimesh_recommend.cache import build_cache
 from aimesh_recommend.content import ContentIndex
+from aimesh_recommend.experiments import ModelRegistry
 from aimesh_recommend.model import pick_device
 from aimesh_recommend.recommender import Recommender, ServingLog
-from aimesh_recommend.scoring import Ranked, ScoreRequest, score_batch
 from aimesh_recommend.servicer import RecommendServicer
 from aimesh_recommend.settings import RecommendSettings
 from aimesh_recommend.store import RecommendStore
 from aimesh_recommend.training import Trainer
-from aimesh_runtime.batching import MicroBatcher
 from aimesh_runtime.client import connect
 from aimesh_runtime.metrics import ModelMetrics
 from aimesh_runtime.resilience import CircuitBreaker
@@ -46,25 +44,7 @@ async def mount(context: ServiceContext) -> Mount:
         torch.set_num_threads(settings.torch_threads)
     # The dashboard's model panels (batch size, queue, A/B share) read these.
     model_metrics = ModelMetrics.of(context.metrics_registry)
-    scorer_metrics = batcher_metrics(context.metrics_registry)
-    model_metrics.track_queue(
-        "recommend", lambda: next(iter(scorer_metrics.queue_depth.collect())).samples[0].value
-    )
-
-    def observed_batch(requests: Sequence[ScoreRequest]) -> list[Ranked]:
-        model_metrics.observe_batch("recommend", len(requests))
-        return score_batch(requests)
-
-    batcher: MicroBatcher[ScoreRequest, Ranked] = MicroBatcher(
-        [observed_batch],  # one lane: a batch is one matmul, and torch is given the cores
-        enabled=settings.batching,
-        max_batch=settings.max_batch,
-        max_wait_s=settings.max_wait_ms / 1000,
-        queue_size=settings.queue_size,
-        metrics=scorer_metrics,
-        busy_reason="SCORER_BUSY",
-        name="scorer",
-    )
+    batcher = scoring_batcher(settings, context.metrics_registry, model_metrics)
     batcher.start()
     search_channel = connect(
         settings.search_address,
@@ -105,7 +85,7 @@ async def mount(context: ServiceContext) -> Mount:
         servicers=[
             (
                 recommend_service_pb2_grpc.add_RecommendServiceServicer_to_server,
-                RecommendServicer(recommender, trainer, store, model_metrics),
+                RecommendServicer(recommender, trainer, ModelRegistry(store), model_metrics),
             )
         ],
         background=[recommender.run_refresh, servings.run],

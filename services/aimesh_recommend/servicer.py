@@ -3,38 +3,34 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 
 from aimesh.recommend.v1 import recommend_service_pb2 as pb
 from aimesh.recommend.v1 import recommend_service_pb2_grpc
 from aimesh_recommend import stats
-from aimesh_recommend.experiments import experiment
-from aimesh_recommend.recommender import Recommender
-from aimesh_recommend.store import ItemRow, JobRow, NewInteraction, RecommendStore, VersionRow
+from aimesh_recommend.experiments import ModelRegistry
+from aimesh_recommend.recommender import FallbackReason, Recommender
+from aimesh_recommend.store import ItemRow, JobRow, NewInteraction, VersionRow
 from aimesh_recommend.training import Trainer
 from aimesh_runtime.errors import InvalidArgument
 from aimesh_runtime.metrics import ModelMetrics
-from aimesh_runtime.pages import decode_page_token, encode_page_token, page_size, timestamp
+from aimesh_runtime.pages import (
+    struct,
+    timestamp,
+)
 
 
 def _item_id(name: str) -> str:
     return name.removeprefix("items/")
 
 
-def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    message.update(values)
-    return message
-
-
 def item_proto(row: ItemRow) -> pb.Item:
     return pb.Item(
         name=f"items/{row.id}",
         text=row.text,
-        metadata=_struct(row.metadata),
+        metadata=struct(row.metadata),
         content_embedded=row.content_embedded,
         create_time=timestamp(row.create_time),
         update_time=timestamp(row.update_time),
@@ -95,17 +91,23 @@ def _interaction(index: int, message: pb.Interaction, now: dt.datetime) -> NewIn
     )
 
 
+def _fallback_proto(reason: FallbackReason) -> pb.FallbackReason.ValueType:
+    if reason is FallbackReason.NONE:
+        return pb.FALLBACK_REASON_UNSPECIFIED
+    return pb.FallbackReason.Value(f"FALLBACK_REASON_{reason.name}")
+
+
 class RecommendServicer(recommend_service_pb2_grpc.RecommendServiceServicer):
     def __init__(
         self,
         recommender: Recommender,
         trainer: Trainer,
-        store: RecommendStore,
+        registry: ModelRegistry,
         model_metrics: ModelMetrics | None = None,
     ) -> None:
         self._recommender = recommender
         self._trainer = trainer
-        self._store = store
+        self._registry = registry
         self._model_metrics = model_metrics
 
     async def RecordInteractions(
@@ -154,8 +156,8 @@ class RecommendServicer(recommend_service_pb2_grpc.RecommendServiceServicer):
         return pb.RecommendResponse(
             items=[pb.ScoredItem(item=f"items/{i}", score=s) for i, s in found.items],
             model_version=found.model_version,
-            fallback=found.fallback_reason != 0,
-            fallback_reason=found.fallback_reason,  # type: ignore[arg-type]
+            fallback=found.fallback_reason is not FallbackReason.NONE,
+            fallback_reason=_fallback_proto(found.fallback_reason),
             serving_id=found.serving_id,
         )
 
@@ -164,12 +166,12 @@ class RecommendServicer(recommend_service_pb2_grpc.RecommendServiceServicer):
     ) -> pb.SimilarItemsResponse:
         if not 1 <= request.k <= 100:
             raise InvalidArgument.field("k", "must be between 1 and 100")
-        items, reason = await self._recommender.similar(_item_id(request.item), request.k)
+        found = await self._recommender.similar(_item_id(request.item), request.k)
         return pb.SimilarItemsResponse(
-            items=[pb.ScoredItem(item=f"items/{i}", score=s) for i, s in items],
+            items=[pb.ScoredItem(item=f"items/{i}", score=s) for i, s in found.items],
             model_version=self._recommender.version,
-            fallback=reason != 0,
-            fallback_reason=reason,  # type: ignore[arg-type]
+            fallback=found.fallback_reason is not FallbackReason.NONE,
+            fallback_reason=_fallback_proto(found.fallback_reason),
         )
 
     async def TrainModel(
@@ -194,14 +196,9 @@ class RecommendServicer(recommend_service_pb2_grpc.RecommendServiceServicer):
     async def ListModelVersions(
         self, request: pb.ListModelVersionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelVersionsResponse:
-        limit = page_size(request.page_size)
-        position = decode_page_token(request.page_token)
-        if position is not None and not isinstance(position, int):
-            raise InvalidArgument.field("page_token", "not a token from a previous page")
-        rows = await self._store.versions(position, limit + 1)
-        token = encode_page_token(rows[limit - 1].seq) if len(rows) > limit else ""
+        rows, token = await self._registry.list_versions(request.page_size, request.page_token)
         return pb.ListModelVersionsResponse(
-            model_versions=[version_proto(r) for r in rows[:limit]],
+            model_versions=[version_proto(r) for r in rows],
             next_page_token=token,
             serving_version=self._recommender.version,
         )
@@ -209,8 +206,7 @@ class RecommendServicer(recommend_service_pb2_grpc.RecommendServiceServicer):
     async def GetExperimentResults(
         self, request: pb.GetExperimentResultsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetExperimentResultsResponse:
-        found = await experiment(
-            self._store,
+        found = await self._registry.experiment(
             request.control_version,
             request.treatment_version,
             list(request.conversion_kinds),

@@ -38,6 +38,16 @@ def call_scope() -> CallScope | None:
     return current_call.get()
 
 
+def downstream_timeout_s(cap_s: float, share: float) -> float:
+    """The timeout for a downstream call: `share` of the caller's remaining
+    deadline, at most `cap_s`, and `cap_s` when the caller set no deadline."""
+    scope = current_call.get()
+    remaining = None if scope is None else scope.remaining_s()
+    if remaining is None:
+        return cap_s
+    return max(min(cap_s, remaining * share), 0.001)
+
+
 def principal() -> Principal:
     scope = current_call.get()
     return ANONYMOUS if scope is None else scope.principal

@@ -13,6 +13,7 @@ file must stand on its own).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import logging
 import re
@@ -27,6 +28,38 @@ log = logging.getLogger(__name__)
 MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 MIGRATION_LOCK_ID = 7_361_224_001  # advisory lock key shared by every aimesh service
 SHARED_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+@dataclass(frozen=True)
+class KeysetPage:
+    """SQL for one page of a list ordered by (a timestamp column, id).
+
+    `where` selects the rows past the previous page ("TRUE" on the first),
+    `order_limit` orders and cuts them; `values` bind their placeholders, which
+    start at the number the query gives (so they follow its own parameters).
+    """
+
+    where: str
+    order_limit: str
+    values: tuple[object, ...]
+
+    @classmethod
+    def of(
+        cls,
+        after: tuple[dt.datetime, str] | None,
+        limit: int,
+        *,
+        column: str,
+        descending: bool = False,
+        first: int = 1,
+    ) -> KeysetPage:
+        direction = " DESC" if descending else ""
+        order_limit = f"ORDER BY {column}{direction}, id{direction} LIMIT $"
+        if after is None:
+            return cls("TRUE", f"{order_limit}{first}", (limit,))
+        beyond = "<" if descending else ">"
+        where = f"({column}, id) {beyond} (${first}, ${first + 1})"
+        return cls(where, f"{order_limit}{first + 2}", (after[0], after[1], limit))
 
 
 class MigrationError(RuntimeError):

@@ -11,10 +11,14 @@ import base64
 import binascii
 import datetime as dt
 import json
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from google.protobuf import timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from aimesh_runtime.errors import InvalidArgument
+
+T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -44,6 +48,15 @@ def decode_page_token(token: str) -> object:
         raise bad_page_token() from None
 
 
+def cut_page(rows: list[T], limit: int, token_of: Callable[[T], str]) -> tuple[list[T], str]:
+    """One page from rows fetched with `limit + 1`: the first `limit` rows, and
+    the token of the next page (from its last row), or "" when there is none."""
+    if len(rows) <= limit:
+        return rows, ""
+    rows = rows[:limit]
+    return rows, token_of(rows[-1])
+
+
 def timestamp(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
     """A proto Timestamp, or None (an unset field) for None."""
     if value is None:
@@ -51,6 +64,13 @@ def timestamp(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(value)
     return stamp
+
+
+def struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    """A proto Struct holding a JSON-like dict."""
+    message = struct_pb2.Struct()
+    message.update(values)
+    return message
 
 
 def encode_keyset(time: dt.datetime, row_id: str) -> str:

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from aimesh.search.v1 import search_service_pb2 as pb
 from aimesh_runtime.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -27,10 +26,17 @@ from aimesh_runtime.errors import (
     NotFound,
 )
 from aimesh_runtime.ownership import Owner
-from aimesh_runtime.pages import bad_page_token, decode_page_token, encode_page_token, page_size
+from aimesh_runtime.pages import (
+    bad_page_token,
+    cut_page,
+    decode_page_token,
+    encode_page_token,
+    page_size,
+)
 from aimesh_runtime.resilience import FirstLoad
 from aimesh_search import filters
-from aimesh_search.batcher import BatcherMetrics, EncoderBatcher, QueryCache
+from aimesh_search.batcher import BatcherMetrics, EncoderBatcher
+from aimesh_search.cache import QueryCache
 from aimesh_search.encoder import Encoder
 from aimesh_search.index import VectorIndex
 from aimesh_search.settings import SearchSettings
@@ -65,8 +71,14 @@ class Hit:
 class Query:
     text: str
     top_k: int
-    metadata_filter: pb.MetadataFilter | None
+    conditions: tuple[filters.Condition, ...]  # all must hold; none: no filter
     min_score: float | None
+
+
+@dataclass(frozen=True)
+class SearchAnswer:
+    hits: list[Hit]
+    query_truncated: bool  # the query text was cut to the model's input limit
 
 
 def decode_after(token: str) -> str:
@@ -225,9 +237,7 @@ class Catalog:
     ) -> tuple[list[CollectionRow], str]:
         limit = page_size(size)
         rows = await self._store.collections(decode_after(token), limit + 1, visible_to)
-        if len(rows) > limit:
-            return rows[:limit], encode_page_token(rows[limit - 1].id)
-        return rows, ""
+        return cut_page(rows, limit, lambda row: encode_page_token(row.id))
 
     async def delete_collection(self, collection_id: str) -> None:
         async with self._write_locks[collection_id]:
@@ -316,9 +326,7 @@ class Catalog:
         await self._collection(collection_id)
         limit = page_size(size)
         rows = await self._store.documents(collection_id, decode_after(token), limit + 1)
-        if len(rows) > limit:
-            return rows[:limit], encode_page_token(rows[limit - 1].id)
-        return rows, ""
+        return cut_page(rows, limit, lambda row: encode_page_token(row.id))
 
     async def delete_document(self, collection_id: str, document_id: str) -> None:
         await self._collection(collection_id)
@@ -356,20 +364,18 @@ class Catalog:
         vectors = np.stack([hit[0] for hit in cached if hit is not None])
         return vectors, [hit[1] for hit in cached if hit is not None]
 
-    async def search(
-        self, collection_id: str, queries: Sequence[Query]
-    ) -> list[tuple[list[Hit], bool]]:
+    async def search(self, collection_id: str, queries: Sequence[Query]) -> list[SearchAnswer]:
         for query in queries:
-            for condition in query.metadata_filter.conditions if query.metadata_filter else ():
-                bounds = condition.range
+            for condition in query.conditions:
                 if (
-                    condition.WhichOneof("test") == "range"
-                    and bounds.HasField("min")
-                    and bounds.HasField("max")
-                    and bounds.min > bounds.max
+                    isinstance(condition, filters.Range)
+                    and condition.min is not None
+                    and condition.max is not None
+                    and condition.min > condition.max
                 ):
                     raise InvalidArgument.field(
-                        "filter.conditions.range", f"min {bounds.min} exceeds max {bounds.max}"
+                        "filter.conditions.range",
+                        f"min {condition.min} exceeds max {condition.max}",
                     )
         row = self._served.get(collection_id) or await self._collection(collection_id)
         self._check_served(row)
@@ -378,8 +384,8 @@ class Catalog:
         found = []
         for position, query in enumerate(queries):
             allowed = None
-            if query.metadata_filter is not None and query.metadata_filter.conditions:
-                where, args = filters.to_sql(query.metadata_filter, first_param=2)
+            if query.conditions:
+                where, args = filters.to_sql(query.conditions, first_param=2)
                 allowed = await self._store.matching_vector_ids(collection_id, where, args)
             scores, ids = await index.search(
                 vectors[position : position + 1], query.top_k + OVERFETCH, allowed
@@ -405,5 +411,5 @@ class Catalog:
                 hits.append(Hit(document, float(score)))
                 if len(hits) == query.top_k:
                     break
-            answers.append((hits, truncated[position]))
+            answers.append(SearchAnswer(hits, truncated[position]))
         return answers

@@ -15,11 +15,11 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
-from aimesh.search.v1 import search_service_pb2 as pb
 from aimesh_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
-from aimesh_runtime.pages import encode_page_token, page_size
+from aimesh_runtime.pages import cut_page, encode_page_token, page_size
 from aimesh_search.batcher import EncoderBatcher
 from aimesh_search.catalog import Catalog, DocumentInput, decode_after
 from aimesh_search.store import ImportJobRow, SearchStore
@@ -29,6 +29,16 @@ MAX_LINE_BYTES = 1 << 20
 DOCUMENT_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._~-")
 MAX_TEXT = 16_384
 MAX_DEPTH = 32  # the line's object counts as 1; metadata nests at most 31 deep
+
+
+@dataclass(frozen=True)
+class ImportTarget:
+    """The job a stream feeds, as its first message names it."""
+
+    import_job: str  # collections/{collection}/importJobs/{job}
+    display_name: str
+    total_bytes: int  # 0 when unknown
+    offset: int  # the byte this stream starts at: the job's committed_bytes
 
 
 def parse_line(raw: bytes, default_owner: str, may_assign_owner: bool = False) -> DocumentInput:
@@ -91,14 +101,12 @@ class Importer:
 
     async def run(
         self,
-        requests: AsyncIterator[pb.ImportDocumentsRequest],
+        target: ImportTarget,
+        chunks: AsyncIterator[bytes],
         owner: str,
         may_assign_owner: bool = False,
     ) -> ImportJobRow:
-        first = await anext(requests, None)
-        if first is None or first.WhichOneof("part") != "target":
-            raise InvalidArgument.field("target", "the first message must name the import job")
-        target = first.target
+        """Feed the job from `chunks`, the file's bytes from `target.offset` on."""
         collection_id, _, job_id = target.import_job.removeprefix("collections/").partition(
             "/importJobs/"
         )
@@ -122,7 +130,7 @@ class Importer:
                 metadata={"committed_bytes": str(job.committed_bytes)},
             )
         try:
-            return await self._feed(job, requests, owner, may_assign_owner)
+            return await self._feed(job, chunks, owner, may_assign_owner)
         except asyncio.CancelledError:
             # The client went away: leave the job resumable.
             await asyncio.shield(
@@ -140,7 +148,7 @@ class Importer:
     async def _feed(
         self,
         job: ImportJobRow,
-        requests: AsyncIterator[pb.ImportDocumentsRequest],
+        chunks: AsyncIterator[bytes],
         owner: str,
         may_assign_owner: bool,
     ) -> ImportJobRow:
@@ -177,10 +185,8 @@ class Importer:
             batch[:] = [d for d in batch if d.id != document.id]
             batch.append(document)
 
-        async for message in requests:
-            if message.WhichOneof("part") != "chunk":
-                raise InvalidArgument.field("target", "only the first message names the job")
-            tail += message.chunk
+        async for chunk in chunks:
+            tail += chunk
             while (newline := tail.find(b"\n")) >= 0:
                 raw, tail = tail[:newline], tail[newline + 1 :]
                 position += newline + 1
@@ -241,9 +247,7 @@ class Importer:
         await self._catalog.get_collection(collection_id)
         limit = page_size(size)
         rows = await self._store.import_jobs(collection_id, decode_after(token), limit + 1)
-        if len(rows) > limit:
-            return rows[:limit], encode_page_token(rows[limit - 1].id)
-        return rows, ""
+        return cut_page(rows, limit, lambda row: encode_page_token(row.id))
 
     async def cancel(self, collection_id: str, job_id: str) -> ImportJobRow:
         await self.get(collection_id, job_id)

@@ -16,7 +16,8 @@ from aimesh_runtime.errors import NotFound
 from aimesh_runtime.metrics import ModelMetrics
 from aimesh_runtime.ownership import OwnerResolver
 from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
-from aimesh_search.batcher import BatcherMetrics, EncoderBatcher, QueryCache
+from aimesh_search.batcher import BatcherMetrics, EncoderBatcher
+from aimesh_search.cache import QueryCache
 from aimesh_search.catalog import Catalog
 from aimesh_search.encoder import Encoder
 from aimesh_search.importer import Importer

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 
 from aimesh.search.v1 import search_service_pb2 as pb
 from aimesh.search.v1 import search_service_pb2_grpc
@@ -14,18 +13,13 @@ from aimesh_runtime.auth import Principal
 from aimesh_runtime.context import principal as caller
 from aimesh_runtime.errors import InvalidArgument, PermissionDenied
 from aimesh_runtime.ownership import is_service_account
-from aimesh_runtime.pages import timestamp
-from aimesh_search.catalog import Catalog, DocumentInput, Query
-from aimesh_search.importer import Importer
+from aimesh_runtime.pages import struct, timestamp
+from aimesh_search import filters
+from aimesh_search.catalog import Catalog, DocumentInput, Query, SearchAnswer
+from aimesh_search.importer import Importer, ImportTarget
 from aimesh_search.store import CollectionRow, DocumentRow, ImportJobRow
 
 UPDATABLE_COLLECTION_FIELDS = frozenset({"display_name", "visibility"})
-
-
-def _struct(values: dict[str, Any]) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    message.update(values)
-    return message
 
 
 def _collection_id(name: str) -> str:
@@ -58,7 +52,7 @@ def document_proto(row: DocumentRow) -> pb.Document:
     return pb.Document(
         name=f"collections/{row.collection_id}/documents/{row.id}",
         text=row.text,
-        metadata=_struct(row.metadata),
+        metadata=struct(row.metadata),
         owner=row.owner,
         text_truncated=row.text_truncated,
         create_time=timestamp(row.create_time),
@@ -87,29 +81,53 @@ def import_job_proto(row: ImportJobRow) -> pb.ImportJob:
     )
 
 
+def _condition(condition: pb.MetadataCondition) -> filters.Condition:
+    test = condition.WhichOneof("test")
+    if test == "equals":
+        return filters.Equals(condition.key, json_format.MessageToDict(condition.equals))
+    if test == "any_of":
+        values = tuple(json_format.MessageToDict(v) for v in condition.any_of.values)
+        return filters.AnyOf(condition.key, values)
+    if test == "range":
+        bounds = condition.range
+        return filters.Range(
+            condition.key,
+            bounds.min if bounds.HasField("min") else None,
+            bounds.max if bounds.HasField("max") else None,
+        )
+    # protovalidate requires the oneof; this is for a caller that skipped it.
+    raise InvalidArgument.field("filter.conditions", "a condition needs equals, any_of or range")
+
+
 def _query(request: pb.SearchRequest) -> Query:
     return Query(
         text=request.query,
         top_k=request.top_k,
-        metadata_filter=request.filter if request.HasField("filter") else None,
+        conditions=tuple(_condition(c) for c in request.filter.conditions),
         min_score=request.min_score if request.HasField("min_score") else None,
     )
 
 
-def _response(hits_and_flag: tuple[list[Any], bool]) -> pb.SearchResponse:
-    hits, truncated = hits_and_flag
+def _response(answer: SearchAnswer) -> pb.SearchResponse:
     return pb.SearchResponse(
         results=[
             pb.SearchResult(
                 document=f"collections/{h.document.collection_id}/documents/{h.document.id}",
                 score=h.score,
                 text=h.document.text,
-                metadata=_struct(h.document.metadata),
+                metadata=struct(h.document.metadata),
             )
-            for h in hits
+            for h in answer.hits
         ],
-        query_truncated=truncated,
+        query_truncated=answer.query_truncated,
     )
+
+
+async def _chunks(requests: AsyncIterator[pb.ImportDocumentsRequest]) -> AsyncIterator[bytes]:
+    async for message in requests:
+        if message.WhichOneof("part") != "chunk":
+            raise InvalidArgument.field("target", "only the first message names the job")
+        yield message.chunk
 
 
 def _owner(requested: str) -> str:
@@ -247,8 +265,15 @@ class SearchServicer(search_service_pb2_grpc.SearchServiceServicer):
         request_iterator: AsyncIterator[pb.ImportDocumentsRequest],
         context: grpc.aio.ServicerContext,
     ) -> pb.ImportDocumentsResponse:
+        first = await anext(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "target":
+            raise InvalidArgument.field("target", "the first message must name the import job")
+        target = first.target
         job = await self._importer.run(
-            request_iterator, f"users/{caller().subject}", "search.admin" in caller().scopes
+            ImportTarget(target.import_job, target.display_name, target.total_bytes, target.offset),
+            _chunks(request_iterator),
+            f"users/{caller().subject}",
+            "search.admin" in caller().scopes,
         )
         return pb.ImportDocumentsResponse(import_job=import_job_proto(job))
 

@@ -26,7 +26,7 @@ from aimesh_runtime.errors import (
     Unauthenticated,
 )
 from aimesh_runtime.ownership import SERVICE_SCOPE
-from aimesh_runtime.pages import decode_keyset, encode_keyset, page_size
+from aimesh_runtime.pages import cut_page, decode_keyset, encode_keyset, page_size
 from aimesh_user.signing import KeyRing
 from aimesh_user.store import ApiKeyRow, EmailTaken, KeyTaken, UserRow, UserStore
 from aimesh_user.throttle import LoginThrottle
@@ -234,11 +234,7 @@ class Accounts:
     async def list_users(self, size: int, token: str) -> tuple[list[UserRow], str]:
         limit = page_size(size)
         rows = await self._store.list_users(decode_keyset(token), limit + 1)
-        following = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            following = encode_keyset(rows[-1].create_time, rows[-1].id)
-        return rows, following
+        return cut_page(rows, limit, lambda row: encode_keyset(row.create_time, row.id))
 
     async def update(
         self,
@@ -332,11 +328,7 @@ class Accounts:
         user = await self._existing(self.resolve(caller, parent))
         limit = page_size(size)
         rows = await self._store.api_keys_of(user.id, decode_keyset(token), limit + 1)
-        following = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            following = encode_keyset(rows[-1].create_time, rows[-1].id)
-        return rows, following
+        return cut_page(rows, limit, lambda row: encode_keyset(row.create_time, row.id))
 
     async def revoke_api_key(self, caller: Principal, name: str) -> ApiKeyRow:
         require_interactive(caller, "revoke API keys")

@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 
 from aimesh_runtime import outbox
+from aimesh_runtime.db import KeysetPage
 
 
 @dataclass(frozen=True)
@@ -145,18 +146,10 @@ class UserStore:
         return None if row is None else _user(row)
 
     async def list_users(self, after: tuple[dt.datetime, str] | None, limit: int) -> list[UserRow]:
-        if after is None:
-            rows = await self._pool.fetch(
-                "SELECT * FROM users ORDER BY create_time, id LIMIT $1", limit
-            )
-        else:
-            rows = await self._pool.fetch(
-                """SELECT * FROM users WHERE (create_time, id) > ($1, $2)
-                   ORDER BY create_time, id LIMIT $3""",
-                after[0],
-                after[1],
-                limit,
-            )
+        page = KeysetPage.of(after, limit, column="create_time")
+        rows = await self._pool.fetch(
+            f"SELECT * FROM users WHERE {page.where} {page.order_limit}", *page.values
+        )
         return [_user(row) for row in rows]
 
     async def update_user(
@@ -220,22 +213,12 @@ class UserStore:
     async def api_keys_of(
         self, user_id: str, after: tuple[dt.datetime, str] | None, limit: int
     ) -> list[ApiKeyRow]:
-        if after is None:
-            rows = await self._pool.fetch(
-                """SELECT * FROM api_keys WHERE user_id = $1
-                   ORDER BY create_time DESC, id DESC LIMIT $2""",
-                user_id,
-                limit,
-            )
-        else:
-            rows = await self._pool.fetch(
-                """SELECT * FROM api_keys WHERE user_id = $1 AND (create_time, id) < ($2, $3)
-                   ORDER BY create_time DESC, id DESC LIMIT $4""",
-                user_id,
-                after[0],
-                after[1],
-                limit,
-            )
+        page = KeysetPage.of(after, limit, column="create_time", descending=True, first=2)
+        rows = await self._pool.fetch(
+            f"SELECT * FROM api_keys WHERE user_id = $1 AND {page.where} {page.order_limit}",
+            user_id,
+            *page.values,
+        )
         return [_api_key(row) for row in rows]
 
     async def revoke_api_key(self, actor: str, user_id: str, key_id: str) -> ApiKeyRow | None:

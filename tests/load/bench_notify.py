@@ -29,7 +29,7 @@ ratio_vs_store jobs_per_s / the store ceiling below: how close the whole
               service (gRPC, worker, signed HTTP) comes to its own SQL.
 store ceiling (printed) notify's own queue SQL alone, on a fresh
               database of the same PostgreSQL, in the same run:
-              NotifyStore.publish_batch (events and their deliveries, 100 per
+              EventStore.publish_batch (events and their deliveries, 100 per
               transaction, 4 in flight), the stream sequencer, and one
               consumer that claims 100 and completes them (the attempt rows
               included), as the worker does; no gRPC, no HTTP, no signing.
@@ -383,8 +383,10 @@ async def store_ceiling(admin_url: str) -> float:
     import datetime as dt
     import uuid
 
+    from aimesh_notify.delivery_store import DeliveryStore, Outcome
+    from aimesh_notify.event_store import EventStore
     from aimesh_notify.server import SPEC
-    from aimesh_notify.store import NotifyStore, Outcome
+    from aimesh_notify.store import SubscriptionStore
     from aimesh_runtime import db
 
     admin = await asyncpg.connect(admin_url)
@@ -392,8 +394,8 @@ async def store_ceiling(admin_url: str) -> float:
     await admin.close()
     pool = await db.create_pool(admin_url.replace("/postgres?", "/bench_notify_store?"))
     await db.migrate(pool, SPEC.migrations)
-    store = NotifyStore(pool)
-    await store.create_subscription(
+    events, queue = EventStore(pool), DeliveryStore(pool)
+    await SubscriptionStore(pool).create_subscription(
         "bench", "bench", "", ["bench.*"], "webhook", "http://127.0.0.1/", 5000, "unused"
     )
     starts = iter(range(0, JOBS, PUBLISH_BATCH))
@@ -412,22 +414,22 @@ async def store_ceiling(admin_url: str) -> float:
                 )
                 for n in range(start, min(start + PUBLISH_BATCH, JOBS))
             ]
-            await store.publish_batch(events, lambda known: None)
+            await events.publish_batch(events, lambda known: None)
 
     async def sequencer() -> None:
         while completed < JOBS:
-            if not await store.sequence(5000):
+            if not await events.sequence(5000):
                 await asyncio.sleep(0.01)
 
     async def consumer() -> None:
         nonlocal completed
         while completed < JOBS:
-            claimed, _ = await store.claim(CLAIM_BATCH, 8, 30.0)
+            claimed, _ = await queue.claim(CLAIM_BATCH, 8, 30.0)
             if not claimed:
                 await asyncio.sleep(0.001)
                 continue
             now = dt.datetime.now(dt.UTC)
-            await store.complete(
+            await queue.complete(
                 [Outcome(c.id, c.lease, c.attempt, 200, "", now, now, "succeeded") for c in claimed]
             )
             completed += len(claimed)

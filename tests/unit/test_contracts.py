@@ -87,3 +87,20 @@ def test_a_contract_with_a_method_without_ownership_rule_does_not_start() -> Non
     service = pool.FindServiceByName("unruled.v1.UnruledService")
     with pytest.raises(OwnershipRuleError, match="Do has no ownership rule"):
         rules_for([service])
+
+
+def test_domain_enums_carry_the_contract_numbers() -> None:
+    """Recommend's domain enums are stored and cached as numbers: they must stay
+    the contract's, which the servicers translate to by name."""
+    from aimesh_recommend.experiments import InteractionKind
+    from aimesh_recommend.recommender import FallbackReason
+
+    reasons, kinds = recommend_service_pb2.FallbackReason, recommend_service_pb2.InteractionKind
+    for reason in FallbackReason:
+        if reason is not FallbackReason.NONE:
+            assert reasons.Value(f"FALLBACK_REASON_{reason.name}") == reason
+    assert reasons.Value("FALLBACK_REASON_UNSPECIFIED") == FallbackReason.NONE
+    for kind in InteractionKind:
+        assert kinds.Value(f"INTERACTION_KIND_{kind.name}") == kind
+    assert len(InteractionKind) == len(kinds.items()) - 1
+    assert len(FallbackReason) == len(reasons.items())

@@ -16,12 +16,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from aimesh.webhooks import WebhookError
 from aimesh.webhooks import verify as verify_webhook
 from aimesh_notify import netguard
+from aimesh_notify.delivery_store import Claimed
 from aimesh_notify.events import decode_cursor, encode_cursor
 from aimesh_notify.netguard import DeniedUrl, NetworkGuard, denial
 from aimesh_notify.queue import ReceiverPauses, WebhookSender, backoff_s, receiver_failed
 from aimesh_notify.sealing import SealError, SecretBox, UnknownKey, key_id
 from aimesh_notify.signing import Signed, new_secret, signature_header
-from aimesh_notify.store import Claimed
 from aimesh_runtime.errors import InvalidArgument
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from google.protobuf import struct_pb2
 
-from aimesh.search.v1 import search_service_pb2 as pb
 from aimesh_search import filters
 from aimesh_search.importer import parse_line
 
@@ -50,17 +48,27 @@ def test_admins_may_import_for_others() -> None:
 
 
 def test_filter_semantics_in_python_match_the_contract() -> None:
-    conditions = [
-        pb.MetadataCondition(key="n", equals=struct_pb2.Value(number_value=1)),
-        pb.MetadataCondition(key="flag", equals=struct_pb2.Value(bool_value=True)),
-    ]
-    wanted = pb.MetadataFilter(conditions=conditions)
+    wanted = [filters.Equals("n", 1.0), filters.Equals("flag", True)]
     assert filters.matches(wanted, {"n": 1.0, "flag": True})
     assert not filters.matches(wanted, {"n": 1, "flag": 1}), "true is not 1"
     assert not filters.matches(wanted, {"flag": True}), "a missing key never matches"
-    ranged = pb.MetadataFilter(
-        conditions=[pb.MetadataCondition(key="n", range=pb.NumberRange(min=2, max=3))]
-    )
+    ranged = [filters.Range("n", min=2, max=3)]
     assert filters.matches(ranged, {"n": 2.5}) and not filters.matches(ranged, {"n": "2.5"})
+    assert not filters.matches(ranged, {"n": True}), "a bool is not a number"
     where, args = filters.to_sql(ranged, first_param=2)
-    assert {"$2", "$3", "$4"} <= set(where.replace(")", " ").split()) and args == ["n", 2.0, 3.0]
+    assert {"$2", "$3", "$4"} <= set(where.replace(")", " ").split()) and args == ["n", 2, 3]
+
+
+def test_filters_any_of_and_open_ranges() -> None:
+    colours = [filters.AnyOf("colour", ("red", "blue"))]
+    assert filters.matches(colours, {"colour": "blue"})
+    assert not filters.matches(colours, {"colour": "green"})
+    where, args = filters.to_sql(colours, first_param=1)
+    assert where == "(metadata -> $1 = ANY($2::jsonb[]))" and args == [
+        "colour",
+        ['"red"', '"blue"'],
+    ]
+    at_least = [filters.Range("n", min=5)]
+    assert filters.matches(at_least, {"n": 7}) and not filters.matches(at_least, {"n": 4})
+    assert filters.to_sql(at_least, first_param=1)[1] == ["n", 5]
+    assert filters.to_sql([], first_param=1) == ("true", [])
