@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -23,7 +24,12 @@ os.environ.setdefault("XDG_RUNTIME_DIR", str(_runtime))
 from aimesh.user.v1 import user_service_pb2 as user_pb  # noqa: E402
 from aimesh.user.v1 import user_service_pb2_grpc  # noqa: E402
 from aimesh_cli.embedded_pg import switch_users_after_exec  # noqa: E402
-from aimesh_runtime.config import RuntimeConfig, database_env, load  # noqa: E402
+from aimesh_runtime.config import (  # noqa: E402
+    RuntimeConfig,
+    database_env,
+    load,
+    service_api_key_env,
+)
 from aimesh_runtime.server import AimeshServer, ServiceSpec  # noqa: E402
 
 # pg_ctl as pgserver's user from this process, busy with gRPC threads, must not
@@ -36,6 +42,12 @@ pytest_plugins = ("tests.crashwatch",)
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_EMAIL = "admin@example.com"
 ADMIN_PASSWORD = "admin-password-long-enough"
+# Each platform service's own account key: user servers bootstrap the accounts,
+# the services' outbox relays publish with them (as `aimesh up` and the cluster do).
+PLATFORM_SERVICES = ("search", "recommend", "chat", "notify")
+SERVICE_API_KEYS = {
+    name: f"amk_{secrets.token_hex(4)}_{secrets.token_urlsafe(32)}" for name in PLATFORM_SERVICES
+}
 
 
 @pytest.fixture(scope="session")
@@ -111,6 +123,11 @@ async def start_server(
         # Every test logs in from 127.0.0.1, and some fail logins on purpose: only
         # a test about it throttles the address.
         "AIMESH_USER_LOGIN_ADDRESS_FREE_FAILURES": "1000000",
+        **{
+            f"AIMESH_USER_BOOTSTRAP_{n.upper()}_SERVICE_API_KEY": k
+            for n, k in SERVICE_API_KEYS.items()
+        },
+        **{service_api_key_env(name): key for name, key in SERVICE_API_KEYS.items()},
         **(extra_env or {}),
     }
     for spec in specs:
@@ -177,6 +194,14 @@ async def service_token(users: user_service_pb2_grpc.UserServiceStub) -> str:
     )
     login = await users.Login(user_pb.LoginRequest(email=user.email, password=password))
     return str(login.access_token)
+
+
+async def platform_service_token(users: user_service_pb2_grpc.UserServiceStub, service: str) -> str:
+    """A token of `service`'s own account, from the key the user server bootstrapped."""
+    reply = await users.ExchangeApiKey(
+        user_pb.ExchangeApiKeyRequest(api_key=SERVICE_API_KEYS[service])
+    )
+    return str(reply.access_token)
 
 
 def bearer(token: str) -> tuple[tuple[str, str]]:

@@ -35,6 +35,9 @@ from aimesh.user.v1 import user_service_pb2, user_service_pb2_grpc
 from aimesh_runtime.config import HTTP_PORT_OFFSET, SERVICE_PORTS, database_env
 
 SERVICES = tuple(SERVICE_PORTS)  # user first: the others fetch its JWKS
+# Each has an account and API key of its own, which the user service bootstraps
+# and only it may publish its topics with; the user service mints its own tokens.
+KEYED_SERVICES = tuple(name for name in SERVICES if name != "user")
 SHARED_DATABASES = ("postgres", "template1")  # template0 takes no connections at all
 MONOLITH_PORT = 50050
 # Recommend serving model v2 beside v1, for the edge's A/B split; and the edge's own ports.
@@ -92,10 +95,11 @@ def load_secrets(folder: Path) -> dict[str, Any]:
     path = folder / "secrets.json"
     if path.exists():
         stored: dict[str, Any] = json.loads(path.read_text())
-        added = {
-            # State folders made before the outbox relay, and before sealed webhook secrets.
-            "service_api_key": _new_service_api_key,
+        added: dict[str, Callable[[], Any]] = {
+            # State folders made before sealed webhook secrets, and before each service
+            # had its own key (the shared "service_api_key" of older ones goes unused).
             "notify_secret_encryption_key": _new_key,
+            "service_api_keys": _new_service_api_keys,
         }
         missing = {name: new() for name, new in added.items() if name not in stored}
         if missing:
@@ -109,7 +113,7 @@ def load_secrets(folder: Path) -> dict[str, Any]:
         "admin_email": DEV_ADMIN_EMAIL,
         "admin_password": secrets.token_urlsafe(18),
         "role_passwords": {name: secrets.token_hex(16) for name in SERVICES},
-        "service_api_key": _new_service_api_key(),
+        "service_api_keys": _new_service_api_keys(),
     }
     path.touch(mode=0o600)
     path.write_text(json.dumps(created, indent=2))
@@ -120,9 +124,19 @@ def _new_key() -> str:
     return base64.urlsafe_b64encode(os.urandom(32)).decode()
 
 
-def _new_service_api_key() -> str:
-    """The key the services call each other with on their own behalf (outbox relays)."""
-    return f"amk_{secrets.token_hex(4)}_{secrets.token_urlsafe(32)}"
+def _new_service_api_keys() -> dict[str, str]:
+    """Per service, the key it calls others with on its own behalf (its outbox relay)."""
+    return {
+        name: f"amk_{secrets.token_hex(4)}_{secrets.token_urlsafe(32)}" for name in KEYED_SERVICES
+    }
+
+
+def own_key_env(service: str) -> str:
+    return f"AIMESH_{service.upper()}_SERVICE_API_KEY"
+
+
+def bootstrap_key_env(service: str) -> str:
+    return f"AIMESH_USER_BOOTSTRAP_{service.upper()}_SERVICE_API_KEY"
 
 
 @contextlib.contextmanager
@@ -201,8 +215,9 @@ def service_environment(
     env.setdefault("AIMESH_USER_ADDRESS", f"127.0.0.1:{user_port}")
     for peer in ("search", "chat", "recommend", "notify"):  # the deletion saga and outbox relays
         env.setdefault(f"AIMESH_{peer.upper()}_ADDRESS", f"127.0.0.1:{grpc_port(peer)}")
-    env.setdefault("AIMESH_USER_BOOTSTRAP_SERVICE_API_KEY", stored["service_api_key"])
-    env.setdefault("AIMESH_SERVICE_API_KEY", stored["service_api_key"])
+    for service, key in stored["service_api_keys"].items():
+        env.setdefault(bootstrap_key_env(service), key)  # the user service makes the account
+        env.setdefault(own_key_env(service), key)  # the service's relay publishes with it
     # As in the cluster: behind the edge, the client address is the one the edge appends.
     env.setdefault("AIMESH_TRUST_FORWARDED_FOR", "1")
     # A laptop's webhook receivers listen on localhost; clusters keep the SSRF guard on.
@@ -238,7 +253,7 @@ def spawn(
     for name, module, port in plan:
         log_path = logs / f"{name}.log"
         child_env = {
-            **env,
+            **own_keys_only(name, env),
             "AIMESH_GRPC_PORT": str(port),
             "AIMESH_HTTP_PORT": str(port + HTTP_PORT_OFFSET),
         }
@@ -254,6 +269,18 @@ def spawn(
             )
         started.append(ServiceProcess(name, port, port + HTTP_PORT_OFFSET, process, log_path))
     return started
+
+
+def own_keys_only(process: str, env: Mapping[str, str]) -> dict[str, str]:
+    """`env` less the service keys that `process` does not use: a service holds only
+    its own, the user service only the bootstrap copies, the monolith all of them."""
+    if process == "monolith":
+        return dict(env)
+    service = process.removesuffix("-v2")
+    dropped = {own_key_env(name) for name in KEYED_SERVICES if name != service}
+    if service != "user":
+        dropped |= {bootstrap_key_env(name) for name in KEYED_SERVICES}
+    return {name: value for name, value in env.items() if name not in dropped}
 
 
 async def check_health(address: str, timeout_s: float = 1.0) -> str:

@@ -1,9 +1,10 @@
 """Who may publish to a topic.
 
 The platform's topics (`user.*`, `search.*`, `chat.*`, `recommend.*`,
-`notify.*`) are published by the services that own them, through their
-outboxes, with a service account: no member and no admin can forge, say, a
-`user.deleted` that subscribers would act on. A member publishes under its own
+`notify.*`) are published by the service that owns each, through its outbox,
+with its own account (the scope "mesh.service.<service>"): no member, no admin
+and no other service can forge, say, a `user.deleted` that subscribers would
+act on. A member publishes under its own
 namespace, `apps.u<its user id>.*` (the id as registration makes it: lower-case
 hex; the "u" because a topic word starts with a letter), and under the
 prefixes an admin granted it. Any other topic is the platform's: admins and
@@ -54,7 +55,7 @@ class Topics:
     async def owner(self, topic: str) -> Owner:
         words = topic.split(".")
         if words[0] in PLATFORM_TOPICS:
-            return Owner("", shared=True, services_only=True)
+            return Owner("", shared=True, reserved_to=words[0])
         writers = frozenset(
             grantee for prefix, grantee in await self._current() if topic.startswith(prefix)
         )

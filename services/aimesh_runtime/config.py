@@ -167,8 +167,9 @@ class RuntimeConfig:
     )
     service_api_key: str = setting(
         "AIMESH_SERVICE_API_KEY",
-        "API key of a service account (role service) for calls a service makes on its own "
-        "behalf, such as the outbox relay's Publish; the user service mints its own tokens.",
+        "Retired: the one key every service once shared. A key that names no service may "
+        "publish none of the platform's topics, so a relay that has only this refuses to "
+        "start; each service sends its own AIMESH_<SERVICE>_SERVICE_API_KEY instead.",
         "",
     )
     outbox_poll_s: float = setting(
@@ -297,3 +298,16 @@ def database_url(service: str, environ: Mapping[str, str] | None = None) -> str:
         netloc = f"{user}:{urllib.parse.quote(password, safe='')}@{host}"
         url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
     return url
+
+
+def service_api_key_env(service: str) -> str:
+    """The variable holding a service's own API key (its account, "mesh.service.<service>")."""
+    return f"AIMESH_{service.upper()}_SERVICE_API_KEY"
+
+
+def service_api_key(service: str, environ: Mapping[str, str] | None = None) -> str:
+    """A service's own API key, for calls on its own behalf (the outbox relay's Publish),
+    from the variable or its _FILE; "" when unset. Per service, not in RuntimeConfig,
+    because one process may serve several (the monolith), each with its own key."""
+    environ = os.environ if environ is None else environ
+    return _value(environ, service_api_key_env(service)) or ""

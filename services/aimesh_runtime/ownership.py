@@ -14,9 +14,10 @@ AccessPolicy (see access.proto) says whose objects. The pipeline runs
 - PLATFORM: admins and service accounts only.
 
 Admins (the service's "<service>.admin" scope) and service accounts (the
-"mesh.service" scope) pass CALLER and OWNED, except for objects reserved to
-services (the platform's notify topics). A contract with a method that has no
-rule does not start (`rules_for` raises).
+"mesh.service" scope) pass CALLER and OWNED, except for objects reserved to one
+service (the platform's notify topics: `search.*` is written only by a caller
+holding "mesh.service.search", the search service's own account). A contract
+with a method that has no rule does not start (`rules_for` raises).
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ USER_PREFIX = "users/"
 NEEDS_FIELD = frozenset({access_pb2.OWNERSHIP_CALLER, access_pb2.OWNERSHIP_OWNED})
 
 
+def service_scope(service: str) -> str:
+    """The scope that names one platform service's own account ("mesh.service.search"):
+    only the user service grants it, to the account it bootstraps for that service."""
+    return f"{SERVICE_SCOPE}.{service}"
+
+
 class OwnershipRuleError(Exception):
     """A contract's ownership rules are missing or malformed: the server must not start."""
 
@@ -52,8 +59,9 @@ class Owner:
     user_id: str  # "" when the platform owns it
     # Every member of the organisation may read it (a shared search collection).
     shared: bool = False
-    # Only service accounts may change it, not even admins (the platform's topics).
-    services_only: bool = False
+    # Only this service's own account may change it, not admins nor other services'
+    # accounts (the platform's topics: "search" for search.*).
+    reserved_to: str = ""
     # Users besides the owner who may change it (topics an admin granted).
     writers: frozenset[str] = frozenset()
 
@@ -166,8 +174,7 @@ class OwnershipGuard:
         rule = self.rule(method)
         if rule is None or rule.kind == access_pb2.OWNERSHIP_NONE:
             return
-        service = is_service_account(principal)
-        privileged = service or rule.admin_scope in principal.scopes
+        privileged = is_service_account(principal) or rule.admin_scope in principal.scopes
         if rule.kind == access_pb2.OWNERSHIP_PLATFORM:
             if not privileged:
                 raise PermissionDenied(
@@ -180,7 +187,7 @@ class OwnershipGuard:
             return
         for value in field_values(request, rule.field):
             if value:
-                await self._check_owned(rule, principal, service, privileged, value)
+                await self._check_owned(rule, principal, privileged, value)
 
     @staticmethod
     def _check_caller(
@@ -203,7 +210,7 @@ class OwnershipGuard:
                 )
 
     async def _check_owned(
-        self, rule: OwnershipRule, principal: Principal, service: bool, privileged: bool, name: str
+        self, rule: OwnershipRule, principal: Principal, privileged: bool, name: str
     ) -> None:
         kind = name.split("/", 1)[0] if "/" in name else rule.field[-1]
         resolver = self._resolvers.get(kind)
@@ -213,11 +220,15 @@ class OwnershipGuard:
         owner = await resolver.owner(name)
         if owner is None:
             return  # the handler answers NOT_FOUND (or creates it)
-        if owner.services_only:
-            if service or (rule.reads_only and owner.shared):
+        if owner.reserved_to:
+            if service_scope(owner.reserved_to) in principal.scopes:
+                return
+            if rule.reads_only and owner.shared:
                 return
             raise PermissionDenied(
-                f"{name} is reserved to the platform's services", reason="RESERVED_TO_SERVICES"
+                f"{name} is reserved to the {owner.reserved_to} service's own account",
+                reason="RESERVED_TO_SERVICES",
+                metadata={"service": owner.reserved_to},
             )
         if privileged:
             return

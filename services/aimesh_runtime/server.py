@@ -42,11 +42,18 @@ from aimesh_runtime.auth import (
 )
 from aimesh_runtime.client import connect
 from aimesh_runtime.collector import settle_collector
-from aimesh_runtime.config import ConfigError, RuntimeConfig, database_url, load
+from aimesh_runtime.config import (
+    ConfigError,
+    RuntimeConfig,
+    database_url,
+    load,
+    service_api_key,
+    service_api_key_env,
+)
 from aimesh_runtime.faults import fault_interceptors
 from aimesh_runtime.httpside import Route, SideServer
 from aimesh_runtime.metrics import RpcMetrics
-from aimesh_runtime.outbox import OutboxRelay
+from aimesh_runtime.outbox import Credentials, OutboxRelay
 from aimesh_runtime.ownership import OwnerResolver, OwnershipGuard, rules_for
 from aimesh_runtime.pipeline import ServerPipeline
 from aimesh_runtime.ratelimit import RateLimiter
@@ -86,7 +93,7 @@ class Mount:
     ready: Callable[[], bool] | None = None
     close: Callable[[], Awaitable[None]] | None = None
     # Metadata for calls made on the service's own behalf (the outbox relay's);
-    # the user service mints tokens, others send AIMESH_SERVICE_API_KEY.
+    # the user service mints tokens, others send AIMESH_<SERVICE>_SERVICE_API_KEY.
     credentials: Callable[[], Sequence[tuple[str, str]]] | None = None
     # "Who owns this name" for the ownership rules, by kind of name (see ownership.py).
     owners: dict[str, OwnerResolver] = field(default_factory=dict)
@@ -182,13 +189,14 @@ class AimeshServer:
                 mount = await spec.mount(self._context(spec, pool))
             except BaseException:  # a refused start (a missing key) leaves nothing open
                 await pool.close()
-                for started in self._running:
-                    if started.mount.close is not None:
-                        await started.mount.close()
-                    await started.pool.close()
-                self._running.clear()
+                await self._close_mounted()
                 raise
             self._running.append(_Running(spec, pool, mount, db.DatabaseProbe(url)))
+        try:
+            relay_credentials = self._relay_credentials()
+        except BaseException:
+            await self._close_mounted()
+            raise
         verifier, api_keys = self._auth()
         owners = {kind: r for running in self._running for kind, r in running.mount.owners.items()}
         pipeline = ServerPipeline(
@@ -253,12 +261,19 @@ class AimeshServer:
         for running in self._running:
             for job in running.mount.background:
                 self._tasks.append(asyncio.create_task(job(), name=f"{running.spec.name}-bg"))
-        self._start_relays()
+        self._start_relays(relay_credentials)
         log.info(
             "serving %s",
             ", ".join(names),
             extra={"grpc_port": self.grpc_port, "http_port": self.http_port},
         )
+
+    async def _close_mounted(self) -> None:
+        for started in self._running:
+            if started.mount.close is not None:
+                await started.mount.close()
+            await started.pool.close()
+        self._running.clear()
 
     def _context(self, spec: ServiceSpec, pool: asyncpg.Pool) -> ServiceContext:
         return ServiceContext(
@@ -308,36 +323,62 @@ class AimeshServer:
             api_keys = ExchangedApiKeys(channel, verifier)
         return verifier, api_keys
 
-    def _start_relays(self) -> None:
-        """One outbox relay per service, when notify's address is configured."""
+    def _relay_credentials(self) -> dict[str, Credentials]:
+        """What each service's outbox relay publishes with, by service: the service's
+        own credentials (the user service mints tokens) or its own API key, whose
+        account alone may publish the service's topics. Only the retired shared key
+        set, or in prod no key at all, is a ConfigError: the relay could publish nothing."""
         config = self.config
+        found: dict[str, Credentials] = {}
         if not config.notify_address:
-            return
-        credentials = next(
-            (r.mount.credentials for r in self._running if r.mount.credentials), None
-        )
-        if credentials is None and config.service_api_key:
-            header = (("x-api-key", config.service_api_key),)
-            credentials = lambda: header  # noqa: E731
-        if credentials is None:
-            log.error("AIMESH_SERVICE_API_KEY is not set: outbox events stay queued unpublished")
+            return found
+        for running in self._running:
+            name = running.spec.name
+            if running.mount.credentials is not None:
+                found[name] = running.mount.credentials
+                continue
+            variable = service_api_key_env(name)
+            key = service_api_key(name, self.environ)
+            if key:
+                found[name] = _fixed_metadata((("x-api-key", key),))
+            elif config.service_api_key:
+                raise ConfigError(
+                    f"AIMESH_SERVICE_API_KEY is retired: a key shared by every service may "
+                    f"publish none of the {name} service's topics; set {variable} (README, "
+                    "Consistency: outbox)"
+                )
+            elif config.environment == "prod":
+                raise ConfigError(
+                    f"{variable} is required with AIMESH_NOTIFY_ADDRESS: the API key of the "
+                    f"{name} service's own account, which its outbox relay publishes with"
+                )
+            else:
+                log.error("%s is not set: %s outbox events stay queued unpublished", variable, name)
+        return found
+
+    def _start_relays(self, credentials: Mapping[str, Credentials]) -> None:
+        """One outbox relay per service that has credentials, when notify's address is set."""
+        if not credentials:
             return
         channel = connect(
-            config.notify_address,
+            self.config.notify_address,
             notify_service_pb2.DESCRIPTOR.services_by_name["NotifyService"],
             tracer_provider=self.tracer_provider,
         )
         self._channels.append(channel)
         for running in self._running:
+            name = running.spec.name
+            if name not in credentials:
+                continue
             relay = OutboxRelay(
                 running.pool,
                 channel,
-                service=running.spec.name,
-                credentials=credentials,
-                batch_size=config.outbox_batch,
-                poll_s=config.outbox_poll_s,
+                service=name,
+                credentials=credentials[name],
+                batch_size=self.config.outbox_batch,
+                poll_s=self.config.outbox_poll_s,
             )
-            self._tasks.append(asyncio.create_task(relay.run(), name=f"{running.spec.name}-outbox"))
+            self._tasks.append(asyncio.create_task(relay.run(), name=f"{name}-outbox"))
 
     def _metrics_route(self) -> tuple[str, bytes]:
         return CONTENT_TYPE_LATEST, generate_latest(self.metrics_registry)
@@ -408,6 +449,10 @@ async def serve_until_signalled(server: AimeshServer) -> None:
         await asyncio.sleep(lame_duck)
     log.info("draining for up to %.1f s", server.config.drain_seconds)
     await server.stop()
+
+
+def _fixed_metadata(metadata: Sequence[tuple[str, str]]) -> Credentials:
+    return lambda: metadata
 
 
 def main(specs: Sequence[ServiceSpec], environ: Mapping[str, str] | None = None) -> None:

@@ -21,6 +21,7 @@ from aimesh_search.cache import QueryCache
 from aimesh_search.catalog import Catalog
 from aimesh_search.encoder import Encoder
 from aimesh_search.importer import Importer
+from aimesh_search.reserved import ReservedCollections
 from aimesh_search.servicer import SearchServicer
 from aimesh_search.settings import SearchSettings
 from aimesh_search.store import SearchStore
@@ -86,7 +87,11 @@ async def mount(context: ServiceContext) -> Mount:
         servicers=[
             (
                 search_service_pb2_grpc.add_SearchServiceServicer_to_server,
-                SearchServicer(catalog, importer),
+                SearchServicer(
+                    catalog,
+                    importer,
+                    ReservedCollections(settings.reserved_collections.split(",")),
+                ),
             )
         ],
         background=[load_indexes],

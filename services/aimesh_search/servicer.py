@@ -17,6 +17,7 @@ from aimesh_runtime.pages import struct, timestamp
 from aimesh_search import filters
 from aimesh_search.catalog import Catalog, DocumentInput, Query, SearchAnswer
 from aimesh_search.importer import Importer, ImportTarget
+from aimesh_search.reserved import ReservedCollections
 from aimesh_search.store import CollectionRow, DocumentRow, ImportJobRow
 
 UPDATABLE_COLLECTION_FIELDS = frozenset({"display_name", "visibility"})
@@ -148,13 +149,15 @@ def _visible_to(principal: Principal) -> str | None:
 
 
 class SearchServicer(search_service_pb2_grpc.SearchServiceServicer):
-    def __init__(self, catalog: Catalog, importer: Importer) -> None:
+    def __init__(self, catalog: Catalog, importer: Importer, reserved: ReservedCollections) -> None:
         self._catalog = catalog
         self._importer = importer
+        self._reserved = reserved
 
     async def CreateCollection(
         self, request: pb.CreateCollectionRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateCollectionResponse:
+        self._reserved.check_create(request.collection_id, caller())
         c = request.collection
         shared = c.visibility == pb.VISIBILITY_ORGANISATION
         row = await self._catalog.create_collection(

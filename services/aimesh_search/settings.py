@@ -68,6 +68,13 @@ class SearchSettings:
     import_batch: int = setting(
         "AIMESH_SEARCH_IMPORT_BATCH", "Import lines committed together.", 256
     )
+    reserved_collections: str = setting(
+        "AIMESH_SEARCH_RESERVED_COLLECTIONS",
+        "Comma-separated collection ids only admins and service accounts may create, "
+        "besides every id starting with platform-: recommend's item collection by default "
+        "(list it here if AIMESH_RECOMMEND_SEARCH_COLLECTION names another).",
+        "recommend-items",
+    )
 
     def check(self) -> None:
         if self.device not in ("auto", "cuda", "cpu"):

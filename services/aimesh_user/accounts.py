@@ -17,6 +17,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from aimesh_runtime.auth import Principal
+from aimesh_runtime.config import ConfigError
 from aimesh_runtime.errors import (
     AlreadyExists,
     FieldViolation,
@@ -25,7 +26,7 @@ from aimesh_runtime.errors import (
     PermissionDenied,
     Unauthenticated,
 )
-from aimesh_runtime.ownership import SERVICE_SCOPE
+from aimesh_runtime.ownership import SERVICE_SCOPE, service_scope
 from aimesh_runtime.pages import cut_page, decode_keyset, encode_keyset, page_size
 from aimesh_user.signing import KeyRing
 from aimesh_user.store import ApiKeyRow, EmailTaken, KeyTaken, UserRow, UserStore
@@ -61,10 +62,39 @@ SERVICE_SCOPES = (
     "notify.read",
     "notify.write",
 )
-ROLE_SCOPES = {"member": MEMBER_SCOPES, "admin": ADMIN_SCOPES, "service": SERVICE_SCOPES}
+# The services that publish through their own account; the user service mints
+# its own tokens instead (aimesh_user.server).
+PLATFORM_SERVICES = ("search", "recommend", "chat", "notify")
+ROLE_SCOPES: dict[str, tuple[str, ...]] = {
+    "member": MEMBER_SCOPES,
+    "admin": ADMIN_SCOPES,
+    "service": SERVICE_SCOPES,
+    # One role per platform service, held only by the account the user service
+    # bootstraps for it: the contract's Role enum cannot name these, so no
+    # UpdateUser can grant one, and no admin can become, say, the search service.
+    **{f"service:{name}": (service_scope(name),) for name in PLATFORM_SERVICES},
+}
 API_KEY_PREFIX = "amk"
 REFRESH_PREFIX = "art"
 USER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+# Not an argon2 hash: verifying any password against it fails, so the account never logs in.
+NO_PASSWORD = "!no-password"
+
+
+def platform_service_id(service: str) -> str:
+    """The user id of a platform service's own account ("service-search")."""
+    return f"service-{service}"
+
+
+def split_api_key(api_key: str) -> tuple[str, str]:
+    """(prefix, secret) of a well-formed key, amk_<prefix>_<secret>; ValueError otherwise."""
+    marker, _, rest = api_key.partition("_")
+    prefix, _, secret = rest.partition("_")
+    if marker != API_KEY_PREFIX or not prefix or not secret:
+        raise ValueError("an API key looks like amk_<8 hex>_<secret>")
+    return prefix, secret
 
 
 def require_interactive(caller: Principal, action: str) -> None:
@@ -146,13 +176,53 @@ class Accounts:
             with contextlib.suppress(AlreadyExists):
                 await self.register(email, password, "admin", roles=("admin",))
 
+    async def ensure_platform_service(self, service: str, api_key: str) -> None:
+        """The account of one platform service (id "service-<service>", roles service and
+        service:<service>) holding `api_key`, both created if missing. The id and email
+        are no registration's (those are hex ids and valid emails), so no member can
+        claim the account first; it has no password and never logs in."""
+        prefix, secret = split_api_key(api_key)
+        user_id = platform_service_id(service)
+        roles = ["service", f"service:{service}"]
+        user = await self._store.user_by_id(user_id)
+        if user is None:
+            with contextlib.suppress(EmailTaken):  # another replica made it first
+                await self._store.insert_user(
+                    user_id, user_id, f"the {service} service", NO_PASSWORD, roles
+                )
+            user = await self._store.user_by_id(user_id)
+            if user is None:
+                raise RuntimeError(f"service account {user_id} vanished")
+        elif not set(roles) <= set(user.roles):
+            # An admin's UpdateUser replaced its roles: configuration puts them back.
+            await self._store.update_user(
+                user_id, user_id, {"roles": sorted({*user.roles, *roles})}
+            )
+        holder = await self._store.api_key_holder(prefix)
+        if holder == user_id:
+            return
+        if holder is not None:
+            raise ConfigError(f"the {service} service's API key prefix {prefix} is another key's")
+        row = ApiKeyRow(
+            id=uuid.uuid4().hex,
+            user_id=user_id,
+            display_name=f"{service} service",
+            prefix=prefix,
+            secret_hash=_digest(secret),
+            scopes=tuple(scopes_of(roles)),
+            expire_time=None,
+            create_time=dt.datetime.now(dt.UTC),
+            revoke_time=None,
+            last_use_time=None,
+        )
+        with contextlib.suppress(KeyTaken):  # another replica made it first
+            await self._store.insert_api_key(user_id, row)
+
     async def ensure_service_key(self, email: str, api_key: str) -> None:
-        """A service account holding `api_key`, created if missing (dev setups hand
-        the same key to the other services as AIMESH_SERVICE_API_KEY)."""
-        marker, _, rest = api_key.partition("_")
-        prefix, _, secret = rest.partition("_")
-        if marker != API_KEY_PREFIX or not prefix or not secret:
-            raise ValueError("a service API key looks like amk_<8 hex>_<secret>")
+        """A generic service account holding `api_key`, created if missing: a backend's
+        (mesh.service), which names no platform service and so publishes none of the
+        platform's topics (AIMESH_USER_BOOTSTRAP_SERVICE_API_KEY, kept for such uses)."""
+        prefix, secret = split_api_key(api_key)
         if await self._store.api_key_exists(prefix):
             return
         with contextlib.suppress(AlreadyExists):

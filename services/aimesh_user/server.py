@@ -24,7 +24,7 @@ from aimesh_runtime import revocation
 from aimesh_runtime.client import connect
 from aimesh_runtime.config import ConfigError
 from aimesh_runtime.errors import NotFound
-from aimesh_runtime.ownership import SERVICE_SCOPE, OwnerResolver
+from aimesh_runtime.ownership import SERVICE_SCOPE, OwnerResolver, service_scope
 from aimesh_runtime.resilience import CircuitBreaker
 from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
 from aimesh_user.accounts import Accounts, LocalApiKeys
@@ -104,6 +104,8 @@ async def mount(context: ServiceContext) -> Mount:
 
     if settings.bootstrap_service_api_key:
         await accounts.ensure_service_key(SERVICE_ACCOUNT_EMAIL, settings.bootstrap_service_api_key)
+    for service, api_key in settings.platform_service_keys().items():
+        await accounts.ensure_platform_service(service, api_key)
 
     def service_metadata(scopes: list[str]) -> Callable[[], Sequence[tuple[str, str]]]:
         # A fresh token per call: cheap (one Ed25519 signature) and never stale.
@@ -187,8 +189,8 @@ async def mount(context: ServiceContext) -> Mount:
         routes={"/.well-known/jwks.json": jwks_route},
         background=[maintain_keys, deletions.resume_forever, refresh_not_before],
         close=close,
-        # The relay publishes the platform's user.* topics: a service's call.
-        credentials=service_metadata(["notify.write", SERVICE_SCOPE]),
+        # The relay publishes user.*, which only the user service's own scope may.
+        credentials=service_metadata(["notify.write", SERVICE_SCOPE, service_scope("user")]),
         owners={"userDeletions": OwnerResolver(deletions.owner_of, _hidden_deletion)},
     )
 

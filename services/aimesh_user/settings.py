@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from aimesh_runtime.config import ConfigError, key_bytes, setting
+
+# What `aimesh up` generates: amk_, 8 hex digits, _, then token_urlsafe(32).
+PLATFORM_KEY = re.compile(r"^amk_[0-9a-f]{8}_[A-Za-z0-9_-]{32,}$")
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,31 @@ class UserSettings:
     )
     bootstrap_service_api_key: str = setting(
         "AIMESH_USER_BOOTSTRAP_SERVICE_API_KEY",
-        "Create this API key (amk_<8 hex>_<secret>) for a service account at start if "
-        "missing; dev setups give the other services the same value as AIMESH_SERVICE_API_KEY.",
+        "Create this API key (amk_<8 hex>_<secret>) for a generic service account at start "
+        "if missing: a backend's (mesh.service), which publishes none of the platform's "
+        "topics. The platform's own services each have their own, below.",
+        "",
+    )
+    # Each platform service's own account and key (README, "Who may do what"); the
+    # service sends the same value as AIMESH_<SERVICE>_SERVICE_API_KEY.
+    bootstrap_search_service_api_key: str = setting(
+        "AIMESH_USER_BOOTSTRAP_SEARCH_SERVICE_API_KEY",
+        "Create the search service's account with this API key at start if missing.",
+        "",
+    )
+    bootstrap_recommend_service_api_key: str = setting(
+        "AIMESH_USER_BOOTSTRAP_RECOMMEND_SERVICE_API_KEY",
+        "Create the recommend service's account with this API key at start if missing.",
+        "",
+    )
+    bootstrap_chat_service_api_key: str = setting(
+        "AIMESH_USER_BOOTSTRAP_CHAT_SERVICE_API_KEY",
+        "Create the chat service's account with this API key at start if missing.",
+        "",
+    )
+    bootstrap_notify_service_api_key: str = setting(
+        "AIMESH_USER_BOOTSTRAP_NOTIFY_SERVICE_API_KEY",
+        "Create the notify service's account with this API key at start if missing.",
         "",
     )
     # Peers of the user-deletion saga. Empty means not deployed: the step is
@@ -127,6 +154,7 @@ class UserSettings:
                 "go together"
             )
 
+        self.platform_service_keys()  # a malformed or shared key stops the start here
         if self.register_per_client_per_hour < 1 or self.register_per_email_per_hour < 1:
             raise ConfigError("AIMESH_USER_REGISTER_PER_*_PER_HOUR must be at least 1")
         if self.login_free_failures < 1 or self.login_address_free_failures < 1:
@@ -146,6 +174,29 @@ class UserSettings:
             )
         if self.deletion_resume_s <= 0 or self.deletion_wait_s < 0:
             raise ConfigError("AIMESH_USER_DELETION_RESUME_S and _WAIT_S must not be negative")
+
+    def platform_service_keys(self) -> dict[str, str]:
+        """The API key to bootstrap for each platform service that has one set."""
+        keys = {
+            "search": self.bootstrap_search_service_api_key,
+            "recommend": self.bootstrap_recommend_service_api_key,
+            "chat": self.bootstrap_chat_service_api_key,
+            "notify": self.bootstrap_notify_service_api_key,
+        }
+        keys = {service: key for service, key in keys.items() if key}
+        for service, key in keys.items():
+            if not PLATFORM_KEY.match(key):
+                raise ConfigError(
+                    f"AIMESH_USER_BOOTSTRAP_{service.upper()}_SERVICE_API_KEY must look like "
+                    "amk_<8 hex>_<secret of 32 or more characters>"
+                )
+        shared = [*keys.values(), self.bootstrap_service_api_key]
+        prefixes = [key.split("_")[1] for key in shared if key]
+        if len(set(prefixes)) < len(prefixes):
+            raise ConfigError(
+                "AIMESH_USER_BOOTSTRAP_*SERVICE_API_KEY: each service needs a key of its own"
+            )
+        return keys
 
     def kek_bytes(self) -> bytes:
         return key_bytes(self.key_encryption_key, "AIMESH_USER_KEY_ENCRYPTION_KEY")

@@ -181,6 +181,13 @@ class UserStore:
     async def api_key_exists(self, prefix: str) -> bool:
         return bool(await self._pool.fetchval("SELECT 1 FROM api_keys WHERE prefix = $1", prefix))
 
+    async def api_key_holder(self, prefix: str) -> str | None:
+        """The user id whose key has this prefix, None if no key has it."""
+        holder: str | None = await self._pool.fetchval(
+            "SELECT user_id FROM api_keys WHERE prefix = $1", prefix
+        )
+        return holder
+
     async def insert_api_key(self, actor: str, key: ApiKeyRow) -> ApiKeyRow:
         try:
             return await self._insert_api_key(actor, key)

@@ -65,3 +65,16 @@ def test_compose_has_everything() -> None:
         assert services[f"{name}-db"]["image"].startswith("postgres:")
     mounts = " ".join(services["gateway"]["volumes"])
     assert "gateway_envoy/envoy.yaml" in mounts and "descriptor_set.binpb" in mounts
+    # Each service that relays its outbox sends its own key, the one the user
+    # service bootstraps that service's account with; no two share one.
+    user_env = services["user"]["environment"]
+    keys = []
+    for name in SERVICES:
+        env = services[name]["environment"]
+        if name == "user" or "AIMESH_NOTIFY_ADDRESS" not in env:
+            continue
+        own = env[f"AIMESH_{name.upper()}_SERVICE_API_KEY"]
+        assert own == user_env[f"AIMESH_USER_BOOTSTRAP_{name.upper()}_SERVICE_API_KEY"]
+        keys.append(own)
+        assert "AIMESH_SERVICE_API_KEY" not in env
+    assert len(keys) == 3 and len(set(keys)) == 3

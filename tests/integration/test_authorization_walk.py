@@ -11,13 +11,16 @@ are checked to pass where the rules let them.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
@@ -36,11 +39,14 @@ from aimesh.search.v1 import search_service_pb2_grpc
 from aimesh.user.v1 import user_service_pb2 as user_pb
 from aimesh.user.v1 import user_service_pb2_grpc
 from aimesh_notify.topics import app_namespace
-from aimesh_runtime import db
+from aimesh_runtime import db, outbox
+from aimesh_runtime.config import database_env
 from tests.conftest import (
+    PLATFORM_SERVICES,
     Running,
     admin_token,
     bearer,
+    platform_service_token,
     register_and_login,
     service_token,
     start_server,
@@ -181,6 +187,7 @@ ATTACKS: dict[str, Callable[[Alice], Any]] = {
 @dataclass
 class Platform:
     channels: dict[str, grpc.aio.Channel]  # by service full name
+    environ: dict[str, str]  # the servers' settings, with every database URL
 
     def stub(self, service: ServiceDescriptor) -> Any:
         stubs = {
@@ -200,16 +207,22 @@ async def platform(user_server: Running, new_database: Any) -> AsyncIterator[Pla
     from aimesh_recommend.server import SPEC as RECOMMEND
     from aimesh_search.server import SPEC as SEARCH
 
+    rest_port = free_port()
     env = {
         "AIMESH_JWKS_URL": f"http://127.0.0.1:{user_server.http_port}/.well-known/jwks.json",
         "AIMESH_USER_ADDRESS": user_server.address,
+        # Every outbox relays to the notify below, each with its service's own key.
+        "AIMESH_NOTIFY_ADDRESS": f"127.0.0.1:{rest_port}",
+        "AIMESH_OUTBOX_POLL_S": "0.2",
     }
     # Search first: chat and recommend call it, with the caller's credentials.
     search = await start_server([SEARCH], new_database, extra_env=env)
+    # Several services in one process, as the monolith runs them.
     rest = await start_server(
         [RECOMMEND, CHAT, NOTIFY],
         new_database,
         extra_env={**env, "AIMESH_SEARCH_ADDRESS": search.address},
+        grpc_port=rest_port,
     )
     channels = {
         "user": user_server.channel(),
@@ -222,7 +235,7 @@ async def platform(user_server: Running, new_database: Any) -> AsyncIterator[Pla
         **{s.full_name: channels["rest"] for s in SERVICES[2:]},
     }
     try:
-        yield Platform(by_service)
+        yield Platform(by_service, {**rest.environ, **search.environ})
     finally:
         for channel in channels.values():
             await channel.close()
@@ -446,11 +459,25 @@ async def test_admins_and_service_accounts_pass_where_the_rules_let_them(
         ),
         metadata=service,
     )
+    # The platform's topics: only the owning service's own account publishes them.
+    search_account = bearer(await platform_service_token(users, "search"))
     event = await notify.Publish(
-        notify_pb.PublishRequest(topic="user.walked", idempotency_key=uuid.uuid4().hex),
-        metadata=service,
+        notify_pb.PublishRequest(topic="search.walked", idempotency_key=uuid.uuid4().hex),
+        metadata=search_account,
     )
-    assert event.event.publisher.startswith("users/")
+    assert event.event.publisher == "users/service-search"
+    forgeries = [
+        (search_account, "user.deleted"),  # another service's topic
+        (service, "search.walked"),  # a service account, but not search's
+        (admin, "search.walked"),
+    ]
+    for who, topic in forgeries:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await notify.Publish(
+                notify_pb.PublishRequest(topic=topic, idempotency_key=uuid.uuid4().hex),
+                metadata=who,
+            )
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, topic
 
 
 async def test_chat_grounds_only_on_what_the_caller_may_read(
@@ -525,3 +552,64 @@ async def test_collections_from_before_owners_become_the_platforms_and_stay_read
         ]
     finally:
         await pool.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_each_outbox_publishes_its_services_topics_with_its_own_account(
+    platform: Platform,
+) -> None:
+    """search alone, and recommend, chat and notify in one process: each relay sends
+    its own service's key, so notify takes each service's topics from it alone."""
+    for service in PLATFORM_SERVICES:
+        conn = await asyncpg.connect(platform.environ[database_env(service)])
+        try:
+            async with conn.transaction():
+                await outbox.emit(conn, topic=f"{service}.walked", key="k", payload={})
+        finally:
+            await conn.close()
+    conn = await asyncpg.connect(platform.environ[database_env("notify")])
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                rows = await conn.fetch(
+                    "SELECT topic, publisher FROM events WHERE topic LIKE '%.walked'"
+                    " AND idempotency_key LIKE '%:outbox:%'"
+                )
+                if len(rows) == len(PLATFORM_SERVICES):
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+    assert sorted((r["topic"], r["publisher"]) for r in rows) == sorted(
+        (f"{s}.walked", f"users/service-{s}") for s in PLATFORM_SERVICES
+    )
+
+
+async def test_members_cannot_take_the_platforms_collection_ids(
+    platform: Platform, users: Any
+) -> None:
+    search = platform.stub(SERVICES[1])
+    _, token = await register_and_login(users)
+    member = bearer(token)
+    for collection_id in ("recommend-items", "Recommend-Items", f"platform-{uuid.uuid4().hex[:8]}"):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await search.CreateCollection(
+                search_pb.CreateCollectionRequest(
+                    collection_id=collection_id, collection=search_pb.Collection()
+                ),
+                metadata=member,
+            )
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, collection_id
+    for who in (bearer(await admin_token(users)), bearer(await service_token(users))):
+        created = await search.CreateCollection(
+            search_pb.CreateCollectionRequest(
+                collection_id=f"platform-{uuid.uuid4().hex[:8]}", collection=search_pb.Collection()
+            ),
+            metadata=who,
+        )
+        assert created.collection.name.startswith("collections/platform-")

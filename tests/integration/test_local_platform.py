@@ -6,6 +6,7 @@ can run beside a developer's own `aimesh up`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,9 +16,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
-from aimesh_cli.local import free_port_offset
+from aimesh_cli.local import free_port_offset, service_url
 from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
@@ -192,3 +194,25 @@ def test_search_cli_imports_with_progress_and_queries_as_a_table(
     rows = queried.stdout.splitlines()
     assert rows[0].split() == ["score", "document", "text"]
     assert rows[1].split()[1] == "cats" and "3 results" in queried.stderr
+    # Search's outbox announced the import to notify, with its own account's key.
+    assert asyncio.run(publishers_of(platform_env, "search.import_finished")) == [
+        "users/service-search"
+    ]
+
+
+async def publishers_of(env: dict[str, str], topic: str) -> list[str]:
+    """Who published `topic` to notify, read from notify's database once it arrived."""
+    state = Path(env["AIMESH_STATE_DIR"])
+    lines = (state / "pgdata" / "postmaster.pid").read_text().splitlines()
+    admin = f"postgresql://postgres@/postgres?host={lines[4].strip()}&port={lines[3].strip()}"
+    password = json.loads((state / "secrets.json").read_text())["role_passwords"]["notify"]
+    conn = await asyncpg.connect(service_url(admin, "notify", password))
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                rows = await conn.fetch("SELECT publisher FROM events WHERE topic = $1", topic)
+                if rows:
+                    return [row["publisher"] for row in rows]
+                await asyncio.sleep(0.2)
+    finally:
+        await conn.close()

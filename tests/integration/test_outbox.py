@@ -17,6 +17,7 @@ import pytest
 from aimesh.user.v1 import user_service_pb2 as user_pb
 from aimesh.user.v1 import user_service_pb2_grpc
 from aimesh_runtime import db, outbox
+from aimesh_runtime.config import ConfigError
 from aimesh_runtime.outbox import OutboxRelay
 from tests.conftest import start_server
 from tests.fakes.peers import FakePeers
@@ -196,6 +197,22 @@ async def test_the_user_service_relays_user_registered(new_database: Any, peers:
     assert reply.user.name in names
     assert all(p.key.startswith("user:outbox:") for p in registered)
     assert all(p.metadata["authorization"].startswith("Bearer ") for p in registered)
+
+
+async def test_a_relay_with_only_the_retired_shared_key_refuses_to_start(
+    new_database: Any, peers: FakePeers
+) -> None:
+    """The one key all services shared names no service, so notify would refuse every
+    event it sent: the start fails, naming the setting that replaces it."""
+    from aimesh_notify.server import SPEC
+
+    shared_only = {
+        "AIMESH_NOTIFY_ADDRESS": peers.address,
+        "AIMESH_SERVICE_API_KEY": "amk_0123abcd_an-old-key-every-service-shared-once",
+        "AIMESH_NOTIFY_SERVICE_API_KEY": "",
+    }
+    with pytest.raises(ConfigError, match="set AIMESH_NOTIFY_SERVICE_API_KEY"):
+        await start_server([SPEC], new_database, extra_env=shared_only)
 
 
 async def test_a_finished_import_is_emitted_with_its_state(new_database: Any) -> None:

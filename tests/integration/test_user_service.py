@@ -17,7 +17,14 @@ from grpc_status import rpc_status
 
 from aimesh.user.v1 import user_service_pb2 as pb
 from aimesh.user.v1 import user_service_pb2_grpc
-from tests.conftest import Running, admin_token, bearer, register_and_login, start_server
+from tests.conftest import (
+    Running,
+    admin_token,
+    bearer,
+    platform_service_token,
+    register_and_login,
+    start_server,
+)
 
 Stub = user_service_pb2_grpc.UserServiceStub
 
@@ -434,3 +441,29 @@ async def test_register_is_rate_limited_per_client_and_per_email(new_database: A
             assert await register(stub, "fresh@example.com", "203.0.113.10") == ok
     finally:
         await running.server.stop(0.5)
+
+
+async def test_each_platform_service_gets_an_account_of_its_own(users: Stub) -> None:
+    """Bootstrapped from configuration: only its key's tokens name the service."""
+    admin = bearer(await admin_token(users))
+    reply = await users.GetUser(pb.GetUserRequest(name="users/service-search"), metadata=admin)
+    # The per-service role is no Role the contract can name, so no UpdateUser grants it.
+    assert list(reply.user.roles) == [pb.ROLE_SERVICE]
+    assert "mesh.service.search" in reply.user.scopes
+    assert "mesh.service.chat" not in reply.user.scopes
+    token = await platform_service_token(users, "search")
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["sub"] == "service-search"
+    scopes = set(claims["scope"].split())
+    assert {"mesh.service", "mesh.service.search", "notify.write"} <= scopes
+    assert not any(s.startswith("mesh.service.") and s != "mesh.service.search" for s in scopes)
+    # A member's own key never carries a service's scope, whatever it asks for.
+    member, member_token = await register_and_login(users)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await users.CreateApiKey(
+            pb.CreateApiKeyRequest(
+                parent=member.name, api_key=pb.ApiKey(scopes=["mesh.service.search"])
+            ),
+            metadata=bearer(member_token),
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

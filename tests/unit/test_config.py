@@ -7,7 +7,13 @@ import pathlib
 import pytest
 
 from aimesh_notify.settings import NotifySettings
-from aimesh_runtime.config import ConfigError, RuntimeConfig, database_url, load
+from aimesh_runtime.config import (
+    ConfigError,
+    RuntimeConfig,
+    database_url,
+    load,
+    service_api_key,
+)
 from aimesh_user.settings import UserSettings
 
 KEK = "A" * 43  # 32 bytes, base64url
@@ -73,6 +79,33 @@ def test_bootstrap_admin_needs_both_halves() -> None:
             UserSettings,
             {"AIMESH_USER_KEY_ENCRYPTION_KEY": KEK, "AIMESH_USER_BOOTSTRAP_ADMIN_EMAIL": "a@b.c"},
         )
+
+
+def test_each_platform_service_key_is_well_formed_and_its_own(tmp_path: pathlib.Path) -> None:
+    search = "amk_0123abcd_" + "s" * 40
+    environ = {"AIMESH_USER_KEY_ENCRYPTION_KEY": KEK}
+    short = {**environ, "AIMESH_USER_BOOTSTRAP_CHAT_SERVICE_API_KEY": "amk_0123abcd_short"}
+    with pytest.raises(ConfigError, match="AIMESH_USER_BOOTSTRAP_CHAT_SERVICE_API_KEY"):
+        load(UserSettings, short)
+    shared = {
+        **environ,
+        "AIMESH_USER_BOOTSTRAP_SEARCH_SERVICE_API_KEY": search,
+        "AIMESH_USER_BOOTSTRAP_CHAT_SERVICE_API_KEY": search,
+    }
+    with pytest.raises(ConfigError, match="a key of its own"):
+        load(UserSettings, shared)
+    key_file = tmp_path / "search"
+    key_file.write_text(search + "\n")
+    settings = load(
+        UserSettings,
+        {**environ, "AIMESH_USER_BOOTSTRAP_SEARCH_SERVICE_API_KEY_FILE": str(key_file)},
+    )
+    assert settings.platform_service_keys() == {"search": search}
+    # The service side reads its own, by name, from the variable or its file.
+    assert (
+        service_api_key("search", {"AIMESH_SEARCH_SERVICE_API_KEY_FILE": str(key_file)}) == search
+    )
+    assert service_api_key("chat", {"AIMESH_SEARCH_SERVICE_API_KEY": search}) == ""
 
 
 def test_database_url_is_required_and_postgres() -> None:

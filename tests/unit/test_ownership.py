@@ -14,7 +14,14 @@ from aimesh_notify.signing import Signed, new_secret, signature_header
 from aimesh_notify.topics import Topics, app_namespace
 from aimesh_runtime.auth import Principal
 from aimesh_runtime.errors import NotFound, PermissionDenied, ServiceError
-from aimesh_runtime.ownership import SERVICE_SCOPE, Owner, OwnerResolver, OwnershipGuard, rules_for
+from aimesh_runtime.ownership import (
+    SERVICE_SCOPE,
+    Owner,
+    OwnerResolver,
+    OwnershipGuard,
+    rules_for,
+    service_scope,
+)
 from tests.unit.test_contracts import SERVICES
 
 ALICE = Principal("alice", frozenset({"search.write", "recommend.write"}), "jwt")
@@ -122,10 +129,16 @@ async def test_topics_platform_for_services_apps_for_their_member() -> None:
         )
 
     forged = publish("user.deleted")
-    for who in (ALICE, ADMIN):
+    search = Principal("service-search", frozenset({SERVICE_SCOPE, service_scope("search")}), "jwt")
+    # Any service account but the user service's own is refused too.
+    for who in (ALICE, ADMIN, SERVICE, search):
         error = await refused(NOTIFY + "PublishBatch", who, forged)
         assert isinstance(error, PermissionDenied) and error.reason == "RESERVED_TO_SERVICES"
-    await GUARD.check(NOTIFY + "PublishBatch", SERVICE, forged)
+    user = Principal("service-user", frozenset({SERVICE_SCOPE, service_scope("user")}), "jwt")
+    await GUARD.check(NOTIFY + "PublishBatch", user, forged)
+    await GUARD.check(NOTIFY + "PublishBatch", search, publish("search.import_finished"))
+    error = await refused(NOTIFY + "PublishBatch", search, publish("search.x", "chat.y"))
+    assert isinstance(error, PermissionDenied) and error.metadata == {"service": "chat"}
     member = Principal("a1b2", frozenset(), "jwt")
     namespace = app_namespace("a1b2")
     assert namespace == "apps.ua1b2."

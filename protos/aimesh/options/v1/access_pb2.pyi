@@ -52,7 +52,8 @@ class _OwnershipEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ownership.V
 class Ownership(_Ownership, metaclass=_OwnershipEnumTypeWrapper):
     """What an RPC may touch. Admins (the service's "<service>.admin" scope) and
     service accounts (the "mesh.service" scope) pass every rule except that
-    objects reserved to services (the platform's notify topics) stay theirs.
+    objects reserved to one service (the platform's notify topics: search.* to
+    the search service's own account, "mesh.service.search") stay its own.
     """
 
 OWNERSHIP_UNSPECIFIED: Ownership.ValueType  # 0

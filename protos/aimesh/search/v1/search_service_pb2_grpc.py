@@ -149,8 +149,10 @@ class SearchServiceServicer:
 
     def CreateCollection(self, request, context):
         """Creates a collection with a caller-chosen id. Returns ALREADY_EXISTS if the
-        id is taken and FAILED_PRECONDITION if the model is not served here or the
-        dimension is not the model's.
+        id is taken, FAILED_PRECONDITION if the model is not served here or the
+        dimension is not the model's, and PERMISSION_DENIED if a member asks for an
+        id reserved to the platform's services (recommend's item collection, or one
+        starting with "platform-").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

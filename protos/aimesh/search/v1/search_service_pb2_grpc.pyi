@@ -49,8 +49,10 @@ class SearchServiceStub:
     def __new__(cls, channel: _aio.Channel) -> SearchServiceAsyncStub: ...
     CreateCollection: _grpc.UnaryUnaryMultiCallable[_search_service_pb2.CreateCollectionRequest, _search_service_pb2.CreateCollectionResponse]
     """Creates a collection with a caller-chosen id. Returns ALREADY_EXISTS if the
-    id is taken and FAILED_PRECONDITION if the model is not served here or the
-    dimension is not the model's.
+    id is taken, FAILED_PRECONDITION if the model is not served here or the
+    dimension is not the model's, and PERMISSION_DENIED if a member asks for an
+    id reserved to the platform's services (recommend's item collection, or one
+    starting with "platform-").
     """
     GetCollection: _grpc.UnaryUnaryMultiCallable[_search_service_pb2.GetCollectionRequest, _search_service_pb2.GetCollectionResponse]
     """Returns a collection. Returns NOT_FOUND if it does not exist."""
@@ -155,8 +157,10 @@ class SearchServiceAsyncStub(SearchServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateCollection: _aio.UnaryUnaryMultiCallable[_search_service_pb2.CreateCollectionRequest, _search_service_pb2.CreateCollectionResponse]  # type: ignore[assignment]
     """Creates a collection with a caller-chosen id. Returns ALREADY_EXISTS if the
-    id is taken and FAILED_PRECONDITION if the model is not served here or the
-    dimension is not the model's.
+    id is taken, FAILED_PRECONDITION if the model is not served here or the
+    dimension is not the model's, and PERMISSION_DENIED if a member asks for an
+    id reserved to the platform's services (recommend's item collection, or one
+    starting with "platform-").
     """
     GetCollection: _aio.UnaryUnaryMultiCallable[_search_service_pb2.GetCollectionRequest, _search_service_pb2.GetCollectionResponse]  # type: ignore[assignment]
     """Returns a collection. Returns NOT_FOUND if it does not exist."""
@@ -264,8 +268,10 @@ class SearchServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_search_service_pb2.CreateCollectionResponse, _abc.Awaitable[_search_service_pb2.CreateCollectionResponse]]:
         """Creates a collection with a caller-chosen id. Returns ALREADY_EXISTS if the
-        id is taken and FAILED_PRECONDITION if the model is not served here or the
-        dimension is not the model's.
+        id is taken, FAILED_PRECONDITION if the model is not served here or the
+        dimension is not the model's, and PERMISSION_DENIED if a member asks for an
+        id reserved to the platform's services (recommend's item collection, or one
+        starting with "platform-").
         """
 
     @_abc_1.abstractmethod
