@@ -106,22 +106,3 @@ def test_envoy_validates_the_config(which: str, tmp_path: Path) -> None:
         config = edge.render(PORTS)
     checked = edge.validate(binary, edge.write_config(config, tmp_path))
     assert checked.returncode == 0, checked.stdout + checked.stderr
-
-
-def test_lua_runs_only_on_the_routes_that_name_it() -> None:
-    """No default Lua code (it would run on every call); each script is named by the routes
-    that need it: the variant stamp by every A/B route, the route refresh by grpc-web's."""
-    config = edge.deployed()
-    filters = edge.http_filters(config)
-    for name in ("grpc_web_route", "ab_variant"):
-        assert "default_source_code" not in filters[name]["typed_config"], name
-    named: dict[str, list[dict[str, Any]]] = {"stamp_variant": [], "choose_route_again": []}
-    for route in edge.edge_routes(config):
-        for per_filter in route.get("typed_per_filter_config", {}).values():
-            named[per_filter["name"]].append(route)
-    ab_routes = [r for r in edge.edge_routes(config) if "ab_variant" in str(r.get("metadata"))]
-    assert ab_routes and named["stamp_variant"] == ab_routes
-    [grpc_web] = named["choose_route_again"]
-    assert grpc_web["match"]["headers"] == [
-        {"name": "content-type", "string_match": {"prefix": "application/grpc-web"}}
-    ]
