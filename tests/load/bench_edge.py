@@ -56,6 +56,7 @@ class H2load:
     """The three modes and the one-at-a-time latency, measured by h2load."""
 
     name = "h2load"
+    warm_up_s = 1.0
 
     def __init__(self, offset: int, token: str, folder: Path) -> None:
         payload = pb.GetUserRequest(name="users/me").SerializeToString()
@@ -93,7 +94,7 @@ class H2load:
         output = await self._run(
             [
                 *self._command(mode),
-                *("--warm-up-time", "1", "--duration", str(int(seconds))),
+                *("--warm-up-time", str(int(self.warm_up_s)), "--duration", str(int(seconds))),
                 *("-m", str(IN_FLIGHT)) * (mode != "rest"),
                 self.urls[mode],
             ]
@@ -119,6 +120,7 @@ class PythonClient:
     """The fallback: grpc.aio (one channel) and httpx (16 connections)."""
 
     name = "python"
+    warm_up_s = 0.5
 
     def __init__(self, offset: int, token: str) -> None:
         self.metadata = (("authorization", f"Bearer {token}"),)
@@ -147,7 +149,7 @@ class PythonClient:
     async def qps(self, mode: str, seconds: float) -> tuple[float, int]:
         """Calls per second with IN_FLIGHT callers for `seconds` (after a short warm-up)."""
         call, done, measuring = self.call(mode), 0, False
-        end = time.monotonic() + 0.5 + seconds
+        end = time.monotonic() + self.warm_up_s + seconds
 
         async def caller() -> None:
             nonlocal done
@@ -157,7 +159,7 @@ class PythonClient:
 
         async def clock() -> float:
             nonlocal measuring
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(self.warm_up_s)
             measuring, started = True, time.monotonic()
             await asyncio.sleep(seconds)
             return time.monotonic() - started
@@ -222,8 +224,8 @@ async def measure(
             rate, calls = await client.qps(mode, seconds)
             after = cpu_s(user), cpu_s(envoy)
             qps[mode].append(rate)
-            # The CPU clock ran over the warm-up too; its calls are not counted.
-            counted = calls * (seconds + 1) / seconds if client.name == "h2load" else calls
+            # The CPU clock ran over the warm-up too, whose calls are not counted.
+            counted = calls * (seconds + client.warm_up_s) / seconds
             user_us[mode].append((after[0] - before[0]) * 1e6 / counted)
             if mode in envoy_us:
                 envoy_us[mode].append((after[1] - before[1]) * 1e6 / counted)
