@@ -12,6 +12,7 @@ deleted since) are refused, cached or not (see revocation.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -220,6 +221,16 @@ class TokenVerifier:
 
     def forget_cache(self) -> None:
         self._cache.clear()
+
+    async def close(self) -> None:
+        """Cancel key and revocation fetches still under way, as the server stops."""
+        for task in (self._background, self._fetching):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._revocations is not None:
+            await self._revocations.close()
 
     async def _key_for(self, kid: str) -> jwt.PyJWK:
         now = time.monotonic()

@@ -106,6 +106,10 @@ class Revocations:
                 reason="REVOCATIONS_UNAVAILABLE",
             )
 
+    async def close(self) -> None:
+        """Cancel a fetch still under way, so none outlives its server (or its socket)."""
+        await _cancel(self._fetching)
+
     def _start_fetch(self) -> asyncio.Task[None]:
         if self._fetching is None or self._fetching.done():
             # Its own context: a poll is not a hop of the request that triggered it.
@@ -129,3 +133,10 @@ class Revocations:
 def _consume(task: asyncio.Task[None]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

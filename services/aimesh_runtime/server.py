@@ -175,6 +175,7 @@ class AimeshServer:
         self._channels: list[grpc.aio.Channel] = []
         self._server: grpc.aio.Server | None = None
         self._side: SideServer | None = None
+        self._verifier: TokenVerifier | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -198,6 +199,7 @@ class AimeshServer:
             await self._close_mounted()
             raise
         verifier, api_keys = self._auth()
+        self._verifier = verifier
         owners = {kind: r for running in self._running for kind, r in running.mount.owners.items()}
         pipeline = ServerPipeline(
             policies=policies_for(descriptors),
@@ -419,6 +421,8 @@ class AimeshServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self._verifier is not None:
+            await self._verifier.close()
         for running in self._running:
             if running.mount.close is not None:
                 await running.mount.close()
