@@ -70,7 +70,9 @@ async def test_killing_recommend_and_faulty_search_stay_invisible_to_users(
     stopping: list[asyncio.Task[None]] = []
 
     def kill() -> None:
-        stopping.append(asyncio.create_task(recommend.server.stop(0)))  # no drain: a crash
+        # A short grace: stop(0) answers calls in flight with CANCELLED, which a real crash
+        # (the SIGKILL of `scripts/bench chaos`) never sends; new calls still find it gone.
+        stopping.append(asyncio.create_task(recommend.server.stop(0.3)))
         caller.killed_at = asyncio.get_running_loop().time()
 
     async def restart() -> None:
