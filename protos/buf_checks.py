@@ -18,9 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from google.protobuf import descriptor_pb2
-
 from codegen import PACKAGE, PROTOS, build_image
+from google.protobuf import descriptor_pb2
 
 BUF = Path(sys.executable).parent / "buf"
 BASELINE = PROTOS / "baseline" / "aimesh-v1.binpb"

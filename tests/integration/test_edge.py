@@ -37,7 +37,7 @@ from aimesh.user.v1 import user_service_pb2 as user_pb
 from aimesh.user.v1 import user_service_pb2_grpc
 from aimesh_cli import edge
 from aimesh_cli.local import free_port_offset, service_url
-from tests.conftest import ROOT
+from tests.conftest import ROOT, require
 from tests.fakes.anthropic_server import FakeAnthropic
 from tests.fakes.webhook_receiver import WebhookReceiver
 from tests.integration.test_local_platform import start_up, stop_up
@@ -99,10 +99,7 @@ def fake_model() -> Iterator[str]:
 def platform(tmp_path_factory: pytest.TempPathFactory, fake_model: str) -> Iterator[Platform]:
     binary = edge.envoy_binary()
     problem = "no Envoy binary" if binary is None else edge.envoy_runs(binary)
-    if problem:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the edge tests: {problem}")
-        pytest.skip(problem)
+    require(not problem, f"a runnable Envoy for the edge tests ({problem})")
     state = tmp_path_factory.mktemp("edge-state")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIMESH_")}
     env.update(
@@ -565,10 +562,7 @@ async def test_ab_split_is_sticky_per_user_with_the_configured_share(platform: P
 async def test_prometheus_runs_every_dashboard_query_with_data(
     platform: Platform, http: httpx.AsyncClient
 ) -> None:
-    if shutil.which("prometheus") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI must run Prometheus (the Debian package prometheus)")
-        pytest.skip("no prometheus on PATH")
+    require(shutil.which("prometheus") is not None, "prometheus on PATH (Debian package)")
     dashboard = json.loads(DASHBOARD.read_text())
     queries = {
         f"{panel['title']}: {target['expr']}": target["expr"].replace("$__rate_interval", "20s")
