@@ -70,9 +70,10 @@ async def test_killing_recommend_and_faulty_search_stay_invisible_to_users(
     stopping: list[asyncio.Task[None]] = []
 
     def kill() -> None:
-        # A short grace: stop(0) answers calls in flight with CANCELLED, which a real crash
-        # (the SIGKILL of `scripts/bench chaos`) never sends; new calls still find it gone.
-        stopping.append(asyncio.create_task(recommend.server.stop(0.3)))
+        # stop(0) answers calls in flight with CANCELLED, which a real crash (the SIGKILL of
+        # `scripts/bench chaos`) never sends. The grace outlives the caller's 1 s deadline, so
+        # no call is cancelled by the server however slow the machine; new calls find it gone.
+        stopping.append(asyncio.create_task(recommend.server.stop(2.0)))
         caller.killed_at = asyncio.get_running_loop().time()
 
     async def restart() -> None:
