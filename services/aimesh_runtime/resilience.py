@@ -26,10 +26,14 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# gRPC codes that say the dependency, not the request, is at fault.
+# gRPC codes that say the dependency, not the request, is at fault. CANCELLED
+# reaches a caller as a status only when the other side aborted the call (a
+# server shutting down resets streams that raced its GOAWAY); a call our own
+# side cancels raises asyncio.CancelledError instead.
 DEPENDENCY_FAULT_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
         grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.INTERNAL,
         grpc.StatusCode.UNKNOWN,

@@ -238,6 +238,25 @@ async def test_a_cancelled_trial_neither_closes_nor_reopens() -> None:
     assert breaker.state is BreakerState.CLOSED
 
 
+async def test_a_call_the_dependency_cancelled_gets_the_fallback() -> None:
+    # A server that stops resets streams that raced its GOAWAY: the caller sees
+    # CANCELLED, which it never asked for, so the answer must be the fallback.
+    breaker = CircuitBreaker("dep", failure_threshold=2)
+    cancelled = grpc.aio.AioRpcError(
+        grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata()
+    )
+    causes: list[BaseException] = []
+
+    async def fallback(cause: BaseException) -> str:
+        causes.append(cause)
+        return "degraded"
+
+    for _ in range(2):
+        assert await breaker.call_or_fallback(lambda: fail_with(cancelled), fallback) == "degraded"
+    assert causes == [cancelled, cancelled]
+    assert breaker.state is BreakerState.OPEN
+
+
 async def test_rate_limited_answers_do_not_trip_the_breaker() -> None:
     breaker = CircuitBreaker("dep", failure_threshold=2)
     exhausted = grpc.aio.AioRpcError(
