@@ -63,8 +63,8 @@ BROKEN = {
     ),
     "envoy-service-route": (
         "gateway_envoy/envoy.yaml",
-        "- match: {prefix: /aimesh.notify.v1., grpc: {}}",
-        "- match: {prefix: /aimesh.notify.v2., grpc: {}}",
+        "- match: {prefix: /aimesh.notify.v1., headers: [*grpc_content]}",
+        "- match: {prefix: /aimesh.notify.v2., headers: [*grpc_content]}",
         "gateway_envoy/envoy.yaml",
     ),
     "envoy-jwt-public": (

@@ -194,6 +194,22 @@ def service_ports(mesh: Mesh) -> Iterator[Finding]:
                 )
 
 
+def _matches_grpc(match: Obj) -> bool:
+    """A route for gRPC calls: `grpc: {}`, or a content-type match that gRPC's passes."""
+    if match.get("grpc") is not None:
+        return True
+    for header in match.get("headers", []):
+        if str(header.get("name", "")).lower() != "content-type":
+            continue
+        wanted = header.get("string_match", {})
+        prefix = wanted.get("prefix")
+        if isinstance(prefix, str) and prefix and "application/grpc".startswith(prefix):
+            return True
+        if wanted.get("exact") == "application/grpc":
+            return True
+    return False
+
+
 def envoy_routes(mesh: Mesh) -> Iterator[Finding]:
     """Every Envoy route's cluster exists; every public service has a route and is transcoded."""
     clusters = {c["name"] for c in mesh.envoy.get("static_resources", {}).get("clusters", [])}
@@ -207,7 +223,7 @@ def envoy_routes(mesh: Mesh) -> Iterator[Finding]:
                 f"route {json.dumps(route.get('match'))} sends to unknown cluster {cluster}",
             )
     edge_services = sorted({m.full_service for m in mesh.methods if m.edge})
-    grpc_routes = [r for r in routes if r.get("match", {}).get("grpc") is not None]
+    grpc_routes = [r for r in routes if _matches_grpc(r.get("match", {}))]
     for service in edge_services:
         path = next(m.path for m in mesh.methods if m.full_service == service)
         if not any(_uri_matches(_envoy_clauses(r)[0][0], path) for r in grpc_routes):
