@@ -162,7 +162,14 @@ class ScoringProcess:
         await self._discard(child)
 
     async def score_batch(self, requests: Sequence[ScoreRequest]) -> list[Ranked]:
-        """Rankings in order, one round trip per model the requests name."""
+        """Rankings in order, one round trip per model the requests name. A
+        caller cancelled meanwhile (batching off: a deadline) leaves the round
+        trip to finish, so the next batch never reads this one's answer."""
+        task = asyncio.ensure_future(self._score_all(requests))
+        task.add_done_callback(_retrieved)
+        return await asyncio.shield(task)
+
+    async def _score_all(self, requests: Sequence[ScoreRequest]) -> list[Ranked]:
         results: list[Ranked] = [Ranked([], [])] * len(requests)
         groups: dict[int, list[int]] = {}
         for position, request in enumerate(requests):
@@ -198,6 +205,9 @@ class ScoringProcess:
             problem = "exited"
         except (OSError, ValueError, pickle.UnpicklingError) as error:
             problem = f"failed: {error!r}"
+        except BaseException:  # the pipe's state is unknown: start afresh
+            await self._discard(child)
+            raise
         if reply is None or reply[0] != "ok":  # start afresh: the next batch resends the model
             await self._discard(child)
             raise ScoringFailed(f"scoring process {child.pid} {problem or (reply and reply[1])}")
@@ -227,6 +237,12 @@ class ScoringProcess:
                 stdin.write(_frame(("bias", key, model.scoring_bias.cpu().numpy())))
         self._sent[model] = (key, version)
         return key
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Marks a failure seen when the caller that awaited it was cancelled."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _watch_parent(parent: int) -> None:

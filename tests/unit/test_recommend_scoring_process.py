@@ -157,3 +157,22 @@ async def test_the_child_exits_when_its_parent_dies(how: signal.Signals) -> None
             parent.wait()
         if parent.stdout is not None:
             parent.stdout.close()
+
+
+async def test_a_caller_cancelled_mid_batch_leaves_the_next_its_own_answer(
+    scorer: ScoringProcess,
+) -> None:
+    # Batching off runs each call in its caller's task, which a deadline can cancel.
+    torch.manual_seed(1)
+    state = mf.from_bytes(mf.to_bytes(mf.MatrixFactorization(64, 200_000, 8)))
+    model = ServingModel(
+        "v1", state, [f"u{n}" for n in range(64)], [f"i{n}" for n in range(200_000)], [], CPU
+    )
+    first, second = requests(model, range(32)), requests(model, range(32, 64))
+    await scorer.score_batch(first[:1])  # the model is in the child
+    for _ in range(5):
+        call = asyncio.create_task(scorer.score_batch(first))
+        await asyncio.sleep(0.002)  # the batch is in the child
+        call.cancel()
+        got = await scorer.score_batch(second)
+        assert [r.rows for r in got] == [r.rows for r in score_batch(second)]
