@@ -2,9 +2,9 @@
 
 In one process the event loop and the scoring thread share one interpreter
 lock: each torch call the scorer makes hands the lock back and waits for it
-again behind the loop's gRPC work. Here the batcher's lane thread sends the
-batch (user rows, seen items) to a child process and blocks on its answer with
-the lock released; the child holds the model's tensors and runs the same
+again behind the loop's gRPC work. Here the event loop writes each batch (user
+rows, seen items) to a child process and awaits the answer on the pipe, with
+no thread of its own; the child holds the model's tensors and runs the same
 `top_items` as in-process scoring.
 
 Protocol: length-prefixed pickles on a pipe pair private to this process and
