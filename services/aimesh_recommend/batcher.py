@@ -3,7 +3,7 @@ recommendation requests are scored as one matmul per batch, on one lane."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -36,8 +36,10 @@ def scoring_batcher(
     settings: RecommendSettings,
     registry: CollectorRegistry | None,
     model_metrics: ModelMetrics,
+    remote: Callable[[list[ScoreRequest]], Awaitable[list[Ranked]]] | None = None,
 ) -> MicroBatcher[ScoreRequest, Ranked]:
-    """The scorer, not yet started."""
+    """The scorer, not yet started; batches run on its lane thread, or with
+    `remote` in a scoring process."""
     scorer_metrics = batcher_metrics(registry)
     model_metrics.track_queue(
         "recommend", lambda: next(iter(scorer_metrics.queue_depth.collect())).samples[0].value
@@ -46,6 +48,11 @@ def scoring_batcher(
     def observed_batch(requests: Sequence[ScoreRequest]) -> list[Ranked]:
         model_metrics.observe_batch("recommend", len(requests))
         return score_batch(requests)
+
+    async def observed_remote(requests: list[ScoreRequest]) -> list[Ranked]:
+        model_metrics.observe_batch("recommend", len(requests))
+        assert remote is not None
+        return await remote(requests)
 
     return MicroBatcher(
         [observed_batch],  # one lane: a batch is one matmul, and torch is given the cores
@@ -56,4 +63,5 @@ def scoring_batcher(
         metrics=scorer_metrics,
         busy_reason="SCORER_BUSY",
         name="scorer",
+        remote=observed_remote if remote is not None else None,
     )

@@ -21,6 +21,7 @@ from aimesh_recommend.content import ContentIndex
 from aimesh_recommend.experiments import ModelRegistry
 from aimesh_recommend.model import pick_device
 from aimesh_recommend.recommender import Recommender, ServingLog
+from aimesh_recommend.scoring_process import ScoringProcess
 from aimesh_recommend.servicer import RecommendServicer
 from aimesh_recommend.settings import RecommendSettings
 from aimesh_recommend.store import RecommendStore
@@ -44,7 +45,16 @@ async def mount(context: ServiceContext) -> Mount:
         torch.set_num_threads(settings.torch_threads)
     # The dashboard's model panels (batch size, queue, A/B share) read these.
     model_metrics = ModelMetrics.of(context.metrics_registry)
-    batcher = scoring_batcher(settings, context.metrics_registry, model_metrics)
+    scorer: ScoringProcess | None = None
+    if settings.scoring_process and device.type == "cpu":  # a GPU scores without the GIL's help
+        scorer = ScoringProcess(settings.torch_threads)
+        await scorer.start()
+    batcher = scoring_batcher(
+        settings,
+        context.metrics_registry,
+        model_metrics,
+        scorer.score_batch if scorer is not None else None,
+    )
     batcher.start()
     search_channel = connect(
         settings.search_address,
@@ -73,11 +83,17 @@ async def mount(context: ServiceContext) -> Mount:
             await recommender.refresh()
 
     trainer = Trainer(store, settings, device, trained)
-    log.info("serving model version %s on %s", settings.model_version, device)
+    log.info(
+        "serving model version %s on %s, scoring in %s",
+        settings.model_version, device,
+        f"process {scorer.pid}" if scorer is not None else "this process",
+    )  # fmt: skip
 
     async def close() -> None:
         await trainer.close()
         await batcher.close()
+        if scorer is not None:
+            await scorer.close()
         await recommender.close()
         await search_channel.close()
 

@@ -26,6 +26,12 @@ class RecommendSettings:
         "cores to the event loop (on 2 vCPUs, two threads spin against it).",
         1,
     )
+    scoring_process: bool = setting(
+        "AIMESH_RECOMMEND_SCORING_PROCESS",
+        "On CPU, score in a child process rather than a thread beside the event loop, "
+        "so scoring's Python does not wait on the loop's interpreter lock.",
+        True,
+    )
     batching: bool = setting(
         "AIMESH_RECOMMEND_BATCHING", "Score concurrent requests together in one matmul.", True
     )

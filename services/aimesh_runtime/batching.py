@@ -10,7 +10,9 @@ for each other at every layer while the event loop, the database and the
 clients keep taking cores from them. A full queue refuses at once with
 RESOURCE_EXHAUSTED (with RetryInfo) rather than letting latency grow without
 bound. Switched off, each call runs alone on the least busy lane: the baseline
-the benchmarks compare against.
+the benchmarks compare against. With `remote`, a batch is not run on the
+lane's thread but awaited on the event loop from `remote` (the model runs in
+another process); the lane's thread then runs only `on_lane` work.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -59,9 +61,14 @@ class MicroBatcher(Generic[Item, Result]):
         metrics: BatchMetrics,
         busy_reason: str,
         name: str = "batcher",
+        remote: Callable[[list[Item]], Awaitable[Sequence[Result]]] | None = None,
     ) -> None:
         """`lanes`: one function per model copy, taking a batch of items and
-        returning one result per item, in order. Blocking; run on the lane's thread."""
+        returning one result per item, in order. Blocking; run on the lane's thread.
+        `remote` (one lane only): the coroutine function that runs a batch instead."""
+        if remote is not None and len(lanes) != 1:
+            raise ValueError("a remote batcher has one lane")
+        self._remote = remote
         if not lanes:
             raise ValueError("a batcher needs at least one lane")
         self.enabled = enabled
@@ -131,6 +138,12 @@ class MicroBatcher(Generic[Item, Result]):
         """Run a batch the caller formed itself on the least busy lane, so each
         model copy still runs one batch at a time."""
         lane = min(self._lanes, key=lambda candidate: candidate.busy)
+        if self._remote is not None:
+            lane.busy += 1
+            try:
+                return list(await self._remote(items))
+            finally:
+                lane.busy -= 1
         return list(await self.on_lane(lane.run, items, lane=lane))
 
     async def on_lane(
@@ -179,10 +192,12 @@ class MicroBatcher(Generic[Item, Result]):
             self._metrics.batch_size.observe(len(live))
             started = time.perf_counter()
             lane.busy += 1
+            items = [item for item, _ in live]
             try:
-                results = await loop.run_in_executor(
-                    lane.executor, lane.run, [item for item, _ in live]
-                )
+                if self._remote is not None:
+                    results = await self._remote(items)
+                else:
+                    results = await loop.run_in_executor(lane.executor, lane.run, items)
             except Exception as error:  # every waiter learns of the failure
                 for _, future in live:
                     if not future.done():

@@ -9,6 +9,11 @@ call is scored against the whole catalogue):
                        (matmul, masks, top-100) at the mean batch size the
                        service formed (read from its /metrics), the in-process
                        figure measured in every round too, medians of both.
+  loop_cpu_us_per_call, scoring_cpu_us_per_call
+                       where the "on" server's CPU goes, per call, median of
+                       rounds (from /proc): its event loop thread, and scoring
+                       (the lane thread plus, with AIMESH_RECOMMEND_SCORING_PROCESS,
+                       the scoring process).
 For scale it also prints what a bare Python gRPC server answers from the same
 client (tests/load/floor_server.py), with no work per call.
 The served model is registered straight into the service's registry with
@@ -28,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -164,6 +171,43 @@ class InProcessScorer:
         return done / (time.perf_counter() - started)
 
 
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time so far of the server `pid`: its main thread (the event loop),
+    each other thread by id, and its child processes (a scoring process)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def used(stat: Path) -> tuple[int, float]:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / tick  # ppid, utime + stime
+
+    times: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            times["loop" if task.name == str(pid) else task.name] = used(task / "stat")[1]
+    children = 0.0
+    for process in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            ppid, seconds = used(process / "stat")
+            if ppid == pid:
+                children += seconds
+    times["children"] = children
+    return times
+
+
+def cpu_per_call(before: dict[str, float], after: dict[str, float], calls: int) -> dict[str, float]:
+    """Microseconds of CPU per call: event loop, the busiest other thread (the
+    scoring lane), the other threads together, and child processes."""
+    delta = {name: after[name] - before.get(name, 0.0) for name in after}
+    threads = sorted((v for k, v in delta.items() if k not in ("loop", "children")), reverse=True)
+    per_call = 1e6 / max(calls, 1)
+    return {
+        "loop": delta["loop"] * per_call,
+        "lane": (threads[0] if threads else 0.0) * per_call,
+        "threads": sum(threads[1:]) * per_call,
+        "child": delta["children"] * per_call,
+    }
+
+
 async def grpc_floor_qps(port: int, seconds: float) -> float:
     """Health checks, 64 in flight, from this client to a bare gRPC server
     (tests/load/floor_server.py): what Python gRPC alone costs per call here."""
@@ -224,12 +268,18 @@ async def measure_serving(args: argparse.Namespace) -> dict[str, Any]:
                 batches.append(max(1, round(mean)))
                 return scorer.qps(batches[-1], args.seconds)
 
-            summary = await on_off_rounds(
-                ports,
-                args.rounds,
-                lambda port: load_round(port, token, user_ids, args.seconds),
-                raw_round,
-            )
+            on_pid = processes[1].pid
+            cpu: list[dict[str, float]] = []
+
+            async def measured_round(port: int) -> tuple[float, list[float]]:
+                if port != ports["on"]:
+                    return await load_round(port, token, user_ids, args.seconds)
+                before = cpu_seconds(on_pid)
+                qps, latencies = await load_round(port, token, user_ids, args.seconds)
+                cpu.append(cpu_per_call(before, cpu_seconds(on_pid), len(latencies)))
+                return qps, latencies
+
+            summary = await on_off_rounds(ports, args.rounds, measured_round, raw_round)
             batch_buckets = histogram_buckets(ports["on"] + 1000, "aimesh_recommend_batch_size")
             floor_port = ports["on"] + 200
             processes.append(
@@ -244,6 +294,12 @@ async def measure_serving(args: argparse.Namespace) -> dict[str, Any]:
                 process.terminate()
                 process.wait()
     on_qps, off_qps, raw = summary["on"][0], summary["off"][0], summary["raw"][0]
+    cpu_median = {part: statistics.median(c[part] for c in cpu) for part in cpu[0]}
+    print(
+        "  server CPU per call, batching on (µs, medians of rounds): event loop"
+        f" {cpu_median['loop']:.0f}, scoring lane thread {cpu_median['lane']:.0f},"
+        f" other threads {cpu_median['threads']:.0f}, scoring process {cpu_median['child']:.0f}"
+    )
     print(
         f"  in-process batched torch scoring at the service's mean batch"
         f" ({', '.join(map(str, batches))}): median {raw:.0f} q/s"
@@ -258,6 +314,7 @@ async def measure_serving(args: argparse.Namespace) -> dict[str, Any]:
         "batch_qps_ratio": on_qps / off_qps,
         "feed_efficiency": on_qps / raw,
         "batches": batch_buckets,
+        "cpu": cpu_median,
     }
 
 
@@ -322,6 +379,10 @@ async def main() -> None:
                 "hr10_vs_popularity": round(hr_ratio, 3),
                 "aa_false_positive_rate": round(false_positives, 4),
                 "power": round(power, 4),
+                "loop_cpu_us_per_call": round(serving["cpu"]["loop"], 1),
+                "scoring_cpu_us_per_call": round(
+                    serving["cpu"]["lane"] + serving["cpu"]["child"], 1
+                ),
             }
         )
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -43,6 +43,7 @@ def make(
     queue: int = 1000,
     max_batch: int = 64,
     max_wait_s: float = 0.02,
+    remote: Callable[[list[int]], Awaitable[Sequence[int]]] | None = None,
 ) -> MicroBatcher[int, int]:
     registry = CollectorRegistry()
     return MicroBatcher(
@@ -57,6 +58,7 @@ def make(
             Counter("rejected", "", registry=registry),
         ),
         busy_reason="TEST_BUSY",
+        remote=remote,
     )
 
 
@@ -158,3 +160,31 @@ async def test_a_failed_batch_fails_every_caller_in_it() -> None:
 def test_a_batcher_needs_a_lane() -> None:
     with pytest.raises(ValueError):
         make([])
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+async def test_a_remote_batcher_awaits_batches_on_the_loop_not_the_lanes_thread(
+    enabled: bool,
+) -> None:
+    lane = Lane([0, 0])
+    batches: list[list[int]] = []
+
+    async def remote(items: list[int]) -> list[int]:
+        batches.append(items)
+        await asyncio.sleep(0.01)  # the work is elsewhere; the loop waits without blocking
+        return [item * 3 for item in items]
+
+    batcher = make([lane], enabled=enabled, remote=remote)
+    batcher.start()
+    try:
+        results = await asyncio.gather(*(batcher.submit([n]) for n in range(8)))
+    finally:
+        await batcher.close()
+    assert [r[0] for r in results] == [n * 3 for n in range(8)]
+    assert lane.batches == []  # the lane's thread ran none of them
+    assert len(batches) == (1 if enabled else 8)
+
+
+def test_a_remote_batcher_has_one_lane() -> None:
+    with pytest.raises(ValueError, match="one lane"):
+        make([Lane([0, 0]), Lane([0, 0])], remote=lambda items: asyncio.sleep(0, items))
