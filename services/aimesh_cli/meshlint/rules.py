@@ -194,7 +194,7 @@ def service_ports(mesh: Mesh) -> Iterator[Finding]:
                 )
 
 
-def _matches_grpc(match: Obj) -> bool:
+def _matches_grpc(match: dict[str, Any]) -> bool:
     """A route for gRPC calls: `grpc: {}`, or a content-type match that gRPC's passes."""
     if match.get("grpc") is not None:
         return True
