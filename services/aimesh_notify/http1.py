@@ -4,11 +4,11 @@ The worker only ever sends one kind of request: a POST with a body it holds in
 memory, to a host the SSRF guard has checked, reading back a status and at
 most a few KiB of answer. httpx did that at several times the CPU cost per
 request: its pool checks every idle connection for readability on every
-request, through anyio, which made the sender the worker's bottleneck. Even
-asyncio streams cost twice what an exchange needs (a StreamReader and a
-StreamWriter per connection, a waiter per read), so each connection here is a
-protocol with a plain buffer, and a read that finds its bytes there already
-does not wait at all. This client keeps what a delivery needs and nothing more:
+request, through anyio, which made the sender the worker's bottleneck. A
+timer per request (asyncio.timeout) was next in the worker's profile, so each
+connection here is a protocol with a plain buffer that one periodic sweep can
+abort when its exchange runs late. This client keeps what a delivery needs and
+nothing more:
 
 - keep-alive connections, pooled per (scheme, address, port, TLS name), idle
   ones closed after IDLE_S; a request on a reused connection that the peer
@@ -20,8 +20,8 @@ does not wait at all. This client keeps what a delivery needs and nothing more:
   that says "connection: close", is not reused;
 - no redirects, no proxies, no cookies: a redirect could lead past the guard.
 
-The caller bounds the whole exchange with a timeout; a connection in use when
-the timeout strikes is closed, never reused.
+The caller bounds the whole exchange with a timeout (struck up to SWEEP_S
+late); a connection in use when it strikes is closed, never reused.
 """
 
 from __future__ import annotations
