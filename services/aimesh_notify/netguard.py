@@ -143,13 +143,33 @@ def parse(url: str) -> tuple[str, str, int]:
     return scheme, parts.hostname, port or (443 if scheme == "https" else 80)
 
 
+_PARSED_KEPT = 4096  # URLs whose parse is remembered; beyond, forget and start over
+
+
 class NetworkGuard:
     def __init__(self, allow_private: bool) -> None:
         self.allow_private = allow_private
+        # A URL's scheme, host and port never change: parse it once. What the
+        # host resolves to can, so that is looked up and checked every time.
+        self._parsed: dict[str, tuple[str, str, int] | DeniedUrl] = {}
+
+    def _parse(self, url: str) -> tuple[str, str, int]:
+        parsed = self._parsed.get(url)
+        if parsed is None:
+            try:
+                parsed = parse(url)
+            except DeniedUrl as error:
+                parsed = error
+            if len(self._parsed) >= _PARSED_KEPT:
+                self._parsed.clear()
+            self._parsed[url] = parsed
+        if isinstance(parsed, DeniedUrl):
+            raise DeniedUrl(str(parsed))
+        return parsed
 
     async def check(self, url: str) -> Target:
         """Resolve and check `url`; DeniedUrl if any of its addresses is denied."""
-        scheme, host, port = parse(url)
+        scheme, host, port = self._parse(url)
         if self.allow_private:
             return Target(url, scheme, host, port, None)
         addresses = await resolve(host, port)

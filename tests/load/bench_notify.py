@@ -403,7 +403,7 @@ async def store_ceiling(admin_url: str) -> float:
 
     async def publisher() -> None:
         for start in starts:
-            events = [
+            batch = [
                 (
                     uuid.uuid4().hex,
                     "bench.job.done",
@@ -414,7 +414,7 @@ async def store_ceiling(admin_url: str) -> float:
                 )
                 for n in range(start, min(start + PUBLISH_BATCH, JOBS))
             ]
-            await events.publish_batch(events, lambda known: None)
+            await events.publish_batch(batch, lambda known: None)
 
     async def sequencer() -> None:
         while completed < JOBS:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
 import ipaddress
 import os
+import time
 import uuid
 from typing import Any
 
@@ -369,3 +372,34 @@ async def test_the_webhook_client_reads_every_kind_of_answer_and_reuses_connecti
         await sender.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_receiver_that_never_answers_times_out_on_a_fresh_or_a_reused_connection() -> None:
+    server, _ = await scripted_server()
+    port = server.sockets[0].getsockname()[1]
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Answers the first request, then reads the next and says nothing.
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        with contextlib.suppress(Exception):
+            await reader.read()
+        writer.close()
+
+    silent = await asyncio.start_server(mute, "127.0.0.1", 0)
+    silent_url = f"http://127.0.0.1:{silent.sockets[0].getsockname()[1]}/hook"
+    sender = WebhookSender(NetworkGuard(allow_private=True), 4)
+    short = dataclasses.replace(claimed_for(silent_url), timeout_ms=200)
+    try:
+        assert await sender.send(short) == (200, "")
+        started = time.monotonic()
+        status, error = await sender.send(short)  # the kept connection, now mute
+        assert (status, error) == (0, "timed out after 0.2 s")
+        assert 0.2 <= time.monotonic() - started < 1.0
+        assert await sender.send(claimed_for(f"http://127.0.0.1:{port}/length")) == (200, "")
+    finally:
+        await sender.close()
+        for each in (server, silent):
+            each.close()
+            await each.wait_closed()
