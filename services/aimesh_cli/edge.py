@@ -12,14 +12,14 @@ import copy
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
+
+from aimesh_cli import local
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYED = ROOT / "gateway_envoy" / "envoy.yaml"
@@ -204,18 +204,9 @@ def wait_ready(
     process: subprocess.Popen[bytes], admin_port: int, log_path: Path, timeout_s: float = 60.0
 ) -> None:
     """Until the admin /ready answers LIVE (listeners up, clusters initialised)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"envoy exited with {process.returncode}:\n{tail}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{admin_port}/ready", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"envoy not ready after {timeout_s:.0f} s; see {log_path}")
+    local.wait_http_ready(
+        process, "envoy", f"http://127.0.0.1:{admin_port}/ready", log_path, timeout_s
+    )
 
 
 def local_ports(upstream: Mapping[str, int], listener: int, admin: int, stats: int) -> EdgePorts:

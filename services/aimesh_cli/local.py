@@ -29,6 +29,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 import grpc
+import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aimesh.user.v1 import user_service_pb2, user_service_pb2_grpc
@@ -349,3 +350,26 @@ async def login(address: str, email: str, password: str) -> str:
             user_service_pb2.LoginRequest(email=email, password=password), timeout=10
         )
         return str(reply.access_token)
+
+
+def wait_http_ready(
+    process: subprocess.Popen[bytes],
+    what: str,
+    url: str,
+    log_path: Path,
+    timeout_s: float = 60.0,
+    interval_s: float = 0.1,
+) -> None:
+    """Until `url` answers 200; the end of `log_path` if `process` exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{tail}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval_s)
+    raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s; see {log_path}")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import httpx
 import yaml
+
+from aimesh_cli import local
 
 
 def prometheus_binary() -> str | None:
@@ -69,15 +69,6 @@ def start(
 def wait_ready(
     process: subprocess.Popen[bytes], port: int, log_path: Path, timeout_s: float = 60.0
 ) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"prometheus exited with {process.returncode}:\n{tail}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"prometheus not ready after {timeout_s:.0f} s; see {log_path}")
+    local.wait_http_ready(
+        process, "prometheus", f"http://127.0.0.1:{port}/-/ready", log_path, timeout_s, 0.2
+    )

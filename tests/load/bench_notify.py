@@ -214,6 +214,32 @@ async def finish(process: asyncio.subprocess.Process) -> None:
     await process.wait()
 
 
+async def publish_jobs(
+    stub: Any, metadata: Any, prefix: str, count: int, batch: int, in_flight: int
+) -> None:
+    """Publish jobs 0..count-1 (keys `prefix:n`) with PublishBatch, `batch` events
+    a call and `in_flight` calls at a time."""
+    starts = iter(range(0, count, batch))
+
+    async def publisher() -> None:
+        for start in starts:
+            await stub.PublishBatch(
+                pb.PublishBatchRequest(
+                    requests=[
+                        pb.PublishRequest(
+                            topic="bench.job.done",
+                            idempotency_key=f"{prefix}:{n}",
+                            payload=b'{"job": %d}' % n,
+                        )
+                        for n in range(start, min(start + batch, count))
+                    ]
+                ),
+                metadata=metadata,
+            )
+
+    await asyncio.gather(*(publisher() for _ in range(in_flight)))
+
+
 async def subscribe_receiver(
     stub: notify_service_pb2_grpc.NotifyServiceStub,
     metadata: Any,
@@ -263,26 +289,8 @@ async def end_to_end(
         async def publish_batches(prefix: str, count: int) -> float:
             """Seconds to publish `count` events with PublishBatch, PUBLISH_BATCH
             events a call and BATCHES_IN_FLIGHT calls at a time."""
-            starts = iter(range(0, count, PUBLISH_BATCH))
-
-            async def publisher() -> None:
-                for start in starts:
-                    await stub.PublishBatch(
-                        pb.PublishBatchRequest(
-                            requests=[
-                                pb.PublishRequest(
-                                    topic="bench.job.done",
-                                    idempotency_key=f"{prefix}:{n}",
-                                    payload=b'{"job": %d}' % n,
-                                )
-                                for n in range(start, min(start + PUBLISH_BATCH, count))
-                            ]
-                        ),
-                        metadata=metadata,
-                    )
-
             started = time.perf_counter()
-            await asyncio.gather(*(publisher() for _ in range(BATCHES_IN_FLIGHT)))
+            await publish_jobs(stub, metadata, prefix, count, PUBLISH_BATCH, BATCHES_IN_FLIGHT)
             return time.perf_counter() - started
 
         # Warm up connections, prepared statements and the receiver's pool, and

@@ -167,7 +167,6 @@ async def stop_child(process: asyncio.subprocess.Process) -> None:
 async def job_notify(args: argparse.Namespace) -> dict[str, Any]:
     import pgserver
 
-    from aimesh.notify.v1 import notify_service_pb2 as pb
     from aimesh.notify.v1 import notify_service_pb2_grpc
     from tests.fakes.webhook_receiver import WebhookReceiver
     from tests.load import bench_notify
@@ -232,26 +231,8 @@ async def job_notify(args: argparse.Namespace) -> dict[str, Any]:
 
         async def aimesh_round(count: int = jobs) -> dict[str, Any]:
             prefix = f"r{next(counter)}"
-            starts = iter(range(0, count, 100))
-
-            async def publisher() -> None:
-                for start in starts:
-                    await stub.PublishBatch(
-                        pb.PublishBatchRequest(
-                            requests=[
-                                pb.PublishRequest(
-                                    topic="bench.job.done",
-                                    idempotency_key=f"{prefix}:{n}",
-                                    payload=b'{"job": %d}' % n,
-                                )
-                                for n in range(start, min(start + 100, count))
-                            ]
-                        ),
-                        metadata=metadata,
-                    )
-
             started = time.perf_counter()
-            await asyncio.gather(*(publisher() for _ in range(4)))
+            await bench_notify.publish_jobs(stub, metadata, prefix, count, 100, 4)
             return await wait_delivered(count, started)
 
         async def peer_round(count: int = jobs) -> dict[str, Any]:
@@ -612,7 +593,6 @@ async def job_search(args: argparse.Namespace) -> dict[str, Any]:
     from aimesh.search.v1 import search_service_pb2_grpc
     from tests.load import bench_search
     from tests.load.corpus import passages
-    from tests.load.servers import histogram_buckets, mean_of_histogram
 
     peer_python("ray")
     corpus = passages(2000 + 100_000, max_chars=80)
@@ -654,15 +634,24 @@ async def job_search(args: argparse.Namespace) -> dict[str, Any]:
                 summary = await side_by_side(
                     {"aimesh": call("aimesh"), "ray": call("ray")}, args, "search"
                 )
-            batch = mean_of_histogram(port + 1000, "aimesh_search_encoder_batch_size")
-            PLOT_DATA["search"]["batches"] = histogram_buckets(
-                port + 1000, "aimesh_search_encoder_batch_size"
-            )
         finally:
             await finish_ray(ray)
-    summary = {"bench": "peers.search", **summary, "aimesh_mean_batch": round(batch, 1)}
-    summary["search_vs_ray"] = round(summary["aimesh_qps"] / summary["ray_qps"], 3)
-    return summary
+        return against_ray("search", summary, port, "aimesh_search_encoder_batch_size")
+
+
+def against_ray(job: str, summary: dict[str, Any], port: int, batch_metric: str) -> dict[str, Any]:
+    """`job`'s JSON line: the side-by-side figures, aimesh's mean batch (from the
+    service's metrics) and aimesh's throughput divided by Ray's."""
+    from tests.load.servers import histogram_buckets, mean_of_histogram
+
+    metrics_port = port + 1000
+    PLOT_DATA[job]["batches"] = histogram_buckets(metrics_port, batch_metric)
+    return {
+        "bench": f"peers.{job}",
+        **summary,
+        "aimesh_mean_batch": round(mean_of_histogram(metrics_port, batch_metric), 1),
+        f"{job}_vs_ray": round(summary["aimesh_qps"] / summary["ray_qps"], 3),
+    }
 
 
 async def job_recommend(args: argparse.Namespace) -> dict[str, Any]:
@@ -671,7 +660,6 @@ async def job_recommend(args: argparse.Namespace) -> dict[str, Any]:
     from aimesh.recommend.v1 import recommend_service_pb2 as pb
     from aimesh.recommend.v1 import recommend_service_pb2_grpc
     from tests.load import bench_recommend
-    from tests.load.servers import histogram_buckets, mean_of_histogram
 
     peer_python("ray")
     blob, user_ids, item_ids = bench_recommend.build_model(5_000, 100_000, 32)
@@ -718,15 +706,9 @@ async def job_recommend(args: argparse.Namespace) -> dict[str, Any]:
                 summary = await side_by_side(
                     {"aimesh": call("aimesh"), "ray": call("ray")}, args, "recommend"
                 )
-            batch = mean_of_histogram(port + 1000, "aimesh_recommend_batch_size")
-            PLOT_DATA["recommend"]["batches"] = histogram_buckets(
-                port + 1000, "aimesh_recommend_batch_size"
-            )
         finally:
             await finish_ray(ray)
-    summary = {"bench": "peers.recommend", **summary, "aimesh_mean_batch": round(batch, 1)}
-    summary["recommend_vs_ray"] = round(summary["aimesh_qps"] / summary["ray_qps"], 3)
-    return summary
+        return against_ray("recommend", summary, port, "aimesh_recommend_batch_size")
 
 
 # --- the run -------------------------------------------------------------------

@@ -7,7 +7,6 @@ makes the two differ.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 from aimesh_cli import edge
+from tests.conftest import require
 
 PORTS = edge.EdgePorts(
     listener=18080,
@@ -35,10 +35,8 @@ PORTS = edge.EdgePorts(
 def envoy_or_skip() -> str:
     binary = edge.envoy_binary()
     problem = "no Envoy binary" if binary is None else edge.envoy_runs(binary)
-    if problem or binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run Envoy: {problem}")
-        pytest.skip(str(problem))
+    require(not problem, f"a runnable Envoy ({problem})")
+    assert binary is not None
     return binary
 
 

@@ -396,27 +396,6 @@ def cluster_dns(deploy: Deployment) -> Iterator[Finding]:
             yield finding(doc, "cluster-dns", f"{target}: {problem}")
 
 
-def _selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
-    """Label selector semantics; None selects nothing, {} selects everything."""
-    if selector is None:
-        return False
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expression in selector.get("matchExpressions") or []:
-        key, operator = expression["key"], expression["operator"]
-        values = expression.get("values") or []
-        if operator == "In" and labels.get(key) not in values:
-            return False
-        if operator == "NotIn" and labels.get(key) in values:
-            return False
-        if operator == "Exists" and key not in labels:
-            return False
-        if operator == "DoesNotExist" and key in labels:
-            return False
-    return True
-
-
 def _pod_labels(deploy: Deployment, namespace: str) -> list[dict[str, str]]:
     return [
         dict((template.get("metadata") or {}).get("labels") or {})
@@ -426,7 +405,7 @@ def _pod_labels(deploy: Deployment, namespace: str) -> list[dict[str, str]]:
 
 
 def _matches_pods(deploy: Deployment, namespace: str, selector: dict[str, Any]) -> bool:
-    return any(_selects(selector, labels) for labels in _pod_labels(deploy, namespace))
+    return any(rules.selects(selector, labels) for labels in _pod_labels(deploy, namespace))
 
 
 def _peer_selectors(policy: Doc) -> Iterator[dict[str, Any]]:
@@ -459,7 +438,7 @@ def selectors(deploy: Deployment) -> Iterator[Finding]:
             (workload, template)
             for workload, template in deploy.pods()
             if workload.namespace == service.namespace
-            and _selects(
+            and rules.selects(
                 {"matchLabels": selector}, dict(template.get("metadata", {}).get("labels") or {})
             )
         ]

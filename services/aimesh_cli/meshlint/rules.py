@@ -438,7 +438,8 @@ def retries_and_timeouts(mesh: Mesh) -> Iterator[Finding]:
             )
 
 
-def _selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+def selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    """Label selector semantics; None selects nothing, {} selects everything."""
     if selector is None:
         return False
     for key, value in (selector.get("matchLabels") or {}).items():
@@ -446,7 +447,7 @@ def _selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
             return False
     for expression in selector.get("matchExpressions") or []:
         key, operator = expression["key"], expression["operator"]
-        values = expression.get("values", [])
+        values = expression.get("values") or []
         if operator == "In" and labels.get(key) not in values:
             return False
         if operator == "NotIn" and labels.get(key) in values:
@@ -461,7 +462,7 @@ def _selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
 def _allows(policy: Obj, direction: str, own: str, peer: str, port: int) -> bool:
     """Whether `policy` lets pods labelled app=own talk to app=peer on port."""
     spec = policy.spec
-    if not _selects(spec.get("podSelector"), {"app": own}):
+    if not selects(spec.get("podSelector"), {"app": own}):
         return False
     if direction.capitalize() not in spec.get("policyTypes", ["Ingress"]):
         return False
@@ -471,7 +472,7 @@ def _allows(policy: Obj, direction: str, own: str, peer: str, port: int) -> bool
         peer_ok = peers is None or any(
             "namespaceSelector" not in p
             and "ipBlock" not in p
-            and _selects(p.get("podSelector"), {"app": peer})
+            and selects(p.get("podSelector"), {"app": peer})
             for p in peers
         )
         ports = rule.get("ports")
