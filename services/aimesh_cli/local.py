@@ -72,8 +72,16 @@ def free_port_offset(start: int = 3000) -> int:
 
 
 def port_free(port: int) -> bool:
+    """Whether a server could bind the port now: nothing listens on it, and no
+    client connection holds it as its local end (ports here are in the kernel's
+    ephemeral range, which outgoing connections draw from)."""
     with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) != 0
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def grpc_port(service: str) -> int:
