@@ -63,5 +63,5 @@ def scoring_batcher(
         metrics=scorer_metrics,
         busy_reason="SCORER_BUSY",
         name="scorer",
-        remote=observed_remote if remote is not None else None,
+        remote=[observed_remote] if remote is not None else None,
     )

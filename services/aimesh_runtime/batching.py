@@ -10,9 +10,10 @@ for each other at every layer while the event loop, the database and the
 clients keep taking cores from them. A full queue refuses at once with
 RESOURCE_EXHAUSTED (with RetryInfo) rather than letting latency grow without
 bound. Switched off, each call runs alone on the least busy lane: the baseline
-the benchmarks compare against. With `remote`, a batch is not run on the
-lane's thread but awaited on the event loop from `remote` (the model runs in
-another process); the lane's thread then runs only `on_lane` work.
+the benchmarks compare against. With `remote` (one coroutine function per
+lane), a lane's batches are not run on its thread but awaited on the event loop
+from its remote function (its copy of the model runs in another process); the
+lane's thread then runs only `on_lane` work.
 """
 
 from __future__ import annotations
@@ -42,9 +43,13 @@ class BatchMetrics:
     rejected: Counter
 
 
+Remote = Callable[[list[Item]], Awaitable[Sequence[Result]]]
+
+
 @dataclass
 class _Lane(Generic[Item, Result]):
-    run: Callable[[list[Item]], Sequence[Result]]
+    run: Callable[[list[Item]], Sequence[Result]] | None
+    remote: Remote[Item, Result] | None
     executor: ThreadPoolExecutor
     busy: int = 0  # batches queued or running on this lane
 
@@ -61,15 +66,18 @@ class MicroBatcher(Generic[Item, Result]):
         metrics: BatchMetrics,
         busy_reason: str,
         name: str = "batcher",
-        remote: Callable[[list[Item]], Awaitable[Sequence[Result]]] | None = None,
+        remote: Sequence[Remote[Item, Result]] | None = None,
     ) -> None:
         """`lanes`: one function per model copy, taking a batch of items and
         returning one result per item, in order. Blocking; run on the lane's thread.
-        `remote` (one lane only): the coroutine function that runs a batch instead."""
-        if remote is not None and len(lanes) != 1:
-            raise ValueError("a remote batcher has one lane")
-        self._remote = remote
-        if not lanes:
+        `remote`: per lane, the coroutine function that runs its batches instead;
+        with it, `lanes` may be empty (no in-process copy) or name one per remote."""
+        if remote is not None and lanes and len(lanes) != len(remote):
+            raise ValueError("a remote batcher has one remote function per lane")
+        runs: Sequence[Callable[[list[Item]], Sequence[Result]] | None] = lanes
+        if remote is not None and not lanes:
+            runs = [None] * len(remote)
+        if not runs:
             raise ValueError("a batcher needs at least one lane")
         self.enabled = enabled
         self._max_batch = max_batch
@@ -82,8 +90,12 @@ class MicroBatcher(Generic[Item, Result]):
         self._busy_reason = busy_reason
         self._name = name
         self._lanes = [
-            _Lane(run, ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}{n}"))
-            for n, run in enumerate(lanes)
+            _Lane(
+                run,
+                remote[n] if remote is not None else None,
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}{n}"),
+            )
+            for n, run in enumerate(runs)
         ]
         self._workers: list[asyncio.Task[None]] = []
         self._seconds_per_item = 0.005  # refined as batches run; used for RetryInfo
@@ -138,12 +150,13 @@ class MicroBatcher(Generic[Item, Result]):
         """Run a batch the caller formed itself on the least busy lane, so each
         model copy still runs one batch at a time."""
         lane = min(self._lanes, key=lambda candidate: candidate.busy)
-        if self._remote is not None:
+        if lane.remote is not None:
             lane.busy += 1
             try:
-                return list(await self._remote(items))
+                return list(await lane.remote(items))
             finally:
                 lane.busy -= 1
+        assert lane.run is not None
         return list(await self.on_lane(lane.run, items, lane=lane))
 
     async def on_lane(
@@ -194,9 +207,10 @@ class MicroBatcher(Generic[Item, Result]):
             lane.busy += 1
             items = [item for item, _ in live]
             try:
-                if self._remote is not None:
-                    results = await self._remote(items)
+                if lane.remote is not None:
+                    results = await lane.remote(items)
                 else:
+                    assert lane.run is not None
                     results = await loop.run_in_executor(lane.executor, lane.run, items)
             except Exception as error:  # every waiter learns of the failure
                 for _, future in live:

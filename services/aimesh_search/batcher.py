@@ -1,12 +1,13 @@
 """Batching of query encodes (the cache in front of it is in cache.py).
 
 Concurrent queries are encoded together by the runtime's micro-batcher
-(aimesh_runtime.batching), one lane per copy of the encoder.
+(aimesh_runtime.batching), one lane per copy of the encoder: a copy in this
+process, or with `remote` one in a child process (encoder_process.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -15,6 +16,7 @@ from aimesh_runtime.batching import BATCH_BUCKETS, BatchMetrics, MicroBatcher
 from aimesh_search.encoder import Encoded
 
 EncodeFn = Callable[[list[str]], Encoded]
+RemoteEncodeFn = Callable[[list[str]], Awaitable[Encoded]]  # a copy in another process
 Embedded = tuple[np.ndarray, bool]  # a unit vector, and whether its text was truncated
 
 
@@ -44,10 +46,20 @@ class BatcherMetrics:
 
 def _per_text(encode: EncodeFn) -> Callable[[list[str]], list[Embedded]]:
     def run(texts: list[str]) -> list[Embedded]:
-        encoded = encode(texts)
-        return list(zip(encoded.vectors, encoded.truncated, strict=True))
+        return _split(encode(texts))
 
     return run
+
+
+def _per_text_remote(encode: RemoteEncodeFn) -> Callable[[list[str]], Awaitable[list[Embedded]]]:
+    async def run(texts: list[str]) -> list[Embedded]:
+        return _split(await encode(texts))
+
+    return run
+
+
+def _split(encoded: Encoded) -> list[Embedded]:
+    return list(zip(encoded.vectors, encoded.truncated, strict=True))
 
 
 class EncoderBatcher:
@@ -58,6 +70,7 @@ class EncoderBatcher:
         self,
         encoders: Sequence[EncodeFn],
         *,
+        remote: Sequence[RemoteEncodeFn] | None = None,
         enabled: bool,
         max_batch: int,
         max_wait_s: float,
@@ -73,6 +86,7 @@ class EncoderBatcher:
             metrics=BatchMetrics(metrics.batch_size, metrics.queue_depth, metrics.rejected),
             busy_reason="ENCODER_BUSY",
             name="encoder",
+            remote=[_per_text_remote(encode) for encode in remote] if remote else None,
         )
 
     @property

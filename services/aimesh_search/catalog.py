@@ -37,7 +37,7 @@ from aimesh_runtime.resilience import FirstLoad
 from aimesh_search import filters
 from aimesh_search.batcher import BatcherMetrics, EncoderBatcher
 from aimesh_search.cache import QueryCache
-from aimesh_search.encoder import Encoder
+from aimesh_search.encoder import EncoderInfo
 from aimesh_search.index import VectorIndex
 from aimesh_search.settings import SearchSettings
 from aimesh_search.store import (
@@ -93,7 +93,7 @@ class Catalog:
     def __init__(
         self,
         store: SearchStore,
-        encoder: Encoder,
+        encoder: EncoderInfo,
         batcher: EncoderBatcher,
         cache: QueryCache,
         settings: SearchSettings,
@@ -117,7 +117,7 @@ class Catalog:
         )
 
     @property
-    def encoder(self) -> Encoder:
+    def encoder(self) -> EncoderInfo:
         return self._encoder
 
     def _new_index(self, dimension: int) -> VectorIndex:

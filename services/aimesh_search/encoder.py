@@ -39,6 +39,16 @@ def pick_device(requested: str) -> str:
 
 
 @dataclass(frozen=True)
+class EncoderInfo:
+    """What the service needs to know of the model it serves, wherever it runs."""
+
+    name: str
+    dimension: int
+    max_tokens: int
+    device: str
+
+
+@dataclass(frozen=True)
 class Encoded:
     vectors: Vectors  # (n, dimension), unit length
     truncated: list[bool]
@@ -72,6 +82,10 @@ class Encoder:
             "encoder %s on %s: dimension %d, window %d tokens",
             name, self.device, self.dimension, self.max_tokens,
         )  # fmt: skip
+
+    @property
+    def info(self) -> EncoderInfo:
+        return EncoderInfo(self.name, self.dimension, self.max_tokens, self.device)
 
     def encode(self, texts: list[str], batch_size: int = PAD_GROUP) -> Encoded:
         """Embed `texts`. The model sorts them by length and runs them in groups of

@@ -19,7 +19,8 @@ from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
 from aimesh_search.batcher import BatcherMetrics, EncoderBatcher
 from aimesh_search.cache import QueryCache
 from aimesh_search.catalog import Catalog
-from aimesh_search.encoder import Encoder
+from aimesh_search.encoder import Encoder, pick_device
+from aimesh_search.encoder_process import EncoderProcess
 from aimesh_search.importer import Importer
 from aimesh_search.reserved import ReservedCollections
 from aimesh_search.servicer import SearchServicer
@@ -29,17 +30,23 @@ from aimesh_search.store import SearchStore
 log = logging.getLogger(__name__)
 
 
+def copies_on_cpu(settings: SearchSettings) -> tuple[int, int]:
+    """(encoder copies, torch threads each) on a CPU (see aimesh_runtime.batching
+    for why copies beat one model on every core)."""
+    cores = len(os.sched_getaffinity(0))
+    workers = settings.encoder_workers or min(cores, 4)
+    return workers, settings.torch_threads or max(1, cores // workers)
+
+
 def load_encoders(settings: SearchSettings) -> list[Encoder]:
-    """The encoder copies the batcher runs side by side, one per lane (see
-    aimesh_runtime.batching for why copies beat one model on every core)."""
+    """The in-process encoder copies the batcher runs side by side, one per lane."""
     first = Encoder(settings.model_path, settings.model_name, settings.device)
     if first.device != "cpu":
         return [first]  # a GPU runs one batch at a time best
-    cores = len(os.sched_getaffinity(0))
-    workers = settings.encoder_workers or min(cores, 4)
+    workers, threads = copies_on_cpu(settings)
     import torch
 
-    torch.set_num_threads(settings.torch_threads or max(1, cores // workers))
+    torch.set_num_threads(threads)
     copies = [first]
     while len(copies) < workers:
         # Copies, not one shared model: its tokenizer is not safe across threads.
@@ -55,8 +62,28 @@ async def mount(context: ServiceContext) -> Mount:
     if interrupted:
         log.warning("%d import jobs were left running by a previous process", interrupted)
     loop = asyncio.get_running_loop()
-    encoders = await loop.run_in_executor(None, load_encoders, settings)
-    encoder = encoders[0]
+    processes: list[EncoderProcess] = []
+    if settings.encoder_process and pick_device(settings.device) == "cpu":
+        workers, threads = copies_on_cpu(settings)
+        processes = [
+            EncoderProcess(settings.model_path, settings.model_name, threads)
+            for _ in range(workers)
+        ]
+        try:  # the copies load their models side by side
+            infos = await asyncio.gather(*(process.start() for process in processes))
+        except BaseException:
+            await asyncio.gather(*(process.close() for process in processes))
+            raise
+        encoder = infos[0]
+        log.info(
+            "%d encoder processes (%s), %d torch threads each",
+            workers, ", ".join(str(process.pid) for process in processes), threads,
+        )  # fmt: skip
+        lanes, remote = [], [process.encode for process in processes]
+    else:
+        encoders = await loop.run_in_executor(None, load_encoders, settings)
+        encoder = encoders[0].info
+        lanes, remote = [copy.encode for copy in encoders], None
     metrics = BatcherMetrics(context.metrics_registry)
     ModelMetrics.of(context.metrics_registry)  # GPU utilisation and memory, when present
     cache = QueryCache(settings.cache_size)
@@ -64,7 +91,8 @@ async def mount(context: ServiceContext) -> Mount:
     metrics.cache.labels("miss")
     metrics.hit_ratio.set_function(lambda: cache.hit_rate)
     batcher = EncoderBatcher(
-        [copy.encode for copy in encoders],
+        lanes,
+        remote=remote,
         enabled=settings.batching,
         max_batch=settings.max_batch,
         max_wait_s=settings.max_wait_ms / 1000,
@@ -81,6 +109,7 @@ async def mount(context: ServiceContext) -> Mount:
 
     async def close() -> None:
         await batcher.close()
+        await asyncio.gather(*(process.close() for process in processes))
         catalog.close()
 
     return Mount(

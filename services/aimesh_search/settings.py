@@ -43,6 +43,12 @@ class SearchSettings:
         "Torch threads per encoder copy on a CPU; 0 means the cores divided among the copies.",
         0,
     )
+    encoder_process: bool = setting(
+        "AIMESH_SEARCH_ENCODER_PROCESS",
+        "On a CPU, run each encoder copy in a child process rather than a thread beside the"
+        " event loop, so its Python does not wait on the loop's interpreter lock.",
+        True,
+    )
     max_batch: int = setting("AIMESH_SEARCH_MAX_BATCH", "Most texts encoded at once.", 64)
     max_wait_ms: float = setting(
         "AIMESH_SEARCH_MAX_WAIT_MS", "Longest a text waits for its batch to fill.", 5.0

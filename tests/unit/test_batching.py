@@ -43,7 +43,7 @@ def make(
     queue: int = 1000,
     max_batch: int = 64,
     max_wait_s: float = 0.02,
-    remote: Callable[[list[int]], Awaitable[Sequence[int]]] | None = None,
+    remote: Sequence[Callable[[list[int]], Awaitable[Sequence[int]]]] | None = None,
 ) -> MicroBatcher[int, int]:
     registry = CollectorRegistry()
     return MicroBatcher(
@@ -174,7 +174,7 @@ async def test_a_remote_batcher_awaits_batches_on_the_loop_not_the_lanes_thread(
         await asyncio.sleep(0.01)  # the work is elsewhere; the loop waits without blocking
         return [item * 3 for item in items]
 
-    batcher = make([lane], enabled=enabled, remote=remote)
+    batcher = make([lane], enabled=enabled, remote=[remote])
     batcher.start()
     try:
         results = await asyncio.gather(*(batcher.submit([n]) for n in range(8)))
@@ -185,6 +185,33 @@ async def test_a_remote_batcher_awaits_batches_on_the_loop_not_the_lanes_thread(
     assert len(batches) == (1 if enabled else 8)
 
 
-def test_a_remote_batcher_has_one_lane() -> None:
-    with pytest.raises(ValueError, match="one lane"):
-        make([Lane([0, 0]), Lane([0, 0])], remote=lambda items: asyncio.sleep(0, items))
+def test_a_remote_batcher_has_one_remote_function_per_lane() -> None:
+    with pytest.raises(ValueError, match="one remote function per lane"):
+        make([Lane([0, 0]), Lane([0, 0])], remote=[lambda items: asyncio.sleep(0, items)])
+
+
+async def test_remote_lanes_without_local_copies_run_batches_side_by_side() -> None:
+    running = [0, 0]  # [now, most at once]
+    calls: list[int] = []
+
+    def lane(number: int) -> Callable[[list[int]], Awaitable[list[int]]]:
+        async def remote(items: list[int]) -> list[int]:
+            calls.append(number)
+            running[0] += 1
+            running[1] = max(running)
+            await asyncio.sleep(0.05)
+            running[0] -= 1
+            return [item * 2 for item in items]
+
+        return remote
+
+    batcher = make([], remote=[lane(0), lane(1)], max_batch=4, max_wait_s=0.0)
+    batcher.start()
+    try:
+        results = await asyncio.gather(*(batcher.submit([n]) for n in range(16)))
+        bulk = await batcher.run_alone([5, 6])
+    finally:
+        await batcher.close()
+    assert [r[0] for r in results] == [n * 2 for n in range(16)]
+    assert bulk == [10, 12]
+    assert set(calls) == {0, 1} and running[1] == 2
