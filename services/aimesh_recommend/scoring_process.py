@@ -32,12 +32,12 @@ MODELS_KEPT = 4  # versions the child holds: the served one and any batch still 
 ScoringFailed = ChildFailed  # the scoring process failed or stopped answering
 
 
-class ScoringProcess:
+class ScoringProcess(ChildProcess):
     """The parent side, on the event loop: `score_batch` is the batcher's
     remote lane (one batch at a time; the loop waits on the pipe, no thread)."""
 
     def __init__(self, torch_threads: int, timeout_s: float = 30.0) -> None:
-        self._child = ChildProcess(
+        super().__init__(
             "aimesh_recommend.scoring_process",
             str(torch_threads),
             name="scoring",
@@ -50,28 +50,8 @@ class ScoringProcess:
         )
         self._keys = itertools.count(1)
 
-    @property
-    def pid(self) -> int | None:
-        return self._child.pid
-
-    @property
-    def timeout_s(self) -> float:
-        return self._child.timeout_s
-
-    @timeout_s.setter
-    def timeout_s(self, seconds: float) -> None:
-        self._child.timeout_s = seconds
-
     def _forget(self) -> None:
         self._sent = weakref.WeakKeyDictionary()
-
-    async def start(self) -> None:
-        """Start the child now, so it loads torch before the first batch."""
-        await self._child.start()
-
-    async def close(self, timeout_s: float = 5.0) -> None:
-        """End of input for the child, which exits after the batch it is on."""
-        await self._child.close(timeout_s)
 
     async def score_batch(self, requests: Sequence[ScoreRequest]) -> list[Ranked]:
         """Rankings in order, one round trip per model the requests name."""
@@ -97,7 +77,7 @@ class ScoringProcess:
             key, state = self._publish(model)
             return [*state, ("score", key, rows, positions, columns, MAX_K)]
 
-        reply = await self._child.ask(messages)
+        reply = await self.ask(messages)
         return ranked_lists(reply[1], reply[2])
 
     def _publish(self, model: ServingModel) -> tuple[int, list[Message]]:

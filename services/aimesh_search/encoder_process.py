@@ -26,40 +26,25 @@ class EncoderFailed(Unavailable):
     reason = "ENCODER_FAILED"
 
 
-class EncoderProcess:
+class EncoderProcess(ChildProcess):
     """The parent side of one copy: `encode` is its lane's remote function."""
 
     def __init__(
-        self, model_path: str, name: str, torch_threads: int, timeout_s: float = 60.0
+        self, model_path: str, model_name: str, torch_threads: int, timeout_s: float = 60.0
     ) -> None:
-        self._child = ChildProcess(
+        super().__init__(
             "aimesh_search.encoder_process",
             model_path,
-            name,
+            model_name,
             str(torch_threads),
             name="encoder",
             timeout_s=timeout_s,
         )
 
-    @property
-    def pid(self) -> int | None:
-        return self._child.pid
-
-    @property
-    def timeout_s(self) -> float:
-        return self._child.timeout_s
-
-    @timeout_s.setter
-    def timeout_s(self, seconds: float) -> None:
-        self._child.timeout_s = seconds
-
-    async def start(self) -> EncoderInfo:
-        """Start the child and wait for its model to load."""
+    async def describe(self) -> EncoderInfo:
+        """What the child serves; its first call waits for the model to load."""
         reply = await self._request(("describe",))
         return EncoderInfo(*reply[1:5])
-
-    async def close(self) -> None:
-        await self._child.close()
 
     async def encode(self, texts: list[str]) -> Encoded:
         reply = await self._request(("encode", texts))
@@ -67,7 +52,7 @@ class EncoderProcess:
 
     async def _request(self, message: Message) -> Message:
         try:
-            return await self._child.ask(lambda: [message])
+            return await self.ask(lambda: [message])
         except ChildFailed as error:
             raise EncoderFailed(str(error)) from error
 

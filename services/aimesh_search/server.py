@@ -70,7 +70,7 @@ async def mount(context: ServiceContext) -> Mount:
             for _ in range(workers)
         ]
         try:  # the copies load their models side by side
-            infos = await asyncio.gather(*(process.start() for process in processes))
+            infos = await asyncio.gather(*(process.describe() for process in processes))
         except BaseException:
             await asyncio.gather(*(process.close() for process in processes))
             raise

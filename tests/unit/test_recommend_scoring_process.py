@@ -6,11 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,33 +15,10 @@ import torch
 from aimesh_recommend import model as mf
 from aimesh_recommend.scoring import ScoreRequest, ServingModel, score_batch
 from aimesh_recommend.scoring_process import ScoringFailed, ScoringProcess
+from tests.children import alive, child_dies_with_parent, wait_gone
 
 CPU = torch.device("cpu")
 USERS, ITEMS = 50, 400
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie left unreaped by a container's init counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    return state != "Z"
-
-
-async def wait_gone(pid: int, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 @pytest.fixture
@@ -142,21 +115,7 @@ asyncio.run(main())
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
 async def test_the_child_exits_when_its_parent_dies(how: signal.Signals) -> None:
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
-    try:
-        assert parent.stdout is not None
-        child = int(parent.stdout.readline())
-        time.sleep(0.5)  # past the child's start
-        assert alive(child)
-        parent.send_signal(how)
-        parent.wait(10)
-        assert await wait_gone(child), f"scoring process {child} outlived its parent"
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
-        if parent.stdout is not None:
-            parent.stdout.close()
+    assert await child_dies_with_parent(PARENT, how), "the scoring process outlived its parent"
 
 
 async def test_a_caller_cancelled_mid_batch_leaves_the_next_its_own_answer(

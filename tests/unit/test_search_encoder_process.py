@@ -7,11 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -21,27 +17,10 @@ from prometheus_client import CollectorRegistry
 from aimesh_search.batcher import BatcherMetrics, EncoderBatcher
 from aimesh_search.encoder import Encoder
 from aimesh_search.encoder_process import EncoderFailed, EncoderProcess
+from tests.children import alive, child_dies_with_parent, wait_gone
 
 NAME = "all-MiniLM-L6-v2"
 TEXTS = ["a cat on a mat", "stock markets fell", "word " * 400, "", "graph neural networks"]
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie left unreaped by a container's init counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
-async def wait_gone(pid: int, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +31,7 @@ def in_process() -> Encoder:
 @pytest.fixture
 async def child() -> AsyncIterator[EncoderProcess]:
     process = EncoderProcess("", NAME, torch_threads=1, timeout_s=60)
-    await process.start()
+    await process.describe()
     yield process
     await process.close()
 
@@ -60,7 +39,7 @@ async def child() -> AsyncIterator[EncoderProcess]:
 async def test_encodes_as_in_process_through_the_batcher(
     in_process: Encoder, child: EncoderProcess
 ) -> None:
-    info = await child.start()  # already running: answers from the same child
+    info = await child.describe()  # already running: answers from the same child
     assert info == in_process.info
     expected = in_process.encode(TEXTS)
     got = await child.encode(TEXTS)
@@ -122,7 +101,7 @@ from aimesh_search.encoder_process import EncoderProcess
 
 async def main():
     encoder = EncoderProcess("", "all-MiniLM-L6-v2", torch_threads=1)
-    await encoder.start()
+    await encoder.describe()
     print(encoder.pid, flush=True)
     await asyncio.sleep(120)
 
@@ -132,17 +111,4 @@ asyncio.run(main())
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
 async def test_the_child_exits_when_its_parent_dies(how: signal.Signals) -> None:
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
-    try:
-        assert parent.stdout is not None
-        child = int(parent.stdout.readline())
-        assert alive(child)
-        parent.send_signal(how)
-        parent.wait(10)
-        assert await wait_gone(child), f"encoder process {child} outlived its parent"
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
-        if parent.stdout is not None:
-            parent.stdout.close()
+    assert await child_dies_with_parent(PARENT, how), "the encoder process outlived its parent"
