@@ -121,22 +121,25 @@ class ChildProcess:
             log.warning("%s process %d did not stop; killing it", self.name, child.pid)
         await self._discard(child)
 
-    async def ask(self, messages: Callable[[], Sequence[Message]]) -> Message:
+    async def ask(
+        self, messages: Callable[[], Sequence[Message]], timeout_s: float | None = None
+    ) -> Message:
         """Send what `messages()` returns, the last a request, and return the
-        ("ok", ...) answer. `messages` runs once the child is up, so it can send
-        state this child lacks. A caller cancelled meanwhile leaves the round
-        trip to finish, so the next request never reads this one's answer."""
-        task = asyncio.ensure_future(self._ask(messages))
+        ("ok", ...) answer within `timeout_s` (default: the process's). `messages`
+        runs once the child is up, so it can send state this child lacks. A
+        caller cancelled meanwhile leaves the round trip to finish, so the next
+        request never reads this one's answer."""
+        task = asyncio.ensure_future(self._ask(messages, timeout_s or self.timeout_s))
         task.add_done_callback(_retrieved)
         return await asyncio.shield(task)
 
-    async def _ask(self, messages: Callable[[], Sequence[Message]]) -> Message:
+    async def _ask(self, messages: Callable[[], Sequence[Message]], timeout_s: float) -> Message:
         async with self._turn:
             child = await self._running()
             assert child.stdin is not None and child.stdout is not None
             reply: Message | None = None
             try:
-                async with asyncio.timeout(self.timeout_s):
+                async with asyncio.timeout(timeout_s):
                     for message in messages():
                         child.stdin.write(frame(message))
                     await child.stdin.drain()
@@ -144,7 +147,7 @@ class ChildProcess:
                     reply = pickle.loads(await child.stdout.readexactly(HEADER.unpack(header)[0]))
                 problem = ""
             except TimeoutError:
-                problem = f"gave no answer in {self.timeout_s:g} s"
+                problem = f"gave no answer in {timeout_s:g} s"
             except asyncio.IncompleteReadError:
                 problem = "exited"
             except (OSError, ValueError, pickle.UnpicklingError) as error:

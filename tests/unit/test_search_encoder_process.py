@@ -65,7 +65,7 @@ async def test_encodes_as_in_process_through_the_batcher(
     assert np.allclose(bulk.vectors, expected.vectors, atol=1e-5)
 
 
-async def test_a_child_killed_mid_batch_fails_that_batch_and_the_next_restarts_it(
+async def test_a_child_killed_mid_batch_or_stuck_fails_that_batch_and_the_next_restarts_it(
     child: EncoderProcess,
 ) -> None:
     first = await child.encode(TEXTS[:2])
@@ -82,8 +82,17 @@ async def test_a_child_killed_mid_batch_fails_that_batch_and_the_next_restarts_i
     assert failed.value.reason == "ENCODER_FAILED"
     assert await wait_gone(killed)
     again = await child.encode(TEXTS[:2])  # by a new child
-    assert child.pid not in (None, killed)
+    stuck = child.pid
+    assert stuck not in (None, killed)
     assert np.allclose(again.vectors, first.vectors, atol=1e-6)
+    os.kill(stuck, signal.SIGSTOP)  # a wedged child is killed and replaced too
+    child.timeout_s = 0.5
+    with pytest.raises(EncoderFailed, match="no answer"):
+        await child.encode(TEXTS[:2])
+    assert await wait_gone(stuck)
+    child.timeout_s = 60
+    assert np.allclose((await child.encode(TEXTS[:2])).vectors, first.vectors, atol=1e-6)
+    assert child.pid not in (None, killed, stuck)
 
 
 async def test_close_stops_the_child_and_later_batches_fail(child: EncoderProcess) -> None:
