@@ -19,7 +19,7 @@ from aimesh_runtime.server import Mount, ServiceContext, ServiceSpec
 from aimesh_search.batcher import BatcherMetrics, EncoderBatcher
 from aimesh_search.cache import QueryCache
 from aimesh_search.catalog import Catalog
-from aimesh_search.encoder import Encoder, pick_device
+from aimesh_search.encoder import Encoder, EncoderInfo, pick_device
 from aimesh_search.encoder_process import EncoderProcess
 from aimesh_search.importer import Importer
 from aimesh_search.reserved import ReservedCollections
@@ -55,6 +55,26 @@ def load_encoders(settings: SearchSettings) -> list[Encoder]:
     return copies
 
 
+async def start_encoder_processes(
+    settings: SearchSettings,
+) -> tuple[list[EncoderProcess], EncoderInfo]:
+    """The encoder copies as child processes, one per lane, their models loaded."""
+    workers, threads = copies_on_cpu(settings)
+    processes = [
+        EncoderProcess(settings.model_path, settings.model_name, threads) for _ in range(workers)
+    ]
+    try:  # the copies load their models side by side
+        infos = await asyncio.gather(*(process.describe() for process in processes))
+    except BaseException:
+        await asyncio.gather(*(process.close() for process in processes))
+        raise
+    log.info(
+        "%d encoder processes (%s), %d torch threads each",
+        workers, ", ".join(str(process.pid) for process in processes), threads,
+    )  # fmt: skip
+    return processes, infos[0]
+
+
 async def mount(context: ServiceContext) -> Mount:
     settings: SearchSettings = context.settings
     store = SearchStore(context.pool)
@@ -64,21 +84,7 @@ async def mount(context: ServiceContext) -> Mount:
     loop = asyncio.get_running_loop()
     processes: list[EncoderProcess] = []
     if settings.encoder_process and pick_device(settings.device) == "cpu":
-        workers, threads = copies_on_cpu(settings)
-        processes = [
-            EncoderProcess(settings.model_path, settings.model_name, threads)
-            for _ in range(workers)
-        ]
-        try:  # the copies load their models side by side
-            infos = await asyncio.gather(*(process.describe() for process in processes))
-        except BaseException:
-            await asyncio.gather(*(process.close() for process in processes))
-            raise
-        encoder = infos[0]
-        log.info(
-            "%d encoder processes (%s), %d torch threads each",
-            workers, ", ".join(str(process.pid) for process in processes), threads,
-        )  # fmt: skip
+        processes, encoder = await start_encoder_processes(settings)
         lanes, remote = [], [process.encode for process in processes]
     else:
         encoders = await loop.run_in_executor(None, load_encoders, settings)
