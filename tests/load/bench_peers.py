@@ -476,6 +476,10 @@ async def start_ray(job: str, data_file: Path, log: Path) -> tuple[asyncio.subpr
     """tests/load/peers/ray_app.py in Ray's venv; (its process, its gRPC port)."""
     python = peer_python("ray")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Ray starts its workers (the replicas) at nice 15, which on a machine shared
+    # with the load client would hand the client their CPU; aimesh's services
+    # run at the bench's own nice, and so do Ray's replicas here.
+    env["RAY_worker_niceness"] = "0"
     with log.open("wb") as out:
         process = await asyncio.create_subprocess_exec(
             str(python),
