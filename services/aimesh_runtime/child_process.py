@@ -12,7 +12,10 @@ tuple whose first field names it; a request is answered by ("ok", ...) or
 child ignores SIGINT and SIGTERM and exits at end of input: when the parent
 closes the pipe, or dies (even by SIGKILL); a watcher thread also exits it when
 it is re-parented. A child that dies or stops answering fails its request
-(ChildFailed) and is started again for the next.
+(ChildFailed) and is started again for the next; after two or more failures in
+a row, requests fail at once until a back-off has passed (0.5 s, doubling to
+30 s), so a child that cannot start (its model too big for the memory left,
+say) is not reloaded for every request.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 HEADER = struct.Struct("<Q")
 Message = tuple[Any, ...]
+FIRST_BACKOFF_S, MOST_BACKOFF_S = 0.5, 30.0
 
 
 class ChildFailed(RuntimeError):
@@ -64,6 +68,8 @@ class ChildProcess:
         self._turn = asyncio.Lock()
         self._child: asyncio.subprocess.Process | None = None
         self._closed = False
+        self._failures = 0  # requests failed in a row
+        self._next_start_at = 0.0  # monotonic time before which no child is started
 
     @property
     def pid(self) -> int | None:
@@ -81,6 +87,12 @@ class ChildProcess:
         child = self._child
         if child is not None and child.returncode is None:
             return child
+        wait_s = self._next_start_at - time.monotonic()
+        if wait_s > 0:
+            raise ChildFailed(
+                f"the {self.name} process failed {self._failures} times in a row;"
+                f" the next starts in {wait_s:.1f} s"
+            )
         if child is not None:
             log.warning(
                 "%s process %d exited (%s); starting another",
@@ -157,9 +169,18 @@ class ChildProcess:
                 raise
             if reply is None or reply[0] != "ok":  # start afresh, with nothing held
                 await self._discard(child)
+                self._failed()
                 detail = problem or (reply[1] if reply else "")
                 raise ChildFailed(f"{self.name} process {child.pid} {detail}")
+            self._failures = 0
             return reply
+
+    def _failed(self) -> None:
+        """One more failure in a row: the first restarts at once, later ones wait."""
+        self._failures += 1
+        if self._failures >= 2:
+            backoff = min(FIRST_BACKOFF_S * 2 ** (self._failures - 2), MOST_BACKOFF_S)
+            self._next_start_at = time.monotonic() + backoff
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:
